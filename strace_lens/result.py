@@ -1,0 +1,296 @@
+"""``TraceResult``: the subgraphs an s-Trace found, their fidelity, and how to save them.
+
+Shapes (P prompts, S sizes, N nodes, R = P for per-input masks or 1 for per-dataset ones):
+
+- ``masks``: bool ``[R, S, N]``, each ``masks[r, j]`` holds exactly ``sizes[j]`` of the
+  candidate nodes plus every node outside the candidates (those are always kept).
+- ``metrics``: name -> float ``[P, S]``: ``kl``, ``tv``, ``nucleus`` for the subgraph, and
+  ``inv_kl``, ``inv_tv``, ``inv_nucleus`` for its inverse (the complement among the
+  candidates: every candidate in the subgraph ablated, every other candidate kept). Methods
+  with several draws (``"random"``) add ``kl_std`` etc.
+- ``entropy``: float ``[P]``, the full model's next-token entropy (nats).
+- ``top_tokens``: long ``[P, S, k]`` the subgraph's k most probable next tokens;
+  ``full_top_tokens``: long ``[P, k]`` the full model's.
+- ``target_logprob``: float ``[P]`` (optional) the full model's log-prob of the true next token.
+
+Relative size = ``sizes / n_candidates``. The entry size of a node is the smallest grid size
+from which the node belongs to every larger subgraph of the family (for nested families this
+is simply the smallest subgraph containing it); nodes never in the largest subgraph have none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from strace_lens.graph import NodeGraph
+
+FORMAT = "strace-lens/trace-result"
+FORMAT_VERSION = 1
+TENSORS_FILE = "result.safetensors"
+META_FILE = "result.json"
+
+
+@dataclass
+class TraceResult:
+    """Subgraphs of every requested size, for each prompt (or shared), and their fidelity."""
+
+    graph: NodeGraph
+    sizes: Int[Tensor, " size"]
+    masks: Bool[Tensor, "row size node"]
+    metrics: dict[str, Float[Tensor, "prompt size"]]
+    entropy: Float[Tensor, " prompt"]
+    prompts: list[str]
+    top_tokens: Int[Tensor, "prompt size k"]
+    full_top_tokens: Int[Tensor, "prompt k"]
+    candidates: Bool[Tensor, " node"]
+    options: dict[str, Any] = field(default_factory=dict)
+    target_logprob: Float[Tensor, " prompt"] | None = None
+
+    # -- shape facts ---------------------------------------------------------------------
+    @property
+    def per(self) -> str:
+        return "dataset" if self.masks.shape[0] == 1 and len(self.prompts) != 1 else str(
+            self.options.get("per", "input")
+        )
+
+    @property
+    def method(self) -> str:
+        return str(self.options.get("method", "mask"))
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.candidates.sum())
+
+    @property
+    def relative_sizes(self) -> Float[Tensor, " size"]:
+        return self.sizes.double() / max(self.n_candidates, 1)
+
+    def prompt_masks(self) -> Bool[Tensor, "prompt size node"]:
+        """Masks for every prompt (a per-dataset mask repeated for each prompt)."""
+        if self.masks.shape[0] == self.n_prompts:
+            return self.masks
+        return self.masks.expand(self.n_prompts, -1, -1)
+
+    @property
+    def is_nested(self) -> bool:
+        """True when each subgraph contains every smaller one, for every row."""
+        order = torch.argsort(self.sizes)
+        m = self.masks[:, order]
+        return bool((m[:, :-1] & ~m[:, 1:]).sum() == 0)
+
+    def entry_sizes(self) -> Float[Tensor, "row node"]:
+        """Per row and node: the smallest grid size from which the node stays in the subgraph.
+
+        NaN for nodes outside the candidates (always kept) and for nodes that are not in the
+        largest subgraph.
+        """
+        order = torch.argsort(self.sizes)
+        sizes = self.sizes[order].double()
+        m = self.masks[:, order]  # [R, S, N]
+        # in_from_here[j] = node is in every subgraph of size index >= j
+        in_from_here = m.flip(1).long().cumprod(1).flip(1).bool()
+        first = torch.where(in_from_here.any(1), in_from_here.long().argmax(1), -1)
+        out = torch.where(first >= 0, sizes[first.clamp(min=0)], torch.nan)
+        out[:, ~self.candidates] = torch.nan
+        return out
+
+    def nodes(self, prompt: int = 0, size: int | None = None) -> list[str]:
+        """Names of the nodes in the subgraph of ``size`` (default: the smallest) for a prompt."""
+        j = 0 if size is None else self.size_index(size)
+        row = 0 if self.masks.shape[0] == 1 else prompt
+        return self.graph.nodes_from_mask(self.masks[row, j])
+
+    def size_index(self, size: int) -> int:
+        hits = torch.nonzero(self.sizes == int(size)).flatten()
+        if len(hits) == 0:
+            raise KeyError(f"Size {size} is not in this result's sizes {self.sizes.tolist()}.")
+        return int(hits[0])
+
+    # -- tables ----------------------------------------------------------------------------
+    def to_frame(self) -> Any:
+        """One row per (prompt, size): sizes, metrics, entropy (a pandas DataFrame)."""
+        import pandas as pd
+
+        n_p, n_s = self.n_prompts, len(self.sizes)
+        data: dict[str, Any] = {
+            "prompt": torch.arange(n_p).repeat_interleave(n_s).numpy(),
+            "size": self.sizes.repeat(n_p).numpy(),
+            "relative_size": self.relative_sizes.repeat(n_p).numpy(),
+        }
+        for name, values in self.metrics.items():
+            data[name] = values.reshape(-1).double().numpy()
+        data["entropy"] = self.entropy.repeat_interleave(n_s).double().numpy()
+        if self.target_logprob is not None:
+            data["target_logprob"] = self.target_logprob.repeat_interleave(n_s).double().numpy()
+        frame = pd.DataFrame(data)
+        frame.insert(1, "text", [self.prompts[i] for i in frame["prompt"]])
+        frame["method"] = self.method
+        frame["per"] = self.per
+        return frame
+
+    # -- persistence -----------------------------------------------------------------------
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {
+            "sizes": self.sizes.long(),
+            "masks": self.masks.to(torch.uint8),
+            "entropy": self.entropy.float(),
+            "top_tokens": self.top_tokens.long(),
+            "full_top_tokens": self.full_top_tokens.long(),
+            "candidates": self.candidates.to(torch.uint8),
+        }
+        for name, values in self.metrics.items():
+            out[f"metric.{name}"] = values.float()
+        if self.target_logprob is not None:
+            out["target_logprob"] = self.target_logprob.float()
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``result.safetensors`` + ``result.json`` into folder ``path``, atomically.
+
+        Both files are first written under temporary names and then renamed; the JSON, renamed
+        last, records the SHA-256 of the tensors file, so a reader never trusts a pair that
+        did not finish writing together.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors_tmp = _temp_path(folder, TENSORS_FILE)
+        save_file(self._tensors(), str(tensors_tmp))
+        digest = _sha256(tensors_tmp)
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "graph": self.graph.to_dict(),
+            "prompts": self.prompts,
+            "options": self.options,
+            "tensors_sha256": digest,
+        }
+        meta_tmp = _temp_path(folder, META_FILE)
+        meta_tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+        os.replace(tensors_tmp, folder / TENSORS_FILE)
+        os.replace(meta_tmp, folder / META_FILE)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TraceResult:
+        """Read a result folder written by :meth:`save` (or a ``trace_dataset`` run folder)."""
+        folder = Path(path)
+        if (folder / "manifest.json").exists() and not (folder / META_FILE).exists():
+            from strace_lens.dataset import load_run  # a sharded dataset-scale run
+
+            return load_run(folder)
+        meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
+        if not meta_path.exists() or not tensors_path.exists():
+            raise FileNotFoundError(
+                f"{folder} holds no saved TraceResult (expected {META_FILE} and {TENSORS_FILE})."
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{meta_path} is corrupted ({err}); trace again to rebuild it.") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a strace-lens trace result.")
+        if int(meta.get("version", -1)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{folder} was written by a newer strace-lens (format {meta['version']}); "
+                "upgrade strace-lens to read it."
+            )
+        if _sha256(tensors_path) != meta.get("tensors_sha256"):
+            raise ValueError(
+                f"{tensors_path} does not match its checksum in {META_FILE}: the file is "
+                "truncated or corrupted. Trace again (a dataset run resumes) to rebuild it."
+            )
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(tensors_path))
+        metrics = {k[len("metric.") :]: v for k, v in tensors.items() if k.startswith("metric.")}
+        return cls(
+            graph=NodeGraph(**meta["graph"]),
+            sizes=tensors["sizes"],
+            masks=tensors["masks"].bool(),
+            metrics=metrics,
+            entropy=tensors["entropy"],
+            prompts=list(meta["prompts"]),
+            top_tokens=tensors["top_tokens"],
+            full_top_tokens=tensors["full_top_tokens"],
+            candidates=tensors["candidates"].bool(),
+            options=meta.get("options", {}),
+            target_logprob=tensors.get("target_logprob"),
+        )
+
+    def check_model(self, model: Any) -> None:
+        """Raise if this result was traced on a model with a different node graph."""
+        graph = NodeGraph.from_model(model)
+        if graph != self.graph:
+            raise ValueError(
+                f"This result was traced on a model with {self.graph.n_layers} layers x "
+                f"{self.graph.n_heads} heads, but the model has {graph.n_layers} x "
+                f"{graph.n_heads}: load the model it was traced on."
+            )
+
+    @staticmethod
+    def concat(results: list[TraceResult]) -> TraceResult:
+        """Join per-input results over disjoint prompt sets (same sizes, graph and options)."""
+        if not results:
+            raise ValueError("Nothing to concatenate.")
+        first = results[0]
+        for other in results[1:]:
+            if other.graph != first.graph or not torch.equal(other.sizes, first.sizes):
+                raise ValueError("Only results with the same graph and sizes can be joined.")
+        has_target = all(r.target_logprob is not None for r in results)
+        return TraceResult(
+            graph=first.graph,
+            sizes=first.sizes,
+            masks=torch.cat([r.prompt_masks() for r in results]),
+            metrics={k: torch.cat([r.metrics[k] for r in results]) for k in first.metrics},
+            entropy=torch.cat([r.entropy for r in results]),
+            prompts=[p for r in results for p in r.prompts],
+            top_tokens=torch.cat([r.top_tokens for r in results]),
+            full_top_tokens=torch.cat([r.full_top_tokens for r in results]),
+            candidates=first.candidates,
+            options=dict(first.options),
+            target_logprob=torch.cat([r.target_logprob for r in results])  # type: ignore[misc]
+            if has_target
+            else None,
+        )
+
+    def equals(self, other: TraceResult) -> bool:
+        """Exact equality of every tensor, prompt and option."""
+        a, b = self._tensors(), other._tensors()
+        return (
+            a.keys() == b.keys()
+            and all(torch.equal(a[k], b[k]) for k in a)
+            and self.prompts == other.prompts
+            and self.graph == other.graph
+            and json.dumps(self.options, sort_keys=True, default=str)
+            == json.dumps(other.options, sort_keys=True, default=str)
+        )
+
+
+def _temp_path(folder: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

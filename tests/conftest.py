@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny native models for fast unit tests, embedded models for integration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
+
+TINY_CONFIG = dict(
+    n_layers=3,
+    d_model=32,
+    n_ctx=64,
+    d_head=8,
+    n_heads=4,
+    d_mlp=64,
+    d_vocab=50,
+    act_fn="gelu",
+    normalization_type="LN",
+    seed=0,
+)
+
+
+def make_tiny(dtype: torch.dtype = torch.float32, **overrides):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = {**TINY_CONFIG, **overrides}
+    model = TransformerBridge.boot_native(cfg, dtype=dtype)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny():
+    """A 3-layer, 4-head native TransformerBridge (15 nodes), fresh for each test."""
+    return make_tiny()
+
+
+@pytest.fixture
+def tiny64():
+    return make_tiny(torch.float64)
+
+
+@pytest.fixture
+def tiny_tokens():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 50, (4, 9), generator=gen)
+
+
+def dev_rows(n: int) -> list[list[str]]:
+    rows = [line.rstrip("\n").split("\t") for line in DATA.read_text(encoding="utf-8").splitlines()]
+    return rows[:n]
+
+
+def dev_prompts(n: int) -> list[str]:
+    return [row[0] for row in dev_rows(n)]
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    import strace_lens
+
+    return strace_lens.load_model("gemma-3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import strace_lens
+
+    return strace_lens.load_model("smollm2-135m", device="cpu")
