@@ -9,6 +9,7 @@ The user's path, top to bottom:
     ablation = strace_lens.MeanAblation.from_prompts(...)    # ablation.py
     logprobs = strace_lens.run_with_mask(model, prompts, mask, ablation)  # masked_forward.py
     strace_lens.kl_divergence(full, logprobs)                # metrics.py
+    result = strace_lens.trace(model, prompts)               # trace.py -> result.py
 """
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
@@ -24,6 +25,8 @@ from strace_lens.metrics import (
     tv_distance,
 )
 from strace_lens.models import EMBEDDED_MODELS, load_model
+from strace_lens.result import TraceResult
+from strace_lens.trace import trace
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,7 @@ __all__ = [
     "Node",
     "NodeGraph",
     "TokenBatch",
+    "TraceResult",
     "ZeroAblation",
     "__version__",
     "entropy",
@@ -44,5 +48,6 @@ __all__ = [
     "run_with_mask",
     "shared_nucleus",
     "tokenize",
+    "trace",
     "tv_distance",
 ]

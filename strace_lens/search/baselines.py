@@ -1,0 +1,228 @@
+"""Baselines, scored by the same objective as the learned masks.
+
+- ``random``: uniformly random subsets of each size (several draws: mean and spread).
+- ``greedy``: the paper's best-first search transferred to nodes. A node's weight is the L1
+  norm of what it writes to the residual stream at the predicted position, relative to its
+  ablated value ((z - z_ablated) W_O for a head; mlp_out - ablated for an MLP). Edges run from
+  every node into every later node and into the output; an edge's weight is its source's norm
+  normalised over all the edges entering the same target. Starting from the output, the
+  heaviest frontier edge is taken and its source's own in-edges join the frontier, so nodes
+  that feed already chosen ones (through a smaller normaliser) rise in priority.
+- ``attribution``: attribution patching, |dKL/dm| per node. At the clean run KL is at its
+  minimum and its gradient is zero, so the gradient is taken at the ablated end of the path
+  (all candidates ablated): dKL/dm = grad . (clean - ablated) exactly, for each node.
+- ``forward``: greedy forward selection, adding the node that lowers KL most, every candidate
+  of a step evaluated as rows of batched passes. Stops at ``max_size`` (default: every size
+  when there are at most 24 candidates, else 8): larger sizes are not reported.
+- ``exhaustive``: every subset of each size; refuses when the subsets to score exceed
+  ``max_subsets`` (default 20000 per prompt).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from strace_lens.masked_forward import forward_logprobs
+from strace_lens.search.mask_learning import top_s
+from strace_lens.search.objective import SubgraphObjective
+
+EXHAUSTIVE_MAX_SUBSETS = 20000
+FORWARD_FULL_LIMIT = 24
+FORWARD_DEFAULT_MAX = 8
+
+
+def _no_options(method: str, options: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(
+            f"Unknown option(s) for method={method!r}: {sorted(unknown)}; known: {sorted(allowed)}."
+        )
+
+
+def random_masks(
+    n_rows: int, sizes: Int[Tensor, " size"], n_cand: int, draws: int, gen: torch.Generator
+) -> Bool[Tensor, "draw row size cand"]:
+    scores = torch.rand(draws, n_rows, len(sizes), n_cand, generator=gen)
+    flat = scores.reshape(-1, n_cand)
+    sz = sizes.repeat(draws * n_rows)
+    return top_s(flat, sz).reshape(draws, n_rows, len(sizes), n_cand)
+
+
+def attribution_scores(objective: SubgraphObjective, per: str) -> Float[Tensor, "group cand"]:
+    """dKL/dm at the all-ablated point for every candidate (signed; negative = helps)."""
+    n_p = objective.n_prompts
+    n_c = int(objective.candidates.sum())
+    device = objective.logp_full.device
+    zeros = torch.zeros(n_p, n_c, device=device, requires_grad=True)
+    weights = torch.ones(n_p, device=device) / (n_p if per == "dataset" else 1)
+    objective.kl_backward(objective.full_mask(zeros), torch.arange(n_p, device=device), weights)
+    assert zeros.grad is not None
+    grad = zeros.grad.detach()
+    return grad.sum(0, keepdim=True) if per == "dataset" else grad
+
+
+@torch.no_grad()
+def contribution_norms(objective: SubgraphObjective) -> Float[Tensor, "prompt node"]:
+    """L1 norm of each node's (clean - ablated) write to the residual at the predicted position."""
+    model, graph, batch = objective.model, objective.graph, objective.batch
+    n_p = batch.batch_size
+    rows = torch.arange(n_p, device=batch.tokens.device)
+    norms = torch.zeros(n_p, len(graph), device=objective.logp_full.device)
+    w_o = _head_output_weights(model)
+
+    def attn_hook(z: Tensor, hook: Any) -> None:
+        layer = int(hook.name.split(".")[1])
+        z_at = z[rows, batch.predict_pos]  # [p, head, d_head]
+        abl = objective.ablation.attn_value(layer, batch)
+        if abl is not None:
+            abl = abl.to(z.device, z.dtype).expand(z.shape[0], z.shape[1], -1, -1)
+            z_at = z_at - abl[rows, batch.predict_pos]
+        out = torch.einsum("phd,hdm->phm", z_at, w_o[layer].to(z.dtype))
+        start = graph.attn_index(layer, 0)
+        norms[:, start : start + graph.n_heads] = out.abs().sum(-1).float()
+
+    def mlp_hook(out: Tensor, hook: Any) -> None:
+        layer = int(hook.name.split(".")[1])
+        o = out[rows, batch.predict_pos]
+        abl = objective.ablation.mlp_value(layer, batch)
+        if abl is not None:
+            abl = abl.to(out.device, out.dtype).expand(out.shape[0], out.shape[1], -1)
+            o = o - abl[rows, batch.predict_pos]
+        norms[:, graph.mlp_index(layer)] = o.abs().sum(-1).float()
+
+    hooks: list[tuple[str, Any]] = []
+    for layer in range(graph.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_z", attn_hook))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_hook))
+    forward_logprobs(model, batch, hooks)
+    return norms
+
+
+def _head_output_weights(model: Any) -> Tensor:
+    """W_O as ``[layer, head, d_head, d_model]``."""
+    w_o = model.W_O
+    cfg = model.cfg
+    if w_o.ndim == 4:
+        return w_o.detach()
+    return w_o.detach().reshape(cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model)
+
+
+def greedy_order(norms: Float[Tensor, " node"], layers: Tensor, is_attn: Tensor) -> list[int]:
+    """Best-first order of nodes from the output (see module docstring)."""
+    n = len(norms)
+    w = norms.double().tolist()
+    # sources that can feed a node: heads feed the MLP of their own layer and everything later;
+    # an MLP feeds everything in later layers.
+    def feeds(src: int, dst: int) -> bool:
+        if layers[src] < layers[dst]:
+            return True
+        return bool(layers[src] == layers[dst] and is_attn[src] and not is_attn[dst])
+
+    total = sum(w) or 1.0
+    heap = [(-w[u] / total, u) for u in range(n)]
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    taken = [False] * n
+    while heap and len(chosen) < n:
+        _, u = heapq.heappop(heap)
+        if taken[u]:
+            continue
+        taken[u] = True
+        chosen.append(u)
+        sources = [v for v in range(n) if feeds(v, u)]
+        norm = sum(w[v] for v in sources) or 1.0
+        for v in sources:
+            if not taken[v]:
+                heapq.heappush(heap, (-w[v] / norm, v))
+    return chosen
+
+
+def greedy_masks(
+    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str
+) -> Bool[Tensor, "row size cand"]:
+    norms = contribution_norms(objective).cpu()
+    cand = objective.candidates.cpu()
+    graph = objective.graph
+    layers, is_attn = graph.layers[cand], graph.is_attn[cand]
+    if per == "dataset":
+        norms = norms.mean(0, keepdim=True)
+    out = torch.zeros(norms.shape[0], len(sizes), int(cand.sum()), dtype=torch.bool)
+    for r in range(norms.shape[0]):
+        order = greedy_order(norms[r, cand], layers, is_attn)
+        rank = torch.empty(len(order), dtype=torch.long)
+        rank[torch.tensor(order)] = torch.arange(len(order))
+        out[r] = rank[None, :] < sizes[:, None]
+    return out
+
+
+def forward_selection(
+    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str, max_size: int
+) -> Bool[Tensor, "row size cand"]:
+    """Greedy forward selection up to ``max_size`` nodes (nested)."""
+    n_p = objective.n_prompts
+    n_c = int(objective.candidates.sum())
+    device = objective.logp_full.device
+    n_groups = n_p if per == "input" else 1
+    current = torch.zeros(n_groups, n_c, dtype=torch.bool)
+    out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
+    wanted = {int(s): j for j, s in enumerate(sizes.tolist())}
+    for step in range(1, max_size + 1):
+        masks, owners = [], []
+        for g in range(n_groups):
+            for node in torch.nonzero(~current[g]).flatten().tolist():
+                m = current[g].clone()
+                m[node] = True
+                masks.append(m)
+                owners.append(g)
+        cand_masks = torch.stack(masks)
+        owner = torch.tensor(owners)
+        if per == "input":
+            kl = objective.kl(objective.full_mask(cand_masks.float().to(device)), owner.to(device))
+        else:
+            rows = cand_masks.repeat_interleave(n_p, 0)
+            prompts = torch.arange(n_p).repeat(len(cand_masks))
+            kl = objective.kl(objective.full_mask(rows.float().to(device)), prompts.to(device))
+            kl = kl.reshape(len(cand_masks), n_p).mean(-1)
+        kl = kl.cpu()
+        for g in range(n_groups):
+            sel = torch.nonzero(owner == g).flatten()
+            current[g] = cand_masks[sel[torch.argmin(kl[sel])]]
+        if step in wanted:
+            out[:, wanted[step]] = current
+    return out
+
+
+def exhaustive_masks(
+    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str, max_subsets: int
+) -> Bool[Tensor, "row size cand"]:
+    n_p = objective.n_prompts
+    n_c = int(objective.candidates.sum())
+    total = sum(math.comb(n_c, int(s)) for s in sizes)
+    if total > max_subsets:
+        raise ValueError(
+            f"Exhaustive search would score {total} subsets of {n_c} candidates per prompt, "
+            f"above the limit of {max_subsets}: restrict `candidates` (e.g. to <= 16 nodes), "
+            "ask for fewer sizes, or raise max_subsets=..."
+        )
+    device = objective.logp_full.device
+    n_groups = n_p if per == "input" else 1
+    out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
+    for j, s in enumerate(sizes.tolist()):
+        subsets = torch.zeros(math.comb(n_c, s), n_c, dtype=torch.bool)
+        for i, combo in enumerate(itertools.combinations(range(n_c), s)):
+            subsets[i, list(combo)] = True
+        rows = subsets.repeat(n_p, 1)
+        prompts = torch.arange(n_p).repeat_interleave(len(subsets))
+        kl = objective.kl(objective.full_mask(rows.float().to(device)), prompts.to(device)).cpu()
+        kl = kl.reshape(n_p, len(subsets))
+        if per == "dataset":
+            kl = kl.mean(0, keepdim=True)
+        out[:, j] = subsets[kl.argmin(-1)]
+    return out

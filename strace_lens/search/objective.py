@@ -1,0 +1,123 @@
+"""The objective every search method optimises: KL(P_full || P_sub) of a node mask on a prompt.
+
+``SubgraphObjective`` holds one set of prompts, their full-model distributions and the
+ablation, and scores many (prompt, mask) rows at once in chunks of ``batch_size`` rows, with
+or without a gradient to the masks. All methods (learned masks and baselines) go through it,
+so they are measured the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from strace_lens.ablation import Ablation
+from strace_lens.graph import NodeGraph
+from strace_lens.inputs import TokenBatch
+from strace_lens.masked_forward import forward_logprobs, node_hooks
+from strace_lens.metrics import kl_divergence
+
+#: tokens (rows x padded width) per forward pass when no batch size is given
+DEFAULT_TOKENS_PER_BATCH = 2048
+
+
+@dataclass
+class SubgraphObjective:
+    """Scores node masks on prompts against the full model. Use inside ``model_untouched``."""
+
+    model: Any
+    graph: NodeGraph
+    batch: TokenBatch
+    logp_full: Float[Tensor, "prompt vocab"]
+    ablation: Ablation
+    candidates: Bool[Tensor, " node"]
+    batch_size: int | None = None
+    #: counts forward rows run, for cost reporting
+    rows_evaluated: int = 0
+    #: called after every chunk (lets callers show progress or inject faults in tests)
+    on_chunk: Callable[[int], None] | None = None
+
+    @property
+    def n_prompts(self) -> int:
+        return self.batch.batch_size
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.graph)
+
+    @property
+    def rows_per_pass(self) -> int:
+        if self.batch_size is not None:
+            return max(1, int(self.batch_size))
+        width = int(self.batch.tokens.shape[1])
+        return max(1, DEFAULT_TOKENS_PER_BATCH // max(width, 1))
+
+    def full_mask(self, candidate_values: Tensor) -> Tensor:
+        """Embed ``[..., n_candidates]`` values into ``[..., node]`` (non-candidates kept = 1)."""
+        shape = (*candidate_values.shape[:-1], self.n_nodes)
+        out = torch.ones(shape, dtype=candidate_values.dtype, device=candidate_values.device)
+        idx = torch.nonzero(self.candidates).flatten().to(candidate_values.device)
+        return out.index_copy(-1, idx, candidate_values)
+
+    def _chunks(self, n_rows: int) -> list[tuple[int, int]]:
+        step = self.rows_per_pass
+        return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+    def _run(self, masks: Tensor, prompt_index: Tensor) -> Tensor:
+        rows = self.batch.select(prompt_index).trimmed()
+        hooks = node_hooks(self.graph, masks, self.ablation, rows)
+        logp = forward_logprobs(self.model, rows, hooks)
+        self.rows_evaluated += len(prompt_index)
+        return logp
+
+    @torch.no_grad()
+    def logprobs(
+        self, masks: Float[Tensor, "row node"], prompt_index: Int[Tensor, " row"]
+    ) -> Float[Tensor, "row vocab"]:
+        """Log-probs of every (prompt, mask) row, no gradient."""
+        out = []
+        for lo, hi in self._chunks(len(prompt_index)):
+            out.append(self._run(masks[lo:hi].float(), prompt_index[lo:hi]))
+            if self.on_chunk is not None:
+                self.on_chunk(hi - lo)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def kl(
+        self, masks: Float[Tensor, "row node"], prompt_index: Int[Tensor, " row"]
+    ) -> Float[Tensor, " row"]:
+        """KL(P_full || P_sub) of each row, no gradient (one vocab-sized row at a time)."""
+        out = []
+        for lo, hi in self._chunks(len(prompt_index)):
+            logp = self._run(masks[lo:hi].float(), prompt_index[lo:hi])
+            out.append(kl_divergence(self.logp_full[prompt_index[lo:hi]], logp))
+            if self.on_chunk is not None:
+                self.on_chunk(hi - lo)
+        return torch.cat(out)
+
+    def kl_backward(
+        self,
+        masks: Float[Tensor, "row node"],
+        prompt_index: Int[Tensor, " row"],
+        weights: Float[Tensor, " row"],
+    ) -> Float[Tensor, " row"]:
+        """KL of each row, and ``sum(weights * KL)`` back-propagated into ``masks``' graph.
+
+        ``masks`` must be a non-leaf tensor computed from the parameters being learned; each
+        chunk is differentiated on its own (so memory stays bounded by ``rows_per_pass``).
+        """
+        out = []
+        for lo, hi in self._chunks(len(prompt_index)):
+            with torch.enable_grad():
+                logp = self._run(masks[lo:hi], prompt_index[lo:hi])
+                kl = kl_divergence(self.logp_full[prompt_index[lo:hi]], logp)
+                (kl * weights[lo:hi]).sum().backward(retain_graph=hi < len(prompt_index))
+            out.append(kl.detach())
+            if self.on_chunk is not None:
+                self.on_chunk(hi - lo)
+        return torch.cat(out)

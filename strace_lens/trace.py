@@ -1,0 +1,343 @@
+"""``trace``: s-Trace over a size sweep, with learned masks or a baseline, measured one way.
+
+The user's path: prompts -> full-model distributions -> a search method proposes hard
+subgraphs of exactly s candidate nodes for every size s -> each subgraph and its inverse are
+run with hard masks and scored against the full model -> a ``TraceResult``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from strace_lens.ablation import Ablation, resolve_ablation
+from strace_lens.graph import Node, NodeGraph
+from strace_lens.hygiene import check_hook_points, model_device, model_untouched
+from strace_lens.inputs import Prompts, tokenize
+from strace_lens.masked_forward import check_finite, forward_logprobs
+from strace_lens.metrics import entropy, kl_divergence, shared_nucleus, tv_distance
+from strace_lens.models import model_identity
+from strace_lens.result import TraceResult
+from strace_lens.search.baselines import (
+    EXHAUSTIVE_MAX_SUBSETS,
+    FORWARD_DEFAULT_MAX,
+    FORWARD_FULL_LIMIT,
+    _no_options,
+    attribution_scores,
+    exhaustive_masks,
+    forward_selection,
+    greedy_masks,
+    random_masks,
+)
+from strace_lens.search.mask_learning import learn_masks, top_s
+from strace_lens.search.objective import SubgraphObjective
+
+METHODS = ("mask", "random", "greedy", "attribution", "forward", "exhaustive")
+PER = ("input", "dataset")
+DEFAULT_GRID_POINTS = 12
+TOP_K = 5
+
+NodeSpec = Sequence[str | Node | int]
+
+
+def default_sizes(n_candidates: int, points: int = DEFAULT_GRID_POINTS) -> Int[Tensor, " size"]:
+    """About ``points`` log-spaced node counts from 1 to ``n_candidates`` (both included)."""
+    if n_candidates <= points:
+        return torch.arange(1, n_candidates + 1)
+    grid = torch.logspace(0, torch.log10(torch.tensor(float(n_candidates))), points)
+    return torch.unique(grid.round().long().clamp(1, n_candidates))
+
+
+def resolve_sizes(sizes: Sequence[int | float] | Tensor | None, n_candidates: int) -> Tensor:
+    """Node counts (ints in [1, n]) or relative sizes (floats in (0, 1]) -> sorted counts."""
+    if sizes is None:
+        return default_sizes(n_candidates)
+    values = sizes.tolist() if isinstance(sizes, Tensor) else list(sizes)
+    if not values:
+        raise ValueError("`sizes` is empty: give node counts like [1, 4, 16] or None for the grid.")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        counts = [int(v) for v in values]
+        bad = [v for v in counts if not 1 <= v <= n_candidates]
+        if bad:
+            raise ValueError(
+                f"Sizes {bad} are outside [1, {n_candidates}] (the number of candidate nodes)."
+            )
+    elif all(isinstance(v, float) for v in values):
+        bad_f = [v for v in values if not 0.0 < v <= 1.0]
+        if bad_f:
+            raise ValueError(
+                f"Relative sizes {bad_f} are outside (0, 1]; use floats for fractions of the "
+                "candidate nodes, or ints for node counts."
+            )
+        counts = [max(1, round(v * n_candidates)) for v in values]
+    else:
+        raise TypeError("`sizes` must be all ints (node counts) or all floats (relative sizes).")
+    if len(set(counts)) != len(counts):
+        dup = sorted({c for c in counts if counts.count(c) > 1})
+        raise ValueError(f"Sizes repeat (node counts {dup}); give each size once.")
+    return torch.tensor(sorted(counts), dtype=torch.long)
+
+
+def resolve_candidates(
+    graph: NodeGraph, keep: NodeSpec | None, candidates: NodeSpec | None
+) -> Bool[Tensor, " node"]:
+    """Candidates: the nodes a search may choose; all other nodes stay in every subgraph."""
+    keep_idx = set(graph.indices(keep)) if keep is not None else set()
+    if candidates is not None:
+        cand_idx = set(graph.indices(candidates))
+        if not cand_idx:
+            raise ValueError("`candidates` is empty: name at least one node the search may choose.")
+        overlap = keep_idx & cand_idx
+        if overlap:
+            names = [graph.names[i] for i in sorted(overlap)]
+            raise ValueError(
+                f"Nodes {names} are both in `keep` (always kept) and in `candidates` (may be "
+                "dropped): put each node in one of them."
+            )
+    else:
+        cand_idx = set(range(len(graph))) - keep_idx
+        if not cand_idx:
+            raise ValueError("`keep` holds every node: nothing is left for the search to choose.")
+    mask = torch.zeros(len(graph), dtype=torch.bool)
+    mask[sorted(cand_idx)] = True
+    return mask
+
+
+def _target_logprobs(model: Any, logp_full: Tensor, targets: Sequence[str] | None) -> Tensor | None:
+    if targets is None:
+        return None
+    if len(targets) != logp_full.shape[0]:
+        raise ValueError(f"{len(targets)} targets for {logp_full.shape[0]} prompts: give one each.")
+    ids = []
+    for t in targets:
+        toks = model.to_tokens(t, prepend_bos=False)[0]
+        ids.append(int(toks[0]))  # the first token of the true next word
+    idx = torch.tensor(ids, device=logp_full.device)
+    return logp_full.gather(-1, idx[:, None])[:, 0].cpu()
+
+
+def trace(
+    model: Any,
+    prompts: Prompts,
+    sizes: Sequence[int | float] | Tensor | None = None,
+    ablation: Ablation | str | None = None,
+    per: str = "input",
+    method: str = "mask",
+    keep: NodeSpec | None = None,
+    candidates: NodeSpec | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    nested: bool = True,
+    inverse: bool = True,
+    targets: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    **options: Any,
+) -> TraceResult:
+    """Find, for every size s, the subgraph of s nodes that best reproduces the model's output.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer`` (left as found).
+        prompts: a string, a list of strings, or token ids ``[batch, pos]``.
+        sizes: node counts (ints in [1, n_candidates]) or relative sizes (floats in (0, 1]);
+            default: about 12 log-spaced counts from 1 to n_candidates.
+        ablation: "mean" (default; mean over ``prompts`` themselves), "zero", or an
+            ``Ablation`` such as ``MeanAblation.from_prompts(model, reference_prompts)``.
+        per: "input" (a subgraph per prompt and size) or "dataset" (one per size, shared by
+            all prompts; objective: mean KL).
+        method: "mask" (learned masks), or a baseline: "random", "greedy", "attribution",
+            "forward", "exhaustive".
+        keep: nodes always kept (not counted in s).
+        candidates: the only nodes a search may choose; every other node is kept.
+        seed: makes the result reproducible (on CPU, bit for bit).
+        device: where to run; default: the model's device.
+        progress: print progress for long searches.
+        nested: for "mask", make subgraphs nested across sizes (each contains the smaller
+            ones). The default, True, is justified by benchmarks/strace_quality.py.
+        inverse: also score each subgraph's inverse (candidates in it ablated, others kept).
+        targets: the true next token of each prompt (text), to record its full-model log-prob.
+        batch_size: rows per forward pass (default: about 2048 tokens per pass).
+        **options: method options (mask: ``steps``, ``finetune_steps``, ``lr``, ...;
+            random: ``draws``; forward: ``max_size``; exhaustive: ``max_subsets``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if per not in PER:
+        raise ValueError(f"Unknown per={per!r}; choose 'input' or 'dataset'.")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    started = time.perf_counter()
+    graph = NodeGraph.from_model(model)
+    check_hook_points(model, graph)
+    if device is not None and torch.device(device) != model_device(model):
+        raise ValueError(
+            f"The model is on {model_device(model)} but device={device!r} was asked for: move "
+            f"the model first (model.to({str(device)!r})) or leave device=None."
+        )
+    batch = tokenize(model, prompts)
+    cand = resolve_candidates(graph, keep, candidates)
+    n_cand = int(cand.sum())
+    size_counts = resolve_sizes(sizes, n_cand)
+    # default: the mean over the prompts' own real tokens
+    abl = resolve_ablation(ablation, model, prompts, progress=False)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    with model_untouched(model):
+        with torch.no_grad():
+            logp_full = forward_logprobs(model, batch, [])
+        check_finite(logp_full, "the full model's output")
+        objective = SubgraphObjective(model, graph, batch, logp_full, abl, cand, batch_size)
+        per_option = dict(options)
+        extra_metrics: dict[str, Tensor] = {}
+        sizes_used = size_counts
+        if method == "mask":
+            init = None
+            if per_option.get("init", "attribution") == "attribution":
+                init = -attribution_scores(objective, per)
+            cand_masks = learn_masks(objective, size_counts, per, nested, init, per_option, seed)
+        elif method == "random":
+            _no_options(method, per_option, {"draws"})
+            draws = int(per_option.get("draws", 5))
+            n_rows = batch.batch_size if per == "input" else 1
+            all_draws = random_masks(n_rows, size_counts, n_cand, draws, gen)
+            cand_masks = all_draws[0]
+        elif method == "greedy":
+            _no_options(method, per_option, set())
+            cand_masks = greedy_masks(objective, size_counts, per)
+        elif method == "attribution":
+            _no_options(method, per_option, set())
+            scores = attribution_scores(objective, per).abs().cpu()
+            n_rows = scores.shape[0]
+            cand_masks = top_s(
+                scores.repeat_interleave(len(size_counts), 0), size_counts.repeat(n_rows)
+            ).reshape(n_rows, len(size_counts), n_cand)
+        elif method == "forward":
+            _no_options(method, per_option, {"max_size"})
+            limit = per_option.get("max_size")
+            if limit is None:
+                limit = n_cand if n_cand <= FORWARD_FULL_LIMIT else FORWARD_DEFAULT_MAX
+            sizes_used = size_counts[size_counts <= int(limit)]
+            if len(sizes_used) == 0:
+                raise ValueError(f"max_size={limit} is below the smallest size asked for.")
+            cand_masks = forward_selection(objective, sizes_used, per, int(sizes_used.max()))
+        else:  # exhaustive
+            _no_options(method, per_option, {"max_subsets"})
+            limit = int(per_option.get("max_subsets", EXHAUSTIVE_MAX_SUBSETS))
+            cand_masks = exhaustive_masks(objective, size_counts, per, limit)
+
+        masks = _embed(cand_masks, cand)
+        search_rows = objective.rows_evaluated
+        metrics, top = _evaluate(objective, masks, cand, inverse)
+        if method == "random" and all_draws.shape[0] > 1:
+            extra_metrics = _draw_spread(objective, all_draws, cand, inverse)
+            for name, values in extra_metrics.items():
+                metrics[name] = values
+    options_record: dict[str, Any] = {
+        "method": method,
+        "per": per,
+        "nested": nested if method == "mask" else method in ("greedy", "forward", "attribution"),
+        "seed": seed,
+        "ablation": abl.describe(),
+        "keep": graph.nodes_from_mask(~cand) if keep is not None or candidates is not None else [],
+        "method_options": per_option,
+        "inverse": inverse,
+        "model": model_identity(model),
+        "search_rows": search_rows,
+        "eval_rows": objective.rows_evaluated - search_rows,
+        "seconds": round(time.perf_counter() - started, 3),
+        "version": _version(),
+    }
+    return TraceResult(
+        graph=graph,
+        sizes=sizes_used.clone(),
+        masks=masks,
+        metrics=metrics,
+        entropy=entropy(logp_full).cpu(),
+        prompts=_prompt_texts(model, prompts, batch.batch_size),
+        top_tokens=top,
+        full_top_tokens=logp_full.topk(TOP_K, -1).indices.cpu(),
+        candidates=cand,
+        options=options_record,
+        target_logprob=_target_logprobs(model, logp_full, targets),
+    )
+
+
+def _embed(cand_masks: Tensor, cand: Tensor) -> Bool[Tensor, "row size node"]:
+    """Candidate masks ``[R, S, n_cand]`` -> node masks ``[R, S, N]`` (others kept)."""
+    out = torch.ones(*cand_masks.shape[:2], len(cand), dtype=torch.bool)
+    out[:, :, cand] = cand_masks.cpu()
+    return out
+
+
+def _evaluate(
+    objective: SubgraphObjective, masks: Tensor, cand: Tensor, inverse: bool
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Hard-mask metrics for every (prompt, size), and for each inverse subgraph."""
+    n_p = objective.n_prompts
+    n_r, n_s, n_n = masks.shape
+    per_prompt = masks.expand(n_p, -1, -1) if n_r == 1 else masks
+    rows = per_prompt.reshape(-1, n_n)
+    prompt_index = torch.arange(n_p).repeat_interleave(n_s)
+    metrics: dict[str, Tensor] = {}
+    top = None
+    variants = [("", rows)]
+    if inverse:
+        variants.append(("inv_", ~rows | ~cand[None]))
+    device = objective.logp_full.device
+    for prefix, variant in variants:
+        kl, tv, nuc, tops = [], [], [], []
+        step = objective.rows_per_pass
+        for lo in range(0, len(prompt_index), step):
+            idx = prompt_index[lo : lo + step].to(device)
+            logp = objective.logprobs(variant[lo : lo + step].float().to(device), idx)
+            full = objective.logp_full[idx]
+            kl.append(kl_divergence(full, logp).cpu())
+            tv.append(tv_distance(full, logp).cpu())
+            nuc.append(shared_nucleus(full, logp).cpu())
+            if not prefix:
+                tops.append(logp.topk(TOP_K, -1).indices.cpu())
+        metrics[prefix + "kl"] = torch.cat(kl).reshape(n_p, n_s)
+        metrics[prefix + "tv"] = torch.cat(tv).reshape(n_p, n_s)
+        metrics[prefix + "nucleus"] = torch.cat(nuc).reshape(n_p, n_s)
+        if not prefix:
+            top = torch.cat(tops).reshape(n_p, n_s, TOP_K)
+    assert top is not None
+    return metrics, top
+
+
+def _draw_spread(
+    objective: SubgraphObjective, draws: Tensor, cand: Tensor, inverse: bool
+) -> dict[str, Tensor]:
+    """Random baseline: mean and standard deviation of every metric over all draws."""
+    per_draw = [_evaluate(objective, _embed(d, cand), cand, inverse)[0] for d in draws]
+    out: dict[str, Tensor] = {}
+    for name in per_draw[0]:
+        stacked = torch.stack([m[name] for m in per_draw])
+        out[name] = stacked.mean(0)
+        out[name + "_std"] = stacked.std(0)
+    return out
+
+
+def _prompt_texts(model: Any, prompts: Prompts, n: int) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Tensor):
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            return [f"<tokens {i}>" for i in range(n)]
+        rows = prompts if prompts.ndim == 2 else prompts[None]
+        return [tokenizer.decode(r.tolist()) for r in rows]
+    return [str(p) for p in prompts]
+
+
+def _version() -> str:
+    from strace_lens import __version__
+
+    return __version__
