@@ -1,0 +1,114 @@
+"""Rank correlation and paired differences with percentile-bootstrap confidence intervals.
+
+Every interval here is a percentile bootstrap over prompts (resampled with replacement,
+``n_boot`` times, from a seeded generator so a report is reproducible). Resamples whose
+statistic is undefined (e.g. a constant resample for a correlation) are left out of the
+percentiles. P-values: for Spearman, SciPy's t-distribution approximation (``spearmanr``);
+for a paired mean difference, the two-sided one-sample t-test against 0 (``ttest_1samp``),
+alongside the bootstrap interval, which does not assume normality.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+DEFAULT_BOOT = 2000
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row pair of ``x``, ``y`` ``[B, n]`` (NaN for constant rows)."""
+    rx = stats.rankdata(x, axis=1)
+    ry = stats.rankdata(y, axis=1)
+    rx = rx - rx.mean(1, keepdims=True)
+    ry = ry - ry.mean(1, keepdims=True)
+    denom = np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (rx * ry).sum(1) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def spearman_ci(
+    x: Any, y: Any, n_boot: int = DEFAULT_BOOT, ci: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Spearman rho of paired samples, its bootstrap interval and p-value.
+
+    Pairs where either value is NaN or infinite are dropped first; ``n`` is what is left.
+    Returns ``{"rho", "ci_low", "ci_high", "p_value", "n"}`` (NaN when n < 3 or a side is
+    constant).
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = len(x)
+    out = {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan, "n": float(n)}
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    res = stats.spearmanr(x, y)
+    out["rho"] = float(res.statistic)
+    out["p_value"] = float(res.pvalue)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    rhos = _spearman_rows(x[idx], y[idx])
+    rhos = rhos[np.isfinite(rhos)]
+    if len(rhos):
+        alpha = (1.0 - ci) / 2
+        out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(rhos, [alpha, 1 - alpha]))
+    return out
+
+
+def mean_ci(
+    values: Any, n_boot: int = DEFAULT_BOOT, ci: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Mean of ``values`` (NaNs dropped), its bootstrap interval, and the t-test p-value vs 0.
+
+    Used for paired per-prompt differences (e.g. refinement minus core attention share).
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    out = {"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan, "n": float(n)}
+    if n == 0:
+        return out
+    out["mean"] = float(v.mean())
+    if n < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, n, size=(n_boot, n))].mean(1)
+    alpha = (1.0 - ci) / 2
+    out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(means, [alpha, 1 - alpha]))
+    if np.ptp(v) > 0:
+        out["p_value"] = float(stats.ttest_1samp(v, 0.0).pvalue)
+    else:
+        out["p_value"] = 0.0 if v[0] != 0 else 1.0
+    return out
+
+
+def gini(values: Any) -> float:
+    """Gini coefficient of non-negative values: 0 when all equal, (n-1)/n when one holds all.
+
+    With values sorted ascending x_1 <= ... <= x_n: G = 2 sum_i i x_i / (n sum x) - (n+1)/n.
+    """
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    total = x.sum()
+    if n == 0 or total <= 0:
+        return float("nan")
+    i = np.arange(1, n + 1)
+    return float(2.0 * (i * x).sum() / (n * total) - (n + 1.0) / n)
+
+
+def lorenz_points(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Lorenz curve: cumulative share of items (x) vs cumulative share of the total (y).
+
+    Items sorted by increasing value; both arrays start at 0 and end at 1 (n + 1 points).
+    """
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    total = x.sum()
+    share_items = np.arange(n + 1) / max(n, 1)
+    cum = np.concatenate([[0.0], np.cumsum(x)])
+    share_total = cum / total if total > 0 else np.full(n + 1, np.nan)
+    return share_items, share_total
