@@ -1,0 +1,284 @@
+"""The ``strace-lens`` command line: ``trace`` a prompt file, or ``reproduce`` the paper's figures.
+
+    strace-lens trace --model gemma-3-270m --prompts FILE --n 16 --out DIR
+
+traces the first 16 prompts of FILE (plain text, one prompt a line, or the 6-column TSV of
+``shared/data``) with :func:`strace_lens.dataset.trace_dataset`, so an interrupted run
+resumes when the same command is run again; prints the median KL / TV / shared nucleus per
+size; and writes an HTML page with the circuit diagram and figures when the installed
+``strace_lens.plot`` provides a page writer.
+
+``--model native:tiny`` selects a tiny randomly initialised test model (see
+``strace_lens/tiny_model.py``): it exercises the whole command in seconds, its results mean
+nothing.
+
+Exit status: 0 on success; 2 for bad input (a one-line error on stderr, no traceback);
+1 when the run itself failed (out of memory, NaN in the model's output); 130 when interrupted.
+Set ``STRACE_LENS_DEBUG=1`` to see the traceback of an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+HTML_PAGE = "report.html"
+#: Where the command looks for an HTML page writer ``fn(result, path)``, in order.
+PAGE_WRITERS = (
+    ("strace_lens.plot", "write_page"),
+    ("strace_lens.plot.page", "write_page"),
+)
+
+
+class BadInput(ValueError):
+    """An error in what the user gave the command."""
+
+
+# -- argument parsing --------------------------------------------------------------------------
+def _parse_sizes(tokens: Sequence[str] | None) -> list[int] | list[float] | None:
+    if not tokens:
+        return None
+    values: list[str] = [v for t in tokens for v in t.replace(",", " ").split()]
+    try:
+        if all(v.lstrip("+-").isdigit() for v in values):
+            return [int(v) for v in values]
+        return [float(v) for v in values]
+    except ValueError:
+        raise BadInput(
+            f"--sizes takes node counts (1 4 16) or relative sizes (0.01 0.1 1.0), got {values}."
+        ) from None
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, got {text!r}.")
+    key, raw = text.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from strace_lens.models import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="strace-lens",
+        description="s-Trace on TransformerLens: the smallest subgraphs of attention heads and "
+        "MLPs that reproduce a model's next-token distribution, at every size.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    tr = sub.add_parser(
+        "trace",
+        help="trace the prompts of a file (resumable)",
+        description="Trace prompts in chunks, each saved as a shard in --out; rerunning the "
+        "same command resumes an interrupted run.",
+    )
+    tr.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model ({', '.join(sorted(EMBEDDED_MODELS))}), a local Hugging Face "
+        "folder, or native:tiny (a tiny random test model) (default: %(default)s)",
+    )
+    tr.add_argument("--prompts", required=True, type=Path, help="prompt file: text or TSV")
+    tr.add_argument("--n", type=int, default=None, help="trace the first N prompts (default: all)")
+    tr.add_argument("--out", required=True, type=Path, help="run folder (created; resumed)")
+    tr.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        help="node counts (1 4 16) or relative sizes (0.01 0.1 1.0); default: a log grid",
+    )
+    tr.add_argument("--method", default="mask", help="mask (default), random, greedy, "
+                    "attribution, forward or exhaustive")
+    tr.add_argument("--per", default="input", help="input (default) or dataset")
+    tr.add_argument("--ablation", default="mean", help="mean (default) or zero")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
+    tr.add_argument("--batch-size", type=int, default=None,
+                    help="rows per forward pass (lower it after an out-of-memory error)")
+    tr.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    tr.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, e.g. --option steps=48 (repeatable; VALUE read as JSON)",
+    )
+    tr.add_argument("--no-html", action="store_true", help="do not write the HTML page")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rp = sub.add_parser(
+        "reproduce",
+        help="reproduce the paper's figures on the embedded models",
+        description="Run strace_lens.report.reproduce: trace the dev prompts on the embedded "
+        "models and write the figures and the report.",
+    )
+    rp.add_argument("--out", type=Path, default=Path("strace-lens-report"))
+    rp.add_argument("--n", type=int, default=None, help="prompts per model")
+    rp.add_argument("--models", nargs="+", default=None, help="models to use")
+    rp.add_argument("--quiet", action="store_true")
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------------
+def _load(name: str, device: str | None) -> Any:
+    from strace_lens.models import load_model
+    from strace_lens.tiny_model import TINY_MODEL_NAMES, tiny_model
+
+    if name in TINY_MODEL_NAMES:
+        return tiny_model(device=device)
+    return load_model(name, device=device)
+
+
+def summary_table(result: Any) -> str:
+    """Median KL, TV and shared nucleus over prompts, one line per size."""
+    lines = [
+        f"{'size':>6} {'relative':>9} {'median KL':>10} {'median TV':>10} {'nucleus %':>10}"
+    ]
+    rel = result.relative_sizes.tolist()
+    for j, size in enumerate(result.sizes.tolist()):
+        kl = float(result.metrics["kl"][:, j].median())
+        tv = float(result.metrics["tv"][:, j].median())
+        nuc = float(result.metrics["nucleus"][:, j].median())
+        lines.append(f"{size:>6d} {rel[j]:>9.3g} {kl:>10.4g} {tv:>10.4f} {nuc:>10.0f}")
+    return "\n".join(lines)
+
+
+def _page_writer() -> Callable[..., Any] | None:
+    for module_name, attr in PAGE_WRITERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        writer = getattr(module, attr, None)
+        if callable(writer):
+            return writer
+    return None
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from strace_lens.dataset import trace_dataset
+    from strace_lens.prompts import read_prompts
+
+    if args.n is not None and args.n < 1:
+        raise BadInput(f"--n must be at least 1, got {args.n}.")
+    if args.chunk_size < 1:
+        raise BadInput(f"--chunk-size must be at least 1, got {args.chunk_size}.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.ablation not in ("mean", "zero"):
+        raise BadInput(f"Unknown ablation {args.ablation!r}: use mean or zero.")
+    sizes = _parse_sizes(args.sizes)
+    prompt_file = read_prompts(args.prompts, n=args.n)
+    model = _load(args.model, args.device)
+    options: dict[str, Any] = dict(args.option)
+    if args.device is not None:
+        options["device"] = args.device
+    result = trace_dataset(
+        model,
+        prompt_file,
+        args.out,
+        chunk_size=args.chunk_size,
+        progress=False if args.quiet else None,
+        batch_size=args.batch_size,
+        sizes=sizes,
+        method=args.method,
+        per=args.per,
+        ablation=args.ablation,
+        seed=args.seed,
+        **options,
+    )
+    print(
+        f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
+        f"method={result.method}, per={result.per}; run folder: {args.out}"
+    )
+    print(summary_table(result))
+    if not args.no_html:
+        writer = _page_writer()
+        if writer is None:
+            print(
+                "No HTML page: this strace_lens.plot has no page writer (write_page); the "
+                f"result is in {args.out} (strace_lens.TraceResult.load).",
+                file=sys.stderr,
+            )
+        else:
+            page = writer(result, args.out / HTML_PAGE)
+            print(f"HTML page: {page or args.out / HTML_PAGE}")
+    return EXIT_OK
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    try:
+        report = importlib.import_module("strace_lens.report")
+    except ImportError as err:
+        raise BadInput(
+            f"`reproduce` needs strace_lens.report, which this installation lacks ({err})."
+        ) from err
+    reproduce = getattr(report, "reproduce", None)
+    if not callable(reproduce):
+        raise BadInput("strace_lens.report has no reproduce() function in this installation.")
+    given = {"out": args.out, "n": args.n, "models": args.models, "quiet": args.quiet}
+    accepted = inspect.signature(reproduce).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {
+        k: v for k, v in given.items() if v is not None and (takes_all or k in accepted)
+    }
+    reproduce(**kwargs)
+    return EXIT_OK
+
+
+# -- entry point -------------------------------------------------------------------------------
+def _one_line(err: object) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (also used by the console script)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    command = {"trace": cmd_trace, "reproduce": cmd_reproduce}[args.command]
+    debug = os.environ.get("STRACE_LENS_DEBUG") == "1"
+    from strace_lens.dataset import TraceOutOfMemoryError
+
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print(
+            "strace-lens: interrupted; finished shards are kept, run the same command to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except (TraceOutOfMemoryError, FloatingPointError) as err:
+        if debug:
+            raise
+        print(f"strace-lens: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, KeyError, IndexError, FileNotFoundError, ModuleNotFoundError,
+            IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        if debug:
+            raise
+        text = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"strace-lens: error: {_one_line(text)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
