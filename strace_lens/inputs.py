@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from strace_lens.hygiene import model_device
 
-Prompts = Union[str, Sequence[str], Tensor]
+Prompts = str | Sequence[str] | Tensor
 
 
 @dataclass
@@ -38,8 +38,11 @@ class TokenBatch:
     @property
     def has_left_padding(self) -> bool:
         """True when some row has padding before a real token (positions must then shift)."""
-        started = self.attention_mask.long().cummax(-1).values
-        return bool((started != self.attention_mask.long()).any())
+        # A padding slot is "left" padding when a real token comes after it: compare the mask
+        # with its running maximum taken from the right.
+        mask = self.attention_mask.long()
+        real_later = mask.flip(-1).cummax(-1).values.flip(-1)
+        return bool((real_later != mask).any())
 
     def model_kwargs(self) -> dict[str, Tensor]:
         """Keyword arguments for the model's forward: an attention mask only where needed.
@@ -118,8 +121,7 @@ def tokenize(model: Any, prompts: Prompts, attention_mask: Tensor | None = None)
     prompts = list(prompts)
     if not prompts:
         raise ValueError("The prompt list is empty: pass at least one non-empty string.")
-    rows: list[Tensor] = []
-    n_ctx = _context_length(model)
+    # Check every prompt before tokenising any, so a bad one fails fast and by its index.
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(
@@ -130,6 +132,14 @@ def tokenize(model: Any, prompts: Prompts, attention_mask: Tensor | None = None)
             raise ValueError(
                 f"Prompt {i} is empty or whitespace only: remove it, or give it some text."
             )
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(
+            "This model has no tokenizer, so it cannot read strings: pass token ids "
+            "([batch, pos] integer tensor) instead."
+        )
+    rows: list[Tensor] = []
+    n_ctx = _context_length(model)
+    for i, prompt in enumerate(prompts):
         ids = model.to_tokens(prompt, truncate=False)[0].to("cpu")
         if n_ctx is not None and len(ids) > n_ctx:
             raise ValueError(
@@ -147,14 +157,17 @@ def tokenize(model: Any, prompts: Prompts, attention_mask: Tensor | None = None)
     return TokenBatch(tokens, mask, lengths - 1).to(device)
 
 
-def _from_tensor(model: Any, tokens: Tensor, attention_mask: Tensor | None, device: Any) -> TokenBatch:
+def _from_tensor(
+    model: Any, tokens: Tensor, attention_mask: Tensor | None, device: Any
+) -> TokenBatch:
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise TypeError(f"Token ids must be an integer tensor, got dtype {tokens.dtype}.")
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(
-            f"Token ids must have shape [batch, pos] with batch, pos >= 1; got {tuple(tokens.shape)}."
+            "Token ids must have shape [batch, pos] with batch, pos >= 1; got "
+            f"{tuple(tokens.shape)}."
         )
     n_ctx = _context_length(model)
     if attention_mask is None:

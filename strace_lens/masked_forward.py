@@ -32,7 +32,9 @@ HookFn = Callable[[Tensor, Any], Tensor]
 def check_mask(mask: Tensor, n_rows: int, n_nodes: int) -> Tensor:
     """Validate a node mask and broadcast a single ``[node]`` mask over the batch."""
     if not isinstance(mask, Tensor):
-        raise TypeError(f"The mask must be a torch.Tensor of shape [batch, node], not {type(mask).__name__}.")
+        raise TypeError(
+            f"The mask must be a torch.Tensor of shape [batch, node], not {type(mask).__name__}."
+        )
     if mask.ndim == 1:
         mask = mask[None].expand(n_rows, -1)
     if mask.ndim != 2 or mask.shape[1] != n_nodes or mask.shape[0] not in (n_rows, 1):
@@ -46,7 +48,11 @@ def check_mask(mask: Tensor, n_rows: int, n_nodes: int) -> Tensor:
     if not values.dtype.is_floating_point:
         mask = mask.float()
         values = mask
-    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()) or bool((values > 1).any()):
+    if (
+        not bool(torch.isfinite(values).all())
+        or bool((values < 0).any())
+        or bool((values > 1).any())
+    ):
         lo, hi = float(values.min()), float(values.max())
         raise ValueError(
             f"Mask values must lie in [0, 1] (1 keeps a node, 0 ablates it); got values in "
@@ -133,7 +139,8 @@ def forward_logprobs(
         logits = logits[rows, batch.predict_pos.to(logits.device)]
     else:
         logits = logits[:, 0]
-    return torch.log_softmax(logits.float(), dim=-1)
+    # At least float32 (half-precision log-probs are too coarse for KL), float64 kept as is.
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def check_finite(logprobs: Tensor, what: str = "the model's output") -> None:
@@ -166,7 +173,8 @@ def run_with_mask(
         attention_mask: 1 for real tokens, 0 for padding, when ``tokens`` is a tensor.
 
     Returns:
-        Log-probabilities ``[batch, vocab]`` (float32) at each prompt's last real token.
+        Log-probabilities ``[batch, vocab]`` at each prompt's last real token (float32, or
+        float64 for a float64 model).
     """
     graph = NodeGraph.from_model(model)
     check_hook_points(model, graph)
