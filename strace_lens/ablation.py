@@ -41,7 +41,9 @@ class Ablation:
         """Replacement for ``blocks.{layer}.attn.hook_z`` (None means zero)."""
         return None
 
-    def mlp_value(self, layer: int, batch: TokenBatch) -> Float[Tensor, "batch_or_1 pos_or_1 d_model"] | None:
+    def mlp_value(
+        self, layer: int, batch: TokenBatch
+    ) -> Float[Tensor, "batch_or_1 pos_or_1 d_model"] | None:
         """Replacement for ``blocks.{layer}.hook_mlp_out`` (None means zero)."""
         return None
 
@@ -109,6 +111,8 @@ class MeanAblation(Ablation):
         per_position: bool = False,
         batch_size: int = 16,
         progress: bool = True,
+        *,
+        attention_mask: Tensor | None = None,
     ) -> MeanAblation:
         """Mean of every node's activation over the real tokens of ``prompts``.
 
@@ -118,14 +122,18 @@ class MeanAblation(Ablation):
             per_position: also keep one mean per position index within the prompt.
             batch_size: prompts per forward pass.
             progress: show a progress bar.
+            attention_mask: with a token tensor, 1 for real tokens and 0 for padding (left
+                or right); padding never enters a mean.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         graph = NodeGraph.from_model(model)
         check_hook_points(model, graph)
-        full = tokenize(model, prompts)
+        full = tokenize(model, prompts, attention_mask)
         n_layers, n_heads = graph.n_layers, graph.n_heads
-        width = full.tokens.shape[1]
+        # Per-position tables span the longest prompt's real tokens (not the padded width, which
+        # would leave never-seen positions holding a zero "mean").
+        width = int(full.attention_mask.sum(-1).max())
         sums_attn: list[Tensor | None] = [None] * n_layers
         sums_mlp: list[Tensor | None] = [None] * n_layers
         # per position sums are kept on the prompt's own position index (row-local)
@@ -156,11 +164,13 @@ class MeanAblation(Ablation):
                     a = act.detach().to(torch.float64)
                     flat = a.reshape(a.shape[0], a.shape[1], -1)
                     total = torch.einsum("bp,bpd->d", weights, flat).reshape(a.shape[2:]).cpu()
-                    sums[layer] = total if sums[layer] is None else sums[layer] + total
+                    prev = sums[layer]
+                    sums[layer] = total if prev is None else prev + total
                     if per_position:
                         pos_sum = torch.einsum("bpw,bpd->wd", onehot, flat)
                         pos_sum = pos_sum.reshape(width, *a.shape[2:]).cpu()
-                        by_pos[layer] = pos_sum if by_pos[layer] is None else by_pos[layer] + pos_sum
+                        prev_pos = by_pos[layer]
+                        by_pos[layer] = pos_sum if prev_pos is None else prev_pos + pos_sum
 
                 hooks = []
                 for layer in range(n_layers):
