@@ -101,7 +101,7 @@ def _fp32_copy(spec: EmbeddedModel) -> Path:
     )
     # A GGUF-loaded model carries quantizer marks that make save_pretrained refuse, although
     # its weights are already plain fp32 tensors: drop the marks, then save.
-    hf_model.hf_quantizer = None
+    hf_model.hf_quantizer = None  # type: ignore[assignment]
     hf_model.config.__dict__.pop("quantization_config", None)
     hf_model.config.name_or_path = spec.name
     target.parent.mkdir(parents=True, exist_ok=True)
