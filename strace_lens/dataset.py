@@ -63,7 +63,8 @@ from tqdm.auto import tqdm
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import model_untouched
-from strace_lens.inputs import tokenize
+from strace_lens.inputs import TokenBatch, tokenize
+from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
 from strace_lens.prompts import PromptFile
 from strace_lens.result import TraceResult
@@ -161,7 +162,7 @@ def trace_dataset(
     # the context; method, per, sizes, keep/candidates), so that a mistake costs no time,
     # leaves no folder behind, and a prompt error names its index in the whole list.
     _check_options(model, trace_options)
-    tokenize(model, prompts)
+    batch = tokenize(model, prompts)
 
     with model_untouched(model):
         identity = _run_identity(model, prompts, targets, chunk_size, trace_options)
@@ -173,6 +174,9 @@ def trace_dataset(
         chunks = _chunks(len(prompts), chunk_size)
         written = 0
         try:
+            # NaN/inf in the full model's output would poison the shared mean ablation and
+            # every chunk's metrics: find such prompts first, and name them.
+            _check_full_outputs(model, batch, prompts, batch_size or 16)
             ablation, ablation_sha = _shared_ablation(
                 model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
             )
@@ -348,10 +352,12 @@ def _jsonable(value: Any, where: str) -> Any:
 
 def _trace_defaults() -> dict[str, Any]:
     """The default of every option ``trace`` takes (not the prompts, targets or run-time ones)."""
+    from strace_lens.trace import trace
+
     skip = {"model", "prompts", "targets", *RUNTIME_OPTIONS}
     return {
         name: param.default
-        for name, param in inspect.signature(_trace_function()).parameters.items()
+        for name, param in inspect.signature(trace).parameters.items()
         if param.default is not inspect.Parameter.empty and name not in skip
     }
 
@@ -616,6 +622,24 @@ def _trace_chunk(
             f"chunk_size={chunk_size}: lower batch_size (rows per forward pass) first, then "
             "chunk_size. Finished shards are kept; rerun to resume."
         ) from err
+
+
+@torch.no_grad()
+def _check_full_outputs(model: Any, batch: TokenBatch, prompts: list[str], step: int) -> None:
+    bad: list[int] = []
+    for lo in range(0, batch.batch_size, step):
+        rows = batch.select(range(lo, min(lo + step, batch.batch_size))).trimmed()
+        logp = forward_logprobs(model, rows, [])
+        bad += [lo + int(i) for i in torch.nonzero(~torch.isfinite(logp).all(-1)).flatten()]
+    if bad:
+        first = prompts[bad[0]]
+        shown = first if len(first) <= 80 else first[:77] + "..."
+        raise FloatingPointError(
+            f"NaN or inf in the model's output for prompt(s) {bad[:10]}"
+            f"{' and more' if len(bad) > 10 else ''}; the first reads: {shown!r}. Check those "
+            "prompts and the model's weights and dtype (fp16 overflows easily; load it in "
+            "float32)."
+        )
 
 
 def _name_bad_prompts(message: str, prompts: list[str], lo: int, hi: int) -> str:

@@ -78,6 +78,7 @@ def read_prompts(
     Args:
         path: a plain-text file (one prompt a line) or a 6-column TSV (see module docstring).
         n: how many prompts to take from the top of the file; the file must hold that many.
+            Lines after the n-th prompt are not read (nor checked).
         kind: ``"text"`` or ``"tsv"`` to override the detection (by ``.tsv`` suffix, or a tab
             in the first non-empty line).
 
