@@ -13,7 +13,7 @@ docstring).
 - :func:`baselines`, :func:`baseline_gap`: inverse and random curves next to the trace.
 """
 
-from strace_lens.analysis._stats import gini, lorenz_points, mean_ci, spearman_ci
+from strace_lens.analysis._stats import gini, lorenz_points, mean_ci, median_ci, spearman_ci
 from strace_lens.analysis.baselines import baseline_gap, baselines
 from strace_lens.analysis.composition import composition
 from strace_lens.analysis.density import density, density_curve, interpolate_curves
@@ -38,6 +38,7 @@ __all__ = [
     "lorenz",
     "lorenz_points",
     "mean_ci",
+    "median_ci",
     "nucleus_recovery",
     "phases",
     "recovery_sizes",

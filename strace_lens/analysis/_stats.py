@@ -112,3 +112,28 @@ def lorenz_points(values: Any) -> tuple[np.ndarray, np.ndarray]:
     cum = np.concatenate([[0.0], np.cumsum(x)])
     share_total = cum / total if total > 0 else np.full(n + 1, np.nan)
     return share_items, share_total
+
+
+def median_ci(
+    values: Any, n_boot: int = DEFAULT_BOOT, ci: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Median and its bootstrap interval, with +inf allowed (a censored value, e.g. a prompt
+    that never reaches a target within the grid): every median is an order statistic
+    (inverted CDF), so it is +inf exactly when at least half the sample is. NaNs are dropped.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    n = len(v)
+    out = {"median": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": float(n)}
+    if n == 0:
+        return out
+    out["median"] = float(np.quantile(v, 0.5, method="inverted_cdf"))
+    if n < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    boots = np.quantile(v[rng.integers(0, n, size=(n_boot, n))], 0.5, axis=1, method="inverted_cdf")
+    alpha = (1.0 - ci) / 2
+    out["ci_low"], out["ci_high"] = (
+        float(q) for q in np.quantile(boots, [alpha, 1 - alpha], method="inverted_cdf")
+    )
+    return out

@@ -1,0 +1,155 @@
+"""The reproduction report: verdict rules, claims on planted results, and reproduce end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from strace_lens.graph import NodeGraph
+from strace_lens.report import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    analyse,
+    claims_of,
+    markdown_table,
+    reproduce,
+    verdict,
+)
+from strace_lens.result import TraceResult
+
+GRAPH = NodeGraph(n_layers=4, n_heads=3)  # 16 nodes
+SIZES = [1, 2, 4, 8, 16]
+
+
+def test_verdict_rules():
+    assert verdict(0.1, 0.5, "greater", 0.0, n=50) == HOLDS
+    assert verdict(-0.1, 0.5, "greater", 0.0, n=50) == INCONCLUSIVE
+    assert verdict(-0.5, -0.1, "greater", 0.0, n=50) == FAILS
+    assert verdict(0.0, 0.0, "greater", 0.0, n=50) == FAILS  # exactly no effect
+    assert verdict(0.1, 0.5, "greater", 0.0, n=5) == INCONCLUSIVE  # too few prompts
+    assert verdict(np.nan, 0.5, "greater", 0.0, n=50) == INCONCLUSIVE
+    assert verdict(0.01, 0.05, "less", 0.1, n=50) == HOLDS
+    assert verdict(0.2, np.inf, "less", 0.1, n=50) == FAILS  # core beyond the grid
+    assert verdict(0.05, np.inf, "less", 0.1, n=50) == INCONCLUSIVE
+    with pytest.raises(ValueError):
+        verdict(0, 1, "bigger", 0, 50)
+
+
+def test_markdown_table_formats_numbers_and_escapes():
+    frame = pd.DataFrame({"a": [np.inf, np.nan, 0.000123], "b": ["x|y", "z", "w"], "c": [1, 2, 3]})
+    text = markdown_table(frame)
+    lines = text.splitlines()
+    assert lines[0] == "| a | b | c |" and lines[1] == "|---|---|---|"
+    assert lines[2] == "| beyond grid | x\\|y | 1 |"
+    assert lines[3] == "| n/a | z | 2 |"
+    assert lines[4] == "| 1.23e-04 | w | 3 |"
+
+
+def _planted(n: int, early_core: bool, seed: int = 0) -> tuple[TraceResult, torch.Tensor]:
+    """Per-input results where the paper's claims hold (or, reversed, fail) by construction.
+
+    Each prompt keeps the MLPs of layers 0-1 first (early_core) or the heads of layer 3 first;
+    its top-1 token is reproduced from size 2 on, 90 % from size 8. Density is planted to rise
+    with entropy; the size-1 subgraph predicts token 0 (the most frequent) while the full
+    model predicts a rare token.
+    """
+    rng = np.random.default_rng(seed)
+    early = [3, 7]
+    late_heads = [12, 13, 14, 8, 9, 10]
+    rest = [i for i in range(16) if i not in early + late_heads]
+    first, then = (early, late_heads) if early_core else (late_heads[:2], [3, 7, *late_heads[2:]])
+    order = first + [i for i in then if i not in first] + [i for i in rest if i not in first]
+    masks = torch.zeros(n, len(SIZES), 16, dtype=torch.bool)
+    for j, s in enumerate(SIZES):
+        masks[:, j, order[:s]] = True
+    level = rng.uniform(0.1, 0.9, n)
+    tv = torch.tensor(level)[:, None] * torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])[None]
+    entropy = torch.tensor(2 * level + rng.normal(0, 0.05, n))
+    nucleus = torch.tensor([[0, 1, 20, 90, 99]] * n, dtype=torch.float32)
+    full_top = torch.arange(5, 10).repeat(n, 1) + torch.tensor(rng.integers(0, 5, n))[:, None]
+    top = full_top[:, None].repeat(1, len(SIZES), 1).clone()
+    top[:, 0, 0] = 0
+    counts = torch.tensor([100, 50, 40, 30, 20, 10, 5, 4, 3, 2, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    result = TraceResult(
+        graph=GRAPH,
+        sizes=torch.tensor(SIZES),
+        masks=masks,
+        metrics={
+            "kl": tv.float(), "tv": tv.float(), "nucleus": nucleus,
+            "inv_tv": (1 - tv).float(),
+        },
+        entropy=entropy.float(),
+        prompts=[f"p{i}" for i in range(n)],
+        top_tokens=top,
+        full_top_tokens=full_top,
+        candidates=torch.ones(16, dtype=torch.bool),
+        options={"per": "input", "method": "mask"},
+        target_logprob=-entropy.float(),
+    )
+    return result, counts
+
+
+def test_claims_hold_on_a_planted_two_phase_result():
+    result, counts = _planted(40, early_core=True)
+    tables = analyse(result, None, counts, n_boot=300)
+    claims = claims_of(result, tables, counts, "planted", n_boot=300)
+    claims = claims.set_index(claims["claim"].str[:2])
+    assert claims.loc["1a", "estimate"] == pytest.approx(2 / 16)
+    assert claims.loc["1a", "verdict"] == FAILS  # 2/16 > 0.1 on every resample
+    assert claims.loc["1b", "verdict"] == HOLDS
+    assert claims.loc["1c", "verdict"] == HOLDS
+    assert claims.loc["1d", "verdict"] == HOLDS and claims.loc["1d", "estimate"] == 1.0
+    assert claims.loc["2a", "verdict"] == HOLDS and claims.loc["2b", "verdict"] == HOLDS
+    assert claims.loc["3.", "verdict"] == HOLDS
+    assert claims.loc["S2", "verdict"] == HOLDS
+    # with a looser "small" threshold, the same core counts as small
+    loose = claims_of(result, tables, counts, "planted", n_boot=300, small_core=0.2)
+    assert loose.iloc[0]["verdict"] == HOLDS
+
+
+def test_claims_fail_when_the_core_is_late_attention():
+    result, counts = _planted(40, early_core=False)
+    tables = analyse(result, None, counts, n_boot=300)
+    claims = claims_of(result, tables, counts, "reversed", n_boot=300)
+    by = dict(zip(claims["claim"].str[:2], claims["verdict"]))
+    assert by["1b"] == FAILS and by["1c"] == FAILS and by["1d"] == FAILS
+
+
+def test_claims_are_inconclusive_with_few_prompts():
+    result, counts = _planted(6, early_core=True)
+    tables = analyse(result, None, counts, n_boot=200)
+    claims = claims_of(result, tables, counts, "few", n_boot=200)
+    assert set(claims["verdict"]) == {INCONCLUSIVE}
+
+
+def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
+    prompts = tmp_path / "prompts.tsv"
+    rows = [
+        f"The number {i} comes after {i - 1} and before\tbefore\tADP\t{i + 1}\tNUM\t {i + 1}"
+        for i in range(1, 13)
+    ]
+    prompts.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    kwargs = dict(
+        n=12, out_dir=tmp_path / "out", sizes=[1, 4, 15], seed=0, random_draws=2, n_boot=100,
+        device="cpu", progress=False, steps=4,
+    )
+    repro = reproduce("native:tiny", prompts, **kwargs)
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    for needed in ("native:tiny", "prompts.tsv", "ablation", "sizes", "seed", "0.1.0",
+                   "command", "Verdict rules", "1a.", "2a.", "2b.", "3.", "S1."):
+        assert needed in report, needed
+    assert set(repro.claims["verdict"]) <= {HOLDS, FAILS, INCONCLUSIVE}
+    claims_csv = pd.read_csv(tmp_path / "out" / "claims.csv")
+    assert len(claims_csv) == len(repro.claims) >= 8
+    for table in ("density", "recovery", "phases", "composition", "gini", "unigram", "curves",
+                  "uncertainty", "baseline_gap"):
+        assert (tmp_path / "out" / "tables" / "native_tiny" / f"{table}.csv").exists(), table
+    density = pd.read_csv(tmp_path / "out" / "tables" / "native_tiny" / "density.csv")
+    assert len(density) == 12 and density["loss"].notna().all()
+    # a second call resumes from the saved shards and gives the same numbers
+    again = reproduce("native:tiny", prompts, **kwargs)
+    assert again.runs[0].mask.equals(repro.runs[0].mask)
+    pd.testing.assert_frame_equal(again.claims, repro.claims)
