@@ -128,6 +128,7 @@ def _trace_run(
     folder: Path,
     chunk_size: int,
     progress: bool | None,
+    batch_size: int | None,
     options: dict[str, Any],
 ) -> TraceResult:
     """Trace through ``trace_dataset`` (sharded, resumable) when the package has it; else one
@@ -140,7 +141,7 @@ def _trace_run(
     if dataset is not None:
         return dataset.trace_dataset(
             model, prompts, folder, chunk_size=chunk_size, progress=progress, targets=targets,
-            **options,
+            batch_size=batch_size, **options,
         )
     from strace_lens.trace import trace
 
@@ -149,7 +150,10 @@ def _trace_run(
         if done.prompts == prompts and done.options.get("method") == options.get("method"):
             return done
         raise ValueError(f"{folder} holds another trace: choose another output folder.")
-    result = trace(model, prompts, targets=targets, progress=bool(progress), **options)
+    result = trace(
+        model, prompts, targets=targets, progress=bool(progress), batch_size=batch_size,
+        **options,
+    )
     result.save(folder)
     return result
 
@@ -575,6 +579,7 @@ def reproduce(
     *,
     ablation: str = "mean",
     chunk_size: int = 16,
+    batch_size: int | None = None,
     random_draws: int = 5,
     corpus: str | os.PathLike[str] | None = None,
     core_nucleus: float = 1.0,
@@ -603,6 +608,8 @@ def reproduce(
         seed: seeds the traces, the random baseline and every bootstrap.
         ablation: "mean" (over the ``n`` prompts, shared by both traces) or "zero".
         chunk_size: prompts per saved shard (what an interruption can lose).
+        batch_size: rows per forward pass (default: the trace's own); not part of a run's
+            identity, so it may change when resuming (e.g. after an out-of-memory error).
         random_draws: random subgraphs per (prompt, size) for the baseline.
         corpus: reference text file for unigram frequencies (default: the prompts' tokens).
         core_nucleus, refined_nucleus: the phase rule (see :func:`strace_lens.analysis.phases`).
@@ -664,7 +671,7 @@ def reproduce(
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         mask = _trace_run(
-            loaded, prompts, targets, run_dir / "mask", chunk_size, progress,
+            loaded, prompts, targets, run_dir / "mask", chunk_size, progress, batch_size,
             {**common, "method": "mask", "ablation": ablation, **mask_options},
         )
         seconds["mask"] = time.perf_counter() - t0
@@ -673,7 +680,7 @@ def reproduce(
         rand_ablation: Any = MeanAblation.load(shared) if shared.exists() else ablation
         t0 = time.perf_counter()
         random = _trace_run(
-            loaded, prompts, targets, run_dir / "random", chunk_size, progress,
+            loaded, prompts, targets, run_dir / "random", chunk_size, progress, batch_size,
             {**common, "sizes": mask.sizes.tolist(), "method": "random", "ablation": rand_ablation,
              "draws": random_draws},
         )

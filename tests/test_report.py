@@ -136,6 +136,17 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
         n=12, out_dir=tmp_path / "out", sizes=[1, 4, 15], seed=0, random_draws=2, n_boot=100,
         device="cpu", progress=False, steps=4,
     )
+    # first through the command line, then resumed through the Python function
+    from strace_lens.cli import main
+
+    status = main(
+        ["reproduce", "--model", "native:tiny", "--prompts", str(prompts), "--n", "12", "--out",
+         str(tmp_path / "out"), "--sizes", "1", "4", "15", "--random-draws", "2", "--option",
+         "steps=4", "--quiet"]
+    )
+    assert status == 0
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "strace-lens reproduce --model native:tiny" in report
     repro = reproduce("native:tiny", prompts, **kwargs)
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     for needed in ("native:tiny", "prompts.tsv", "ablation", "sizes", "seed", "0.1.0",
@@ -149,7 +160,9 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
         assert (tmp_path / "out" / "tables" / "native_tiny" / f"{table}.csv").exists(), table
     density = pd.read_csv(tmp_path / "out" / "tables" / "native_tiny" / "density.csv")
     assert len(density) == 12 and density["loss"].notna().all()
-    # a second call resumes from the saved shards and gives the same numbers
+    # the second call resumed from the first one's shards: same traces, same numbers
     again = reproduce("native:tiny", prompts, **kwargs)
     assert again.runs[0].mask.equals(repro.runs[0].mask)
     pd.testing.assert_frame_equal(again.claims, repro.claims)
+    shards = list((tmp_path / "out" / "runs" / "native_tiny" / "mask" / "shards").iterdir())
+    assert len(shards) == 1
