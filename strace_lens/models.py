@@ -7,6 +7,7 @@ and every later load reads that copy in seconds. Nothing is fetched from the Hug
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import shutil
@@ -75,9 +76,7 @@ def cache_dir() -> Path:
 
 def _check_installed(spec: EmbeddedModel) -> None:
     missing = [
-        pkg
-        for pkg in (spec.package, "gguf", "accelerate")
-        if importlib.util.find_spec(pkg) is None
+        pkg for pkg in (spec.package, "gguf", "accelerate") if importlib.util.find_spec(pkg) is None
     ]
     if missing:
         raise ModuleNotFoundError(
@@ -156,11 +155,16 @@ def load_model(
         )
     else:
         looks_embedded = "/" not in name and not Path(name).exists()
-        if looks_embedded and os.environ.get("HF_HUB_OFFLINE") == "1":
+        # A near miss of an embedded name ("SmolLM2-135M", "gemma-3") is a typo, not a hub
+        # model: say so at once instead of waiting for the hub to time out.
+        close = difflib.get_close_matches(name.lower(), list(EMBEDDED_MODELS), n=1, cutoff=0.6)
+        if looks_embedded and (close or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(
                 f"Unknown model {name!r}: it is not an embedded model "
-                f"({', '.join(sorted(EMBEDDED_MODELS))}) nor a local folder, and "
-                "HF_HUB_OFFLINE=1 forbids downloading it."
+                f"({', '.join(sorted(EMBEDDED_MODELS))}) nor a local folder"
+                + ("" if close else ", and HF_HUB_OFFLINE=1 forbids downloading it")
+                + f".{hint}"
             )
         try:
             bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
