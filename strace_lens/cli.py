@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,8 +38,8 @@ HTML_PAGE = "report.html"
 DEFAULT_REPRODUCE_MODEL = "gemma-3-270m"
 #: Where the command looks for an HTML page writer ``fn(result, path)``, in order.
 PAGE_WRITERS = (
+    ("strace_lens.plot", "report_html"),
     ("strace_lens.plot", "write_page"),
-    ("strace_lens.plot.page", "write_page"),
 )
 
 
@@ -233,7 +235,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         else:
-            page = writer(result, args.out / HTML_PAGE)
+            accepted = inspect.signature(writer).parameters
+            extra = {
+                k: v
+                for k, v in (
+                    ("title", f"strace-lens trace: {args.model}, {result.n_prompts} prompts"),
+                    ("notes", shlex.join(["strace-lens", *getattr(args, "argv", [])])),
+                )
+                if k in accepted
+            }
+            page = writer(result, args.out / HTML_PAGE, **extra)
             print(f"HTML page: {page or args.out / HTML_PAGE}")
     return EXIT_OK
 
@@ -299,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from strace_lens.dataset import TraceOutOfMemoryError
 
     try:
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # shown on the HTML page
         return command(args)
     except KeyboardInterrupt:
         print(
