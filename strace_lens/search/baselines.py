@@ -199,6 +199,26 @@ def forward_selection(
     return out
 
 
+def _subsets(n_c: int, s: int) -> Bool[Tensor, "subset cand"]:
+    subsets = torch.zeros(math.comb(n_c, s), n_c, dtype=torch.bool)
+    for i, combo in enumerate(itertools.combinations(range(n_c), s)):
+        subsets[i, list(combo)] = True
+    return subsets
+
+
+def exhaustive_table(
+    objective: SubgraphObjective, size: int
+) -> tuple[Bool[Tensor, "subset cand"], Float[Tensor, "prompt subset"]]:
+    """Every subset of ``size`` candidates and its KL on every prompt."""
+    n_p = objective.n_prompts
+    device = objective.logp_full.device
+    subsets = _subsets(int(objective.candidates.sum()), size)
+    rows = subsets.repeat(n_p, 1)
+    prompts = torch.arange(n_p).repeat_interleave(len(subsets))
+    kl = objective.kl(objective.full_mask(rows.float().to(device)), prompts.to(device)).cpu()
+    return subsets, kl.reshape(n_p, len(subsets))
+
+
 def exhaustive_masks(
     objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str, max_subsets: int
 ) -> Bool[Tensor, "row size cand"]:
@@ -211,17 +231,10 @@ def exhaustive_masks(
             f"above the limit of {max_subsets}: restrict `candidates` (e.g. to <= 16 nodes), "
             "ask for fewer sizes, or raise max_subsets=..."
         )
-    device = objective.logp_full.device
     n_groups = n_p if per == "input" else 1
     out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
     for j, s in enumerate(sizes.tolist()):
-        subsets = torch.zeros(math.comb(n_c, s), n_c, dtype=torch.bool)
-        for i, combo in enumerate(itertools.combinations(range(n_c), s)):
-            subsets[i, list(combo)] = True
-        rows = subsets.repeat(n_p, 1)
-        prompts = torch.arange(n_p).repeat_interleave(len(subsets))
-        kl = objective.kl(objective.full_mask(rows.float().to(device)), prompts.to(device)).cpu()
-        kl = kl.reshape(n_p, len(subsets))
+        subsets, kl = exhaustive_table(objective, s)
         if per == "dataset":
             kl = kl.mean(0, keepdim=True)
         out[:, j] = subsets[kl.argmin(-1)]

@@ -1,0 +1,166 @@
+"""How good are the learned subgraphs? Optimality gap against exhaustive search, and medians
+against every baseline.
+
+Part 1 (optimality): ``--n-candidates`` nodes spread evenly over the node list are the only
+ones the search may drop (all others kept); on ``--n-prompts`` dev prompts (cut to their last
+``--words`` words), for every size 1 .. n_candidates - 1, zero and mean ablation, per input
+and per dataset, the learned subgraph's KL is compared with the exhaustive optimum. A pair
+passes when KL_mask <= 1.05 * KL_opt or KL_mask - KL_opt <= 1e-4.
+
+Part 2 (baselines): on ``--n-baseline-prompts`` dev prompts, per input, the default size
+grid over the whole graph: median KL of each method at each size ("forward" stops at
+``--forward-max`` nodes).
+
+    python benchmarks/strace_quality.py --models smollm2-135m gemma-3-270m
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import strace_lens as sl
+from strace_lens.ablation import resolve_ablation
+from strace_lens.hygiene import model_untouched
+from strace_lens.masked_forward import forward_logprobs
+from strace_lens.search.baselines import exhaustive_table
+from strace_lens.search.objective import SubgraphObjective
+from strace_lens.trace import resolve_candidates
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
+
+
+def dev_prompts(n: int, words: int | None) -> list[str]:
+    lines = DATA.read_text(encoding="utf-8").splitlines()[:n]
+    prompts = [line.split("\t")[0] for line in lines]
+    if words:
+        prompts = [" ".join(p.split(" ")[-words:]) for p in prompts]
+    return prompts
+
+
+def spread_candidates(graph: sl.NodeGraph, k: int) -> list[str]:
+    idx = torch.linspace(0, len(graph) - 1, k).round().long().tolist()
+    return [graph.names[i] for i in idx]
+
+
+def exhaustive_optima(
+    model: object, prompts: list[str], cands: list[str], sizes: list[int], ablation: str
+) -> dict[str, torch.Tensor]:
+    """Optimal KL per (prompt, size) and per size for the dataset, from one exhaustive table."""
+    graph = sl.NodeGraph.from_model(model)
+    batch = sl.tokenize(model, prompts)
+    abl = resolve_ablation(ablation, model, prompts, progress=False)
+    cand = resolve_candidates(graph, None, cands)
+    with model_untouched(model):
+        logp_full = forward_logprobs(model, batch, [])
+        objective = SubgraphObjective(model, graph, batch, logp_full, abl, cand)
+        tables = [exhaustive_table(objective, s)[1] for s in sizes]
+    return {
+        "input": torch.stack([t.min(-1).values for t in tables], -1),  # [P, S]
+        "dataset": torch.stack([t.mean(0).min() for t in tables])[None],  # [1, S]
+    }
+
+
+def optimality(model: object, name: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    graph = sl.NodeGraph.from_model(model)
+    prompts = dev_prompts(args.n_prompts, args.words)
+    cands = spread_candidates(graph, args.n_candidates)
+    sizes = list(range(1, args.n_candidates))
+    print(f"{name}: candidates {cands}; prompts {prompts}", flush=True)
+    rows = []
+    for ablation in ("zero", "mean"):
+        t0 = time.perf_counter()
+        optima = exhaustive_optima(model, prompts, cands, sizes, ablation)
+        t_exh = time.perf_counter() - t0
+        for per in ("input", "dataset"):
+            for nested in (True, False):
+                t2 = time.perf_counter()
+                learned = sl.trace(model, prompts, sizes, ablation, per, "mask",
+                                   candidates=cands, nested=nested, progress=False,
+                                   inverse=False)
+                t3 = time.perf_counter()
+                opt, got = optima[per], learned.metrics["kl"]
+                if per == "dataset":  # the objective is the mean over prompts
+                    got = got.mean(0, keepdim=True)
+                ok = (got <= 1.05 * opt) | (got - opt <= 1e-4)
+                gap = ((got - opt) / opt.clamp(min=1e-12)).flatten()
+                rows.append({
+                    "model": name, "ablation": ablation, "per": per, "nested": nested,
+                    "pass_rate": float(ok.float().mean()), "median_gap": float(gap.median()),
+                    "max_gap": float(gap.max()), "pairs": int(ok.numel()),
+                    "t_exhaustive": t_exh, "t_mask": t3 - t2,
+                })
+                print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def baselines(model: object, name: str, args: argparse.Namespace) -> None:
+    prompts = dev_prompts(args.n_baseline_prompts, args.words)
+    methods = {
+        "mask (nested)": {"method": "mask", "nested": True},
+        "mask (independent)": {"method": "mask", "nested": False},
+        "random": {"method": "random"},
+        "greedy": {"method": "greedy"},
+        "attribution": {"method": "attribution"},
+        "forward": {"method": "forward", "max_size": args.forward_max},
+    }
+    table: dict[str, dict[int, float]] = {}
+    sizes = None
+    for label, kwargs in methods.items():
+        t0 = time.perf_counter()
+        res = sl.trace(model, prompts, inverse=False, progress=False, **kwargs)  # type: ignore[arg-type]
+        sizes = sizes or res.sizes.tolist() if label.startswith("mask") else sizes
+        med = res.metrics["kl"].median(0).values
+        table[label] = dict(zip(res.sizes.tolist(), med.tolist()))
+        print(f"  {name} {label}: {time.perf_counter() - t0:.1f}s", flush=True)
+    assert sizes is not None
+    print(f"\n{name}: median KL (nats) per size, {len(prompts)} prompts, per input, mean ablation")
+    print("method".ljust(20) + "".join(f"{s:>9d}" for s in sizes))
+    for label, by_size in table.items():
+        cells = "".join(
+            f"{by_size[s]:>9.4f}" if s in by_size else f"{'-':>9}" for s in sizes
+        )
+        print(label.ljust(20) + cells)
+    best = table["mask (nested)"]
+    losses = [
+        (label, s) for label, by_size in table.items() if not label.startswith("mask")
+        for s, v in by_size.items() if v < best[s] - 1e-9
+    ]
+    print("sizes where a baseline beats mask (nested):", losses or "none")
+
+
+def _fmt(row: dict[str, object]) -> str:
+    return (
+        f"{row['model']:14s} {row['ablation']:5s} per={row['per']:8s} nested={row['nested']!s:5s} "
+        f"pass={row['pass_rate']:.2%} of {row['pairs']} median_gap={row['median_gap']:+.3%} "
+        f"max_gap={row['max_gap']:+.2%} t_exh={row['t_exhaustive']:.1f}s t_mask={row['t_mask']:.1f}s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
+    parser.add_argument("--n-prompts", type=int, default=4)
+    parser.add_argument("--n-candidates", type=int, default=10)
+    parser.add_argument("--words", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--n-baseline-prompts", type=int, default=16)
+    parser.add_argument("--forward-max", type=int, default=8)
+    parser.add_argument("--skip-optimality", action="store_true")
+    parser.add_argument("--skip-baselines", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.models:
+        model = sl.load_model(name, device="cpu")
+        if not args.skip_optimality:
+            optimality(model, name, args)
+        if not args.skip_baselines:
+            baselines(model, name, args)
+
+
+if __name__ == "__main__":
+    main()

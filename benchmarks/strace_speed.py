@@ -1,0 +1,76 @@
+"""What a whole s-Trace curve costs, in units of one bare forward+backward of the same batch.
+
+For each model: 16 dev prompts; the median of ``--repeats`` bare forward+backward passes
+(cross-entropy on the batch, backward to the parameters); one default-grid ``trace`` per
+input (method "mask", nested and independent), and one run for a single size; all in one
+run, so the ratios compare like with like on this (shared, noisy) machine.
+
+    python benchmarks/strace_speed.py --models gemma-3-270m smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import strace_lens as sl
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
+
+
+def bare_fwd_bwd(model: object, batch: sl.TokenBatch) -> float:
+    params = list(model.parameters())  # type: ignore[attr-defined]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    logits = model(batch.tokens)  # type: ignore[operator]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch.tokens[:, 1:].flatten(), reduction="none"
+    )
+    (loss * batch.attention_mask[:, 1:].flatten()).mean().backward()
+    elapsed = time.perf_counter() - t0
+    for p, flag in zip(params, flags):
+        p.grad = None
+        p.requires_grad_(flag)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    prompts = [line.split("\t")[0] for line in DATA.read_text("utf-8").splitlines()[: args.n]]
+    for name in args.models:
+        model = sl.load_model(name, device="cpu")
+        batch = sl.tokenize(model, prompts)
+        bare = statistics.median(bare_fwd_bwd(model, batch) for _ in range(args.repeats))
+        runs = {}
+        for label, kwargs in {
+            "curve, nested": {"nested": True},
+            "curve, independent": {"nested": False},
+            "single size": {"sizes": [max(1, len(sl.NodeGraph.from_model(model)) // 10)]},
+        }.items():
+            t0 = time.perf_counter()
+            res = sl.trace(model, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
+            runs[label] = (time.perf_counter() - t0, res)
+        print(f"\n{name}: {len(prompts)} prompts, width {batch.tokens.shape[1]} tokens")
+        print(f"  bare forward+backward (median of {args.repeats}): {bare:.2f} s")
+        for label, (secs, res) in runs.items():
+            o = res.options
+            print(
+                f"  {label:20s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
+                f"({len(res.sizes)} sizes; search rows {o['search_rows']}, eval rows {o['eval_rows']})"
+            )
+        single = runs["single size"][0]
+        print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
