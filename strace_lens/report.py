@@ -710,6 +710,7 @@ def reproduce(
     _write_atomic(out / "claims.csv", all_claims.to_csv(index=False))
 
     first = runs[0].mask
+    commit = _git_commit()
     settings: dict[str, Any] = {
         "models": ", ".join(
             f"{r.name} ({r.identity['n_layers']} layers x {r.identity['n_heads']} heads)"
@@ -732,8 +733,7 @@ def reproduce(
         "small_core": small_core,
         "min_prompts": min_prompts,
         "bootstrap resamples": n_boot,
-        "strace-lens version": __version__
-        + (f" (git {_git_commit()})" if _git_commit() else ""),
+        "strace-lens version": __version__ + (f" (git {commit})" if commit else ""),
         "command": f"`{command}`",
         "wall time of this invocation": f"{time.perf_counter() - started:.0f} s",
     }
