@@ -150,6 +150,22 @@ def test_phases_core_is_early_mlp_and_refinement_late_attention():
     assert not bool(core1["reached"]) and core1["n_nodes"] == 0 and np.isnan(core1["attn_share"])
     agg = table[(table["row"] == "all") & (table["phase"] == "core")].iloc[0]
     assert agg["n_rows"] == 1 and agg["attn_share"] == 0.0
+    agg_ref = table[(table["row"] == "all") & (table["phase"] == "refinement")].iloc[0]
+    assert agg_ref["n_rows"] == 1 and agg_ref["n_nodes"] == 6
+
+
+def test_phases_empty_refinement_is_left_out_of_the_aggregate():
+    sizes = [2, 4]
+    masks = nested_masks(GRAPH, [list(range(16))] * 2, sizes)
+    # row 0 reaches 90 % with its core already (empty refinement); row 1 refines 2 nodes
+    nucleus = torch.tensor([[90, 99], [1, 90]])
+    result = make_result(sizes, masks, GRAPH, nucleus=nucleus)
+    from strace_lens.analysis import phases
+
+    table = phases(result)
+    ref = table[table["phase"] == "refinement"].set_index("row")
+    assert ref.loc[0, "n_nodes"] == 0 and ref.loc[1, "n_nodes"] == 2
+    assert ref.loc["all", "n_rows"] == 1 and ref.loc["all", "n_nodes"] == 2
 
 
 def test_split_refinement_falls_back_to_largest_and_flags_it():

@@ -127,7 +127,8 @@ def phases(
     depth (0 = first layer, 1 = last) and its share of each layer quartile. ``reached`` says
     whether the phase's nucleus threshold was met on the grid (a core never reached has no
     nodes and NaN shares; it is reported, never dropped). The aggregated lines give the
-    median over rows that have a core, and ``n_rows`` how many those are.
+    median over the rows that have a core and a non-empty phase (a refinement is empty when
+    the core already reaches ``refined_nucleus``), and ``n_rows`` how many those are.
     """
     core_size, core_mask = split_core(result, core_nucleus)
     refined_size, ref_mask, ref_reached = split_refinement(result, core_nucleus, refined_nucleus)
@@ -156,7 +157,11 @@ def phases(
     agg_lines = []
     rows_with_core = np.nonzero(has_core.numpy())[0]
     for phase in ("core", "refinement"):
-        sel = per_row[(per_row["phase"] == phase) & per_row["row"].isin(rows_with_core)]
+        sel = per_row[
+            (per_row["phase"] == phase)
+            & per_row["row"].isin(rows_with_core)
+            & (per_row["n_nodes"] > 0)
+        ]
         line: dict[str, object] = {"row": "all", "phase": phase}
         line["reached"] = bool(sel["reached"].all()) if len(sel) else False
         for col in value_cols:
