@@ -175,8 +175,10 @@ def trace_dataset(
         written = 0
         try:
             # NaN/inf in the full model's output would poison the shared mean ablation and
-            # every chunk's metrics: find such prompts first, and name them.
-            _check_full_outputs(model, batch, prompts, batch_size or 16)
+            # every chunk's metrics: find such prompts first, and name them. (A resumed run
+            # has the same prompts and weights as the run that passed this check.)
+            if existing is None:
+                _check_full_outputs(model, batch, prompts, batch_size or 16)
             ablation, ablation_sha = _shared_ablation(
                 model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
             )

@@ -202,3 +202,22 @@ def test_prompt_errors_name_the_index_in_the_whole_list(model, tmp_path):
     with pytest.raises(ValueError, match="Prompt 3 is empty or whitespace"):
         trace_dataset(model, prompts, tmp_path / "run", chunk_size=2, **FAST)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_resumed_run_on_gemma_equals_the_uninterrupted_one(gemma, tmp_path, monkeypatch):
+    from conftest import DATA
+
+    prompts = read_prompts(DATA, n=2)
+    n_nodes = 18 * 5
+    opts = dict(sizes=[1, n_nodes], method="random", draws=1)
+    clean = trace_dataset(gemma, prompts, tmp_path / "clean", chunk_size=1, **opts)
+    assert clean.target_logprob is not None and torch.all(clean.target_logprob < 0)
+    assert torch.all(clean.metrics["kl"][:, -1].abs() < 1e-5)  # the whole model
+    assert torch.all(clean.metrics["kl"][:, 0] > 0.01)  # one node is far from it
+    out = tmp_path / "run"
+    shutil.copytree(tmp_path / "clean", out)
+    shutil.rmtree(out / "shards" / "00001")  # as if killed before the last chunk
+    calls = count_traces(monkeypatch)
+    assert trace_dataset(gemma, prompts, out, chunk_size=1, **opts).equals(clean)
+    assert calls == [1]
