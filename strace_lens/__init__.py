@@ -10,9 +10,11 @@ The user's path, top to bottom:
     logprobs = strace_lens.run_with_mask(model, prompts, mask, ablation)  # masked_forward.py
     strace_lens.kl_divergence(full, logprobs)                # metrics.py
     result = strace_lens.trace(model, prompts)               # trace.py -> result.py
+    run = strace_lens.trace_dataset(model, prompts, "out/")  # dataset.py: chunked, resumable
 """
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
+from strace_lens.dataset import load_run, trace_dataset
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.inputs import TokenBatch, tokenize
 from strace_lens.masked_forward import run_with_mask
@@ -25,6 +27,7 @@ from strace_lens.metrics import (
     tv_distance,
 )
 from strace_lens.models import EMBEDDED_MODELS, load_model
+from strace_lens.prompts import read_prompts
 from strace_lens.result import TraceResult
 from strace_lens.trace import trace
 
@@ -45,9 +48,12 @@ __all__ = [
     "fidelity",
     "kl_divergence",
     "load_model",
+    "load_run",
+    "read_prompts",
     "run_with_mask",
     "shared_nucleus",
     "tokenize",
     "trace",
+    "trace_dataset",
     "tv_distance",
 ]
