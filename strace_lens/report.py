@@ -720,8 +720,12 @@ def reproduce(
         f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {_sha256_file(Path(prompts_file))[:16]}...)"
         + ("; loss uses the TSV's next-token column" if targets else "; no targets: no loss"),
         "ablation": json.dumps(first.options.get("ablation", ablation), default=str),
-        "search": f"learned masks per input, nested across sizes; options "
-        f"{json.dumps(first.options.get('method_options', {}), default=str)}",
+        "search": "learned masks per input, nested across sizes; options "
+        + (
+            json.dumps(first.options["method_options"], default=str)
+            if first.options.get("method_options")
+            else "the defaults of strace_lens.trace"
+        ),
         "random baseline": f"{random_draws} random subgraphs per (prompt, size), metrics averaged",
         "sizes": ", ".join(
             f"{r.name}: {r.mask.sizes.tolist()} of {r.mask.n_candidates}" for r in runs
