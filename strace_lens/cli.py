@@ -24,6 +24,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -189,6 +190,14 @@ def _page_writer() -> Callable[..., Any] | None:
     return None
 
 
+def _with_file_line(message: str, prompt_file: Any) -> str:
+    """Point a "Prompt i ..." error at the line of the prompt file it came from."""
+    found = re.match(r"Prompt (\d+) ", message)
+    if found is None or int(found.group(1)) >= len(prompt_file.lines):
+        return message
+    return f"{message} (line {prompt_file.lines[int(found.group(1))]} of {prompt_file.path})"
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from strace_lens.dataset import trace_dataset
     from strace_lens.prompts import read_prompts
@@ -207,20 +216,26 @@ def cmd_trace(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(args.option)
     if args.device is not None:
         options["device"] = args.device
-    result = trace_dataset(
-        model,
-        prompt_file,
-        args.out,
-        chunk_size=args.chunk_size,
-        progress=False if args.quiet else None,
-        batch_size=args.batch_size,
-        sizes=sizes,
-        method=args.method,
-        per=args.per,
-        ablation=args.ablation,
-        seed=args.seed,
-        **options,
-    )
+    try:
+        result = trace_dataset(
+            model,
+            prompt_file,
+            args.out,
+            chunk_size=args.chunk_size,
+            progress=False if args.quiet else None,
+            batch_size=args.batch_size,
+            sizes=sizes,
+            method=args.method,
+            per=args.per,
+            ablation=args.ablation,
+            seed=args.seed,
+            **options,
+        )
+    except ValueError as err:
+        located = _with_file_line(str(err), prompt_file)
+        if located == str(err):
+            raise
+        raise BadInput(located) from err
     print(
         f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
         f"method={result.method}, per={result.per}; run folder: {args.out}"

@@ -388,7 +388,8 @@ def tsv_line(prompt: str, columns: int = 6) -> str:
         (b"one\ntwo\n", ["--ablation", "median"], "Unknown ablation 'median'"),
         (b"one\ntwo\n", ["--per", "token"], "Unknown per='token'"),
         (b"one\ntwo\n", ["--option", "bogus=1"], "Unknown option(s) for method='mask'"),
-        (("x" * 300 + "\n").encode(), [], "more than the model's context of 256"),
+        (b"short\n\n" + b"x" * 300 + b"\n", [], "Prompt 1 has 301 tokens, more than the model's "
+         "context of 256: shorten it (e.g. keep its last words) before tracing. (line 3 of"),
         (b"one\n", ["--model", "no-such-model"], "no-such-model"),
     ],
 )
