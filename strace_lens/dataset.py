@@ -38,8 +38,9 @@ Determinism: on CPU, the same prompts, options and seed give bit-identical masks
 (tested in tests/test_reliability.py). On a GPU, cuBLAS/cuDNN kernels may sum in a different
 order from run to run and between GPU models, so metrics can differ in the last bits and, when
 two candidate subgraphs are almost tied, a learned mask may pick a different node; results
-from CPU and GPU are not expected to be bit-identical either. Resume a run on the device it
-started on when exact equality matters.
+from CPU and GPU are not expected to be bit-identical either (an expectation, not measured
+here). Resume a run on the device it started on when exact equality matters. More in
+docs/dataset-runs.md.
 """
 
 from __future__ import annotations
