@@ -78,21 +78,38 @@ def optimality(model: object, name: str, args: argparse.Namespace) -> list[dict[
         for per in ("input", "dataset"):
             for nested in (True, False):
                 t2 = time.perf_counter()
-                learned = sl.trace(model, prompts, sizes, ablation, per, "mask",
-                                   candidates=cands, nested=nested, progress=False,
-                                   inverse=False)
+                learned = sl.trace(
+                    model,
+                    prompts,
+                    sizes,
+                    ablation,
+                    per,
+                    "mask",
+                    candidates=cands,
+                    nested=nested,
+                    progress=False,
+                    inverse=False,
+                )
                 t3 = time.perf_counter()
                 opt, got = optima[per], learned.metrics["kl"]
                 if per == "dataset":  # the objective is the mean over prompts
                     got = got.mean(0, keepdim=True)
                 ok = (got <= 1.05 * opt) | (got - opt <= 1e-4)
                 gap = ((got - opt) / opt.clamp(min=1e-12)).flatten()
-                rows.append({
-                    "model": name, "ablation": ablation, "per": per, "nested": nested,
-                    "pass_rate": float(ok.float().mean()), "median_gap": float(gap.median()),
-                    "max_gap": float(gap.max()), "pairs": int(ok.numel()),
-                    "t_exhaustive": t_exh, "t_mask": t3 - t2,
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "ablation": ablation,
+                        "per": per,
+                        "nested": nested,
+                        "pass_rate": float(ok.float().mean()),
+                        "median_gap": float(gap.median()),
+                        "max_gap": float(gap.max()),
+                        "pairs": int(ok.numel()),
+                        "t_exhaustive": t_exh,
+                        "t_mask": t3 - t2,
+                    }
+                )
                 print(_fmt(rows[-1]), flush=True)
     return rows
 
@@ -120,14 +137,15 @@ def baselines(model: object, name: str, args: argparse.Namespace) -> None:
     print(f"\n{name}: median KL (nats) per size, {len(prompts)} prompts, per input, mean ablation")
     print("method".ljust(20) + "".join(f"{s:>9d}" for s in sizes))
     for label, by_size in table.items():
-        cells = "".join(
-            f"{by_size[s]:>9.4f}" if s in by_size else f"{'-':>9}" for s in sizes
-        )
+        cells = "".join(f"{by_size[s]:>9.4f}" if s in by_size else f"{'-':>9}" for s in sizes)
         print(label.ljust(20) + cells)
     best = table["mask (nested)"]
     losses = [
-        (label, s) for label, by_size in table.items() if not label.startswith("mask")
-        for s, v in by_size.items() if v < best[s] - 1e-9
+        (label, s)
+        for label, by_size in table.items()
+        if not label.startswith("mask")
+        for s, v in by_size.items()
+        if v < best[s] - 1e-9
     ]
     print("sizes where a baseline beats mask (nested):", losses or "none")
 

@@ -59,8 +59,10 @@ class TraceResult:
     # -- shape facts ---------------------------------------------------------------------
     @property
     def per(self) -> str:
-        return "dataset" if self.masks.shape[0] == 1 and len(self.prompts) != 1 else str(
-            self.options.get("per", "input")
+        return (
+            "dataset"
+            if self.masks.shape[0] == 1 and len(self.prompts) != 1
+            else str(self.options.get("per", "input"))
         )
 
     @property
@@ -202,7 +204,9 @@ class TraceResult:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{meta_path} is corrupted ({err}); trace again to rebuild it.") from err
+            raise ValueError(
+                f"{meta_path} is corrupted ({err}); trace again to rebuild it."
+            ) from err
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path} is not a strace-lens trace result.")
         if int(meta.get("version", -1)) > FORMAT_VERSION:

@@ -32,9 +32,22 @@ def test_every_mask_has_exactly_s_nodes_and_full_size_is_exact(tiny, toks, metho
     cands = None if method != "exhaustive" else list(range(9))
     n = 15 if cands is None else 9
     sizes = [1, 2, 5, n] if method != "forward" else [1, 2, 5]
-    res = sl.trace(tiny, toks, sizes=sizes, per=per, method=method, candidates=cands,
-                   progress=False, steps=4)  if method == "mask" else sl.trace(
-        tiny, toks, sizes=sizes, per=per, method=method, candidates=cands, progress=False)
+    res = (
+        sl.trace(
+            tiny,
+            toks,
+            sizes=sizes,
+            per=per,
+            method=method,
+            candidates=cands,
+            progress=False,
+            steps=4,
+        )
+        if method == "mask"
+        else sl.trace(
+            tiny, toks, sizes=sizes, per=per, method=method, candidates=cands, progress=False
+        )
+    )
     assert res.masks.shape == (3 if per == "input" else 1, len(sizes), 15)
     cand = res.candidates
     counts = res.masks[:, :, cand].sum(-1)
@@ -55,17 +68,31 @@ def test_metrics_are_those_of_the_hard_masks(tiny, toks):
             assert float(res.metrics["kl"][p, j]) == pytest.approx(float(kl[0]), rel=1e-4, abs=1e-7)
             inverse = ~res.masks[p, j]
             kl_inv = _hard_kl(tiny, toks[p : p + 1], inverse, sl.ZeroAblation())
-            assert float(res.metrics["inv_kl"][p, j]) == pytest.approx(float(kl_inv[0]), rel=1e-4, abs=1e-7)
+            assert float(res.metrics["inv_kl"][p, j]) == pytest.approx(
+                float(kl_inv[0]), rel=1e-4, abs=1e-7
+            )
 
 
 @pytest.mark.parametrize("per", ["input", "dataset"])
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_exhaustive_matches_brute_force(tiny, toks, per, ablation):
     cands = ["a0.h1", "m0", "a1.h2", "a2.h0", "m2"]
-    res = sl.trace(tiny, toks, sizes=[1, 2, 3, 4], ablation=ablation, per=per,
-                   method="exhaustive", candidates=cands, progress=False)
+    res = sl.trace(
+        tiny,
+        toks,
+        sizes=[1, 2, 3, 4],
+        ablation=ablation,
+        per=per,
+        method="exhaustive",
+        candidates=cands,
+        progress=False,
+    )
     graph = sl.NodeGraph.from_model(tiny)
-    abl = sl.ZeroAblation() if ablation == "zero" else sl.MeanAblation.from_prompts(tiny, toks, progress=False)
+    abl = (
+        sl.ZeroAblation()
+        if ablation == "zero"
+        else sl.MeanAblation.from_prompts(tiny, toks, progress=False)
+    )
     idx = graph.indices(cands)
     for j, s in enumerate([1, 2, 3, 4]):
         best = None
@@ -87,8 +114,9 @@ def test_keep_and_candidates_are_respected(tiny, toks):
     assert bool(res.masks[:, :, graph.index("a2.h3")].all())
     assert res.n_candidates == 13
     assert torch.equal(res.masks[:, :, res.candidates].sum(-1), torch.tensor([1, 3]).expand(3, 2))
-    res2 = sl.trace(tiny, toks, sizes=[2], candidates=["a0.h0", "a1.h1", "m1"], method="greedy",
-                    progress=False)
+    res2 = sl.trace(
+        tiny, toks, sizes=[2], candidates=["a0.h0", "a1.h1", "m1"], method="greedy", progress=False
+    )
     chosen = res2.masks[:, 0]
     outside = ~res2.candidates
     assert bool(chosen[:, outside].all())
@@ -136,7 +164,9 @@ def test_save_load_round_trip(tiny, toks, tmp_path):
     back = sl.TraceResult.load(tmp_path / "r")
     assert back.equals(res)
     frame = back.to_frame()
-    assert len(frame) == 3 * 2 and {"kl", "tv", "nucleus", "inv_kl", "entropy"} <= set(frame.columns)
+    assert len(frame) == 3 * 2 and {"kl", "tv", "nucleus", "inv_kl", "entropy"} <= set(
+        frame.columns
+    )
 
 
 def test_relative_sizes_and_default_grid(tiny, toks):

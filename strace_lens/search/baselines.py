@@ -118,6 +118,7 @@ def greedy_order(norms: Float[Tensor, " node"], layers: Tensor, is_attn: Tensor)
     """Best-first order of nodes from the output (see module docstring)."""
     n = len(norms)
     w = norms.double().tolist()
+
     # sources that can feed a node: heads feed the MLP of their own layer and everything later;
     # an MLP feeds everything in later layers.
     def feeds(src: int, dst: int) -> bool:

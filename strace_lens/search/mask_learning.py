@@ -28,6 +28,9 @@ from torch import Tensor
 
 from strace_lens.search.objective import SubgraphObjective
 
+#: candidate sets up to this size get a full local search when nested=False
+SMALL_CANDIDATE_SET = 32
+
 
 @dataclass
 class MaskOptions:
@@ -38,6 +41,9 @@ class MaskOptions:
     tau_start: float = 1.0
     tau_end: float = 0.05
     init: str = "attribution"  # or "zeros"
+    # "straight-through": the forward pass uses the hard top-s mask (the true objective) and
+    # the gradient flows through the soft threshold mask; "soft": the soft mask throughout
+    relaxation: str = "straight-through"
     refine_rounds: int | None = None  # swap-search rounds (None: auto)
     refine_width: int | None = None  # nodes on each side of the boundary tried (None: auto)
 
@@ -70,7 +76,9 @@ def threshold_mask(
     return torch.sigmoid((theta - t[:, None]) / tau)
 
 
-def top_s(scores: Float[Tensor, "row cand"], sizes: Int[Tensor, " row"]) -> Bool[Tensor, "row cand"]:
+def top_s(
+    scores: Float[Tensor, "row cand"], sizes: Int[Tensor, " row"]
+) -> Bool[Tensor, "row cand"]:
     """Hard masks of exactly ``sizes[r]`` highest-scoring candidates (ties: lower index)."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
@@ -115,28 +123,66 @@ def _tau(step: int, steps: int, opts: MaskOptions) -> float:
     return opts.tau_start * (opts.tau_end / opts.tau_start) ** frac
 
 
+@dataclass
+class StepRows:
+    """The rows of one optimisation step: which scores, prompt and size each row uses."""
+
+    group: Tensor
+    prompt: Tensor
+    size: Tensor
+
+
 def _optimise(
     objective: SubgraphObjective,
     theta: Tensor,
-    group_of_row: Tensor,
-    prompt_of_row: Tensor,
-    size_of_row: Tensor,
-    schedule: list[Tensor],
+    steps: list[StepRows],
     opts: MaskOptions,
-    generator: torch.Generator,
-) -> None:
-    """Run Adam on ``theta`` over ``len(schedule)`` steps; ``schedule[i]``: the rows of step i."""
+    track_best: bool,
+) -> tuple[Tensor, Tensor] | None:
+    """Adam on ``theta`` (one row of scores per group) over the given steps.
+
+    With ``track_best`` (every step must then hold every group's rows), the hard top-s mask
+    of each group and its measured objective are recorded at every straight-through step,
+    and the best one seen is returned: the forward pass of a step *is* an exact evaluation.
+    """
+    if opts.relaxation not in ("straight-through", "soft"):
+        raise ValueError(
+            f"Unknown relaxation {opts.relaxation!r}: use 'straight-through' or 'soft'."
+        )
+    hard_forward = opts.relaxation == "straight-through"
     theta.requires_grad_(True)
     adam = _RowAdam(theta, opts.lr)
-    n_steps = len(schedule)
-    weights_all = _row_weights(group_of_row)
-    for step, rows in enumerate(schedule):
-        tau = _tau(step, n_steps, opts)
-        groups = group_of_row[rows]
-        soft = threshold_mask(theta[groups], size_of_row[rows], tau)
-        objective.kl_backward(objective.full_mask(soft), prompt_of_row[rows], weights_all[rows])
-        adam.step(torch.unique(groups))
+    n_groups = theta.shape[0]
+    best_kl = torch.full((n_groups,), float("inf"))
+    best_mask = torch.zeros(theta.shape, dtype=torch.bool)
+    for step, rows in enumerate(steps):
+        tau = _tau(step, len(steps), opts)
+        size = rows.size.to(theta.device)
+        soft = threshold_mask(theta[rows.group], size, tau)
+        if hard_forward:
+            hard = top_s(theta.detach()[rows.group], size).to(soft.dtype)
+            mask = hard + soft - soft.detach()
+        else:
+            mask = soft
+        weights = _row_weights(rows.group)
+        kl = objective.kl_backward(objective.full_mask(mask), rows.prompt, weights.to(theta.device))
+        if track_best and hard_forward:
+            group_kl = torch.zeros(n_groups).index_add_(0, rows.group, kl.cpu() * weights)
+            better = group_kl < best_kl
+            best_kl = torch.where(better, group_kl, best_kl)
+            hard_by_group = top_s(theta.detach(), _group_sizes(rows, n_groups).to(theta.device))
+            best_mask[better] = hard_by_group.cpu()[better]
+        adam.step(torch.unique(rows.group))
     theta.requires_grad_(False)
+    if not (track_best and hard_forward) or not bool(torch.isfinite(best_kl).all()):
+        return None
+    return best_mask, best_kl
+
+
+def _group_sizes(rows: StepRows, n_groups: int) -> Tensor:
+    sizes = torch.zeros(n_groups, dtype=torch.long)
+    sizes[rows.group] = rows.size.cpu()
+    return sizes
 
 
 def _row_weights(group_of_row: Tensor) -> Tensor:
@@ -145,7 +191,9 @@ def _row_weights(group_of_row: Tensor) -> Tensor:
     return 1.0 / counts[group_of_row]
 
 
-def _cycled_sizes(n_prompts: int, n_sizes: int, steps: int, per_step: int, gen: torch.Generator) -> Tensor:
+def _cycled_sizes(
+    n_prompts: int, n_sizes: int, steps: int, per_step: int, gen: torch.Generator
+) -> Tensor:
     """``[steps, prompts, per_step]`` size indices: each prompt cycles through a shuffled grid."""
     out = torch.empty(steps, n_prompts, per_step, dtype=torch.long)
     for p in range(n_prompts):
@@ -179,128 +227,136 @@ def learn_masks(
     else:
         theta = 0.01 * torch.randn(n_groups, n_c, generator=gen).to(device)
     cyc = _cycled_sizes(n_p, n_s, opts.steps, opts.sizes_per_step, gen)
-    # rows: every (prompt, size-slot) pair; row index = (step-local) enumeration
     prompt_of_row = torch.arange(n_p).repeat_interleave(opts.sizes_per_step)
     group_of_row = prompt_of_row if per == "input" else torch.zeros_like(prompt_of_row)
-    schedule_sizes = [sizes[cyc[i].reshape(-1)] for i in range(opts.steps)]
-    _optimise_steps(objective, theta, group_of_row, prompt_of_row, schedule_sizes, opts, gen)
+    stage1 = [
+        StepRows(group_of_row, prompt_of_row, sizes[cyc[i].reshape(-1)]) for i in range(opts.steps)
+    ]
+    _optimise(objective, theta, stage1, opts, track_best=False)
     ranking = theta.detach()
     size_grid = sizes.to(device)
-    hard = top_s(
-        ranking.repeat_interleave(n_s, 0), size_grid.repeat(n_groups)
-    ).reshape(n_groups, n_s, n_c)
+    hard = top_s(ranking.repeat_interleave(n_s, 0), size_grid.repeat(n_groups)).reshape(
+        n_groups, n_s, n_c
+    )
     if nested:
         return hard.cpu()
 
     # -- stage 2: per-size scores, fine-tuned from the ranking ------------------------------
     theta2 = ranking.repeat_interleave(n_s, 0).clone()  # group g*S + j
-    if opts.finetune_steps > 0:
-        if per == "input":
-            prompt_of_row = torch.arange(n_p).repeat_interleave(n_s)
-            group_of_row = torch.arange(n_p * n_s)
-            size_of_row = sizes.repeat(n_p)
-        else:
-            prompt_of_row = torch.arange(n_p).repeat(n_s)
-            size_idx = torch.arange(n_s).repeat_interleave(n_p)
-            group_of_row = size_idx
-            size_of_row = sizes[size_idx]
-        schedule = [torch.arange(len(prompt_of_row))] * opts.finetune_steps
-        fine = MaskOptions(**{**opts.__dict__, "tau_start": opts.tau_start / 2})
-        _optimise(objective, theta2, group_of_row, prompt_of_row, size_of_row.to(device), schedule, fine, gen)
+    if per == "input":
+        rows = StepRows(
+            torch.arange(n_p * n_s), torch.arange(n_p).repeat_interleave(n_s), sizes.repeat(n_p)
+        )
+    else:
+        size_idx = torch.arange(n_s).repeat_interleave(n_p)
+        rows = StepRows(size_idx, torch.arange(n_p).repeat(n_s), sizes[size_idx])
+    best = _optimise(objective, theta2, [rows] * opts.finetune_steps, opts, track_best=True)
     hard = top_s(theta2, size_grid.repeat(n_groups)).reshape(n_groups, n_s, n_c)
-    hard = swap_refine(objective, hard, theta2.reshape(n_groups, n_s, n_c), per, opts)
+    if best is not None:
+        hard = best[0].reshape(n_groups, n_s, n_c)
+    hard = swap_refine(objective, hard, per, opts)
     return hard.cpu()
-
-
-def _optimise_steps(
-    objective: SubgraphObjective,
-    theta: Tensor,
-    group_of_row: Tensor,
-    prompt_of_row: Tensor,
-    schedule_sizes: list[Tensor],
-    opts: MaskOptions,
-    gen: torch.Generator,
-) -> None:
-    """Stage-1 loop: the same rows every step, each with this step's size."""
-    theta.requires_grad_(True)
-    adam = _RowAdam(theta, opts.lr)
-    weights = _row_weights(group_of_row)
-    all_groups = torch.unique(group_of_row)
-    for step, row_sizes in enumerate(schedule_sizes):
-        tau = _tau(step, len(schedule_sizes), opts)
-        soft = threshold_mask(theta[group_of_row], row_sizes.to(theta.device), tau)
-        objective.kl_backward(objective.full_mask(soft), prompt_of_row, weights)
-        adam.step(all_groups)
-    theta.requires_grad_(False)
 
 
 def swap_refine(
     objective: SubgraphObjective,
     hard: Bool[Tensor, "group size cand"],
-    scores: Float[Tensor, "group size cand"],
     per: str,
     opts: MaskOptions,
 ) -> Bool[Tensor, "group size cand"]:
-    """Local search on hard masks: swap one node in for one node out while KL drops.
+    """Gradient-guided local search on the hard masks: swap one node in for one node out.
 
-    Each round tries, for every (group, size), the swaps between the ``width`` weakest
-    members and the ``width`` strongest non-members (by learned score), all as rows of
-    batched forward passes, and keeps the best swap if it lowers the KL.
+    Each round takes the gradient g = dKL/dm at every current hard mask (one batched
+    forward+backward), predicts the change of swapping member i for non-member j as
+    g_j - g_i, measures the ``width`` most promising swaps of every (group, size) exactly
+    (batched forward passes), and keeps the best one where it lowers the KL. It stops when
+    no swap helps or after ``refine_rounds`` rounds.
     """
     n_groups, n_s, n_c = hard.shape
     n_p = objective.n_prompts
-    width = opts.refine_width if opts.refine_width is not None else (n_c if n_c <= 16 else 3)
-    rounds = opts.refine_rounds
-    if rounds is None:
-        rounds = 3 if n_c <= 16 else 0
+    # small candidate sets: search until no move helps; large ones: a short polish
+    small = n_c <= SMALL_CANDIDATE_SET
+    rounds = opts.refine_rounds if opts.refine_rounds is not None else (16 if small else 2)
+    width = opts.refine_width if opts.refine_width is not None else (8 if small else 4)
     if rounds <= 0 or width <= 0:
         return hard
     hard = hard.clone()
     device = objective.logp_full.device
+    flat = hard.view(-1, n_c)  # pair index = group * n_s + size index
+    n_pairs = n_groups * n_s
+    if per == "input":
+        pair_of_row = torch.arange(n_pairs)
+        prompt_of_row = torch.arange(n_groups).repeat_interleave(n_s)
+    else:
+        pair_of_row = torch.arange(n_s).repeat_interleave(n_p)
+        prompt_of_row = torch.arange(n_p).repeat(n_s)
+    weights = _row_weights(pair_of_row).to(device)
+    active = torch.ones(n_pairs, dtype=torch.bool)
     for _ in range(rounds):
-        cand_masks, cand_owner = [], []  # owner: (group, size index)
-        for g in range(n_groups):
-            for j in range(n_s):
-                current = hard[g, j]
-                s = int(current.sum())
-                if s == 0 or s == n_c:
-                    continue
-                sc = scores[g, j].to(device)
-                inside = torch.nonzero(current).flatten()
-                outside = torch.nonzero(~current).flatten()
-                inside = inside[torch.argsort(sc[inside])][:width]
-                outside = outside[torch.argsort(sc[outside], descending=True)][:width]
-                for i_node in inside.tolist():
-                    for o_node in outside.tolist():
-                        m = current.clone()
-                        m[i_node] = False
-                        m[o_node] = True
-                        cand_masks.append(m)
-                        cand_owner.append((g, j))
-        if not cand_masks:
-            break
-        masks = torch.stack(cand_masks)
-        base = hard.reshape(-1, n_c)
-        owners = torch.tensor([g * n_s + j for g, j in cand_owner])
-        all_masks = torch.cat([base, masks])
-        all_owner = torch.cat([torch.arange(n_groups * n_s), owners])
-        kl = _group_kl(objective, all_masks, all_owner, n_s, per, n_p)
-        base_kl, cand_kl = kl[: n_groups * n_s], kl[n_groups * n_s :]
-        improved = False
-        for owner in range(n_groups * n_s):
-            sel = torch.nonzero(owners == owner).flatten()
-            if len(sel) == 0:
+        m = flat[pair_of_row].float().to(device).requires_grad_(True)
+        kl_rows = objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights)
+        assert m.grad is not None
+        grad = torch.zeros(n_pairs, n_c).index_add_(0, pair_of_row, m.grad.cpu())
+        base = torch.zeros(n_pairs).index_add_(0, pair_of_row, kl_rows.cpu() * weights.cpu())
+        trial_masks, trial_pair = [], []
+        for pair in torch.nonzero(active).flatten().tolist():
+            current = flat[pair]
+            inside = torch.nonzero(current).flatten()
+            outside = torch.nonzero(~current).flatten()
+            if len(inside) == 0 or len(outside) == 0:
                 continue
-            best = sel[torch.argmin(cand_kl[sel])]
-            if cand_kl[best] < base_kl[owner] * (1 - 1e-6) - 1e-12:
-                hard.view(-1, n_c)[owner] = masks[best]
-                improved = True
-        if not improved:
+            predicted = grad[pair, outside][None, :] - grad[pair, inside][:, None]
+            k = min(width, predicted.numel())
+            for flat_idx in torch.topk(-predicted.flatten(), k).indices.tolist():
+                i_node = int(inside[flat_idx // len(outside)])
+                o_node = int(outside[flat_idx % len(outside)])
+                trial = current.clone()
+                trial[i_node], trial[o_node] = False, True
+                trial_masks.append(trial)
+                trial_pair.append(pair)
+        # moves across sizes: grow the next smaller subgraph, or shrink the next larger one,
+        # by the nodes the gradient favours; these escape single-swap local optima
+        sizes_per_pair = flat.sum(-1)
+        for pair in range(n_pairs):
+            j = pair % n_s
+            for other in (pair - 1, pair + 1):
+                if not (0 <= other % n_s == j + (other - pair)) or not 0 <= other < n_pairs:
+                    continue
+                base_mask = flat[other]
+                diff = int(sizes_per_pair[pair] - sizes_per_pair[other])
+                trial = base_mask.clone()
+                if diff > 0:
+                    pool = torch.nonzero(~base_mask).flatten()
+                    pick = pool[torch.argsort(grad[other, pool])[:diff]]
+                    trial[pick] = True
+                elif diff < 0:
+                    pool = torch.nonzero(base_mask).flatten()
+                    pick = pool[torch.argsort(grad[other, pool], descending=True)[:-diff]]
+                    trial[pick] = False
+                else:
+                    continue
+                if not torch.equal(trial, flat[pair]):
+                    trial_masks.append(trial)
+                    trial_pair.append(pair)
+        if not trial_masks:
+            break
+        trials = torch.stack(trial_masks)
+        owners = torch.tensor(trial_pair)
+        trial_kl = _pair_kl(objective, trials, owners, n_s, per, n_p)
+        improved = torch.zeros(n_pairs, dtype=torch.bool)
+        for pair in torch.unique(owners).tolist():
+            sel = torch.nonzero(owners == pair).flatten()
+            best = sel[torch.argmin(trial_kl[sel])]
+            if trial_kl[best] < base[pair] * (1 - 1e-6) - 1e-12:
+                flat[pair] = trials[best]
+                improved[pair] = True
+        active = improved
+        if not bool(active.any()):
             break
     return hard
 
 
-def _group_kl(
+def _pair_kl(
     objective: SubgraphObjective,
     masks: Bool[Tensor, "row cand"],
     owner: Int[Tensor, " row"],
