@@ -154,7 +154,8 @@ def _fmt(row: dict[str, object]) -> str:
     return (
         f"{row['model']:14s} {row['ablation']:5s} per={row['per']:8s} nested={row['nested']!s:5s} "
         f"pass={row['pass_rate']:.2%} of {row['pairs']} median_gap={row['median_gap']:+.3%} "
-        f"max_gap={row['max_gap']:+.2%} t_exh={row['t_exhaustive']:.1f}s t_mask={row['t_mask']:.1f}s"
+        f"max_gap={row['max_gap']:+.2%} t_exh={row['t_exhaustive']:.1f}s "
+        f"t_mask={row['t_mask']:.1f}s"
     )
 
 

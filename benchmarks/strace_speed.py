@@ -66,7 +66,8 @@ def main() -> None:
             o = res.options
             print(
                 f"  {label:20s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
-                f"({len(res.sizes)} sizes; search rows {o['search_rows']}, eval rows {o['eval_rows']})"
+                f"({len(res.sizes)} sizes; search rows {o['search_rows']}, "
+                f"eval rows {o['eval_rows']})"
             )
         single = runs["single size"][0]
         print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")

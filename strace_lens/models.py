@@ -153,6 +153,8 @@ def load_model(
         bridge = TransformerBridge.boot_transformers(
             str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
+        # name the model by its embedded name, not the cache folder it was read from
+        bridge.cfg.model_name = name
     else:
         looks_embedded = "/" not in name and not Path(name).exists()
         # A near miss of an embedded name ("SmolLM2-135M", "gemma-3") is a typo, not a hub

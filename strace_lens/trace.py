@@ -195,7 +195,6 @@ def trace(
         check_finite(logp_full, "the full model's output")
         objective = SubgraphObjective(model, graph, batch, logp_full, abl, cand, batch_size)
         per_option = dict(options)
-        extra_metrics: dict[str, Tensor] = {}
         sizes_used = size_counts
         if method == "mask":
             init = None
@@ -234,11 +233,10 @@ def trace(
 
         masks = _embed(cand_masks, cand)
         search_rows = objective.rows_evaluated
-        metrics, top = _evaluate(objective, masks, cand, inverse)
         if method == "random" and all_draws.shape[0] > 1:
-            extra_metrics = _draw_spread(objective, all_draws, cand, inverse)
-            for name, values in extra_metrics.items():
-                metrics[name] = values
+            metrics, top = _draw_spread(objective, all_draws, cand, inverse)
+        else:
+            metrics, top = _evaluate(objective, masks, cand, inverse)
     options_record: dict[str, Any] = {
         "method": method,
         "per": per,
@@ -314,15 +312,19 @@ def _evaluate(
 
 def _draw_spread(
     objective: SubgraphObjective, draws: Tensor, cand: Tensor, inverse: bool
-) -> dict[str, Tensor]:
-    """Random baseline: mean and standard deviation of every metric over all draws."""
-    per_draw = [_evaluate(objective, _embed(d, cand), cand, inverse)[0] for d in draws]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Random baseline: mean and standard deviation of every metric over all draws.
+
+    Each draw is evaluated once; the top tokens reported are those of the first draw (whose
+    masks the result stores).
+    """
+    evaluated = [_evaluate(objective, _embed(d, cand), cand, inverse) for d in draws]
     out: dict[str, Tensor] = {}
-    for name in per_draw[0]:
-        stacked = torch.stack([m[name] for m in per_draw])
+    for name in evaluated[0][0]:
+        stacked = torch.stack([metrics[name] for metrics, _ in evaluated])
         out[name] = stacked.mean(0)
         out[name + "_std"] = stacked.std(0)
-    return out
+    return out, evaluated[0][1]
 
 
 def _prompt_texts(model: Any, prompts: Prompts, n: int) -> list[str]:
