@@ -53,7 +53,8 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ MANIFEST_FILE = "manifest.json"
 ABLATION_FILE = "ablation.safetensors"
 SHARDS_DIR = "shards"
 TIMING_FILE = "timing.json"
+LOCK_FILE = ".lock"
 RUN_FORMAT = "strace-lens/dataset-run"
 RUN_FORMAT_VERSION = 1
 #: Options that the trace records but that vary from run to run (kept out of shard options).
@@ -88,6 +90,10 @@ class RunMismatchError(ValueError):
 
 class IncompleteRunError(RuntimeError):
     """A run folder whose shards are not all finished."""
+
+
+class RunInUseError(ValueError):
+    """Another process is tracing into the same output folder."""
 
 
 class TraceOutOfMemoryError(RuntimeError):
@@ -167,68 +173,90 @@ def trace_dataset(
 
     with model_untouched(model):
         identity = _run_identity(model, prompts, targets, chunk_size, trace_options)
-        existing = _read_manifest(folder) if (folder / MANIFEST_FILE).exists() else None
-        if existing is not None:
-            _check_same_run(folder, existing, identity)
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        chunks = _chunks(len(prompts), chunk_size)
-        written = 0
-        try:
-            # NaN/inf in the full model's output would poison the shared mean ablation and
-            # every chunk's metrics: find such prompts first, and name them. (A resumed run
-            # has the same prompts and weights as the run that passed this check.)
-            if existing is None:
-                _check_full_outputs(model, batch, prompts, batch_size or 16)
-            ablation, ablation_sha = _shared_ablation(
-                model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
+        with _exclusive(folder):
+            return _run(
+                model, prompts, targets, folder, created, identity, chunk_size, show, batch_size,
+                batch, trace_options,
             )
-            if existing is None:
-                manifest = {
-                    **identity,
-                    "ablation_sha256": ablation_sha,
-                    "n_shards": len(chunks),
-                    "runtime": {
-                        "batch_size": batch_size,
-                        "device": str(trace_options.get("device")),
-                    },
-                }
-                _write_json_atomic(folder / MANIFEST_FILE, manifest)
-            shards = folder / SHARDS_DIR
-            shards.mkdir(exist_ok=True)
-            _remove_temporaries(shards)
-            done = {
-                k
-                for k, (lo, hi) in enumerate(chunks)
-                if _shard_is_valid(shards / _shard_name(k), prompts[lo:hi])
+
+
+def _run(
+    model: Any,
+    prompts: list[str],
+    targets: list[str] | None,
+    folder: Path,
+    created: bool,
+    identity: dict[str, Any],
+    chunk_size: int,
+    show: bool,
+    batch_size: int | None,
+    batch: TokenBatch,
+    trace_options: dict[str, Any],
+) -> TraceResult:
+    """The body of :func:`trace_dataset`, run while holding the folder's lock."""
+    existing = _read_manifest(folder) if (folder / MANIFEST_FILE).exists() else None
+    if existing is not None:
+        _check_same_run(folder, existing, identity)
+    _remove_root_temporaries(folder)
+    chunks = _chunks(len(prompts), chunk_size)
+    written = 0
+    try:
+        # NaN/inf in the full model's output would poison the shared mean ablation and
+        # every chunk's metrics: find such prompts first, and name them. (A resumed run
+        # has the same prompts and weights as the run that passed this check.)
+        if existing is None:
+            _check_full_outputs(model, batch, prompts, batch_size or 16)
+        ablation, ablation_sha = _shared_ablation(
+            model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
+        )
+        if existing is None:
+            manifest = {
+                **identity,
+                "ablation_sha256": ablation_sha,
+                "n_shards": len(chunks),
+                "runtime": {
+                    "batch_size": batch_size,
+                    "device": str(trace_options.get("device")),
+                },
             }
-            options = {k: v for k, v in trace_options.items() if k != "ablation"}
-            if batch_size is not None:
-                options["batch_size"] = batch_size
-            with tqdm(
-                total=len(prompts),
-                initial=sum(hi - lo for k, (lo, hi) in enumerate(chunks) if k in done),
-                desc="tracing",
-                unit="prompt",
-                disable=not show,
-                dynamic_ncols=True,
-            ) as bar:
-                for k, (lo, hi) in enumerate(chunks):
-                    if k in done:
-                        continue
-                    result = _trace_chunk(
-                        model, prompts, targets, lo, hi, k, ablation, options, batch_size,
-                        chunk_size,
-                    )
-                    _write_shard(shards, k, result)
-                    written += 1
-                    bar.update(hi - lo)
-        except BaseException:
-            # A new run that failed before finishing any shard leaves nothing behind, so the
-            # user can fix the arguments and run again into the same folder.
-            if existing is None and written == 0:
-                _forget_fresh_run(folder, created)
-            raise
+            _write_json_atomic(folder / MANIFEST_FILE, manifest)
+        shards = folder / SHARDS_DIR
+        shards.mkdir(exist_ok=True)
+        _remove_temporaries(shards)
+        done = {
+            k
+            for k, (lo, hi) in enumerate(chunks)
+            if _shard_is_valid(shards / _shard_name(k), prompts[lo:hi])
+        }
+        options = {k: v for k, v in trace_options.items() if k != "ablation"}
+        if batch_size is not None:
+            options["batch_size"] = batch_size
+        with tqdm(
+            total=len(prompts),
+            initial=sum(hi - lo for k, (lo, hi) in enumerate(chunks) if k in done),
+            desc="tracing",
+            unit="prompt",
+            disable=not show,
+            dynamic_ncols=True,
+        ) as bar:
+            for k, (lo, hi) in enumerate(chunks):
+                if k in done:
+                    continue
+                result = _trace_chunk(
+                    model, prompts, targets, lo, hi, k, ablation, options, batch_size,
+                    chunk_size,
+                )
+                _write_shard(shards, k, result)
+                written += 1
+                bar.update(hi - lo)
+    except BaseException:
+        # A new run that failed before finishing any shard leaves nothing behind, so the
+        # user can fix the arguments and run again into the same folder.
+        if existing is None and written == 0:
+            _forget_fresh_run(folder, created)
+        raise
     return load_run(folder)
 
 
@@ -551,8 +579,41 @@ def _write_shard(shards: Path, k: int, result: TraceResult) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder (POSIX ``flock``; released even by kill -9).
+
+    Two processes tracing into one folder would overwrite each other's shards; the second
+    is refused instead.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(folder / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUseError(
+                f"Another strace-lens run is writing into {folder} right now: wait for it to "
+                "finish, or choose another output folder."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_root_temporaries(folder: Path) -> None:
+    """Delete a manifest or ablation file that a killed run left half-written."""
+    for entry in folder.iterdir():
+        if entry.is_file() and entry.name.startswith((f".{MANIFEST_FILE}.", f".{ABLATION_FILE}.")):
+            entry.unlink(missing_ok=True)
+
+
 def _forget_fresh_run(folder: Path, created: bool) -> None:
-    for name in (MANIFEST_FILE, ABLATION_FILE):
+    for name in (MANIFEST_FILE, ABLATION_FILE, LOCK_FILE):
         (folder / name).unlink(missing_ok=True)
     shards = folder / SHARDS_DIR
     if shards.is_dir():
@@ -662,6 +723,7 @@ def _name_bad_prompts(message: str, prompts: list[str], lo: int, hi: int) -> str
 
 __all__ = [
     "IncompleteRunError",
+    "RunInUseError",
     "RunMismatchError",
     "TraceOutOfMemoryError",
     "load_run",

@@ -221,3 +221,18 @@ def test_resumed_run_on_gemma_equals_the_uninterrupted_one(gemma, tmp_path, monk
     calls = count_traces(monkeypatch)
     assert trace_dataset(gemma, prompts, out, chunk_size=1, **opts).equals(clean)
     assert calls == [1]
+
+
+def test_a_second_process_writing_into_the_folder_is_refused(model, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ds.LOCK_FILE, "a+") as held:  # another run holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ds.RunInUseError, match="Another strace-lens run is writing into"):
+            trace_dataset(model, PROMPTS[:2], out, chunk_size=1, **FAST)
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    assert trace_dataset(model, PROMPTS[:2], out, chunk_size=1, **FAST).n_prompts == 2
+    (out / ".manifest.json.x1.tmp").write_text("half")  # left by a kill -9 mid-write
+    trace_dataset(model, PROMPTS[:2], out, chunk_size=1, **FAST)
+    assert not (out / ".manifest.json.x1.tmp").exists()
