@@ -206,11 +206,19 @@ def _run(
         # NaN/inf in the full model's output would poison the shared mean ablation and
         # every chunk's metrics: find such prompts first, and name them. (A resumed run
         # has the same prompts and weights as the run that passed this check.)
-        if existing is None:
-            _check_full_outputs(model, batch, prompts, batch_size or 16)
-        ablation, ablation_sha = _shared_ablation(
-            model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
-        )
+        try:
+            if existing is None:
+                _check_full_outputs(model, batch, prompts, batch_size or 16)
+            ablation, ablation_sha = _shared_ablation(
+                model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
+            )
+        except (RuntimeError, MemoryError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            raise TraceOutOfMemoryError(
+                "Out of memory in the first pass over the prompts (full-model outputs and mean "
+                f"activations, {batch_size or 16} prompts per forward pass): lower batch_size."
+            ) from err
         if existing is None:
             manifest = {
                 **identity,

@@ -236,3 +236,13 @@ def test_a_second_process_writing_into_the_folder_is_refused(model, tmp_path):
     (out / ".manifest.json.x1.tmp").write_text("half")  # left by a kill -9 mid-write
     trace_dataset(model, PROMPTS[:2], out, chunk_size=1, **FAST)
     assert not (out / ".manifest.json.x1.tmp").exists()
+
+
+def test_out_of_memory_in_the_first_pass(model, tmp_path, monkeypatch):
+    def oom(*args, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(ds, "_check_full_outputs", oom)
+    with pytest.raises(TraceOutOfMemoryError, match=r"first pass .*8 prompts per forward pass"):
+        trace_dataset(model, PROMPTS, tmp_path / "run", batch_size=8, **FAST)
+    assert not (tmp_path / "run").exists()
