@@ -28,8 +28,8 @@ from strace_lens.plot.style import (
 from strace_lens.result import TraceResult
 
 METRIC_TITLES = {
-    "tv": "TV distance to full model (0–1)",
-    "kl": "KL(full ‖ subgraph) (nats)",
+    "tv": "TV to full model (0–1)",
+    "kl": "KL(full ‖ sub) (nats)",
     "nucleus": "shared nucleus (% of probability mass)",
 }
 METHOD_DASH = {
@@ -230,7 +230,7 @@ def nucleus_recovery(results: Results) -> go.Figure:
         xaxis=dict(title="nucleus target k (% of probability mass)",
                    tickvals=list(range(len(levels))), ticktext=[f"{v:g}%" for v in levels],
                    range=[-0.5, len(levels) - 0.5]),
-        yaxis=dict(type="log", title="relative size needed s/N (log)",
+        yaxis=dict(type="log", title="size needed s/N (log)",
                    tickvals=yt[0], ticktext=yt[1]),
         legend=dict(x=0.01, xanchor="left", y=1, yanchor="top"),
         margin=dict(t=90),

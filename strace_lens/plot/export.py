@@ -88,7 +88,7 @@ def apply_preset(fig: go.Figure, preset: Preset) -> go.Figure:
     left, right = max(old_l * ratio, 30), max(old_r * ratio, 8)
     old_pw, old_ph = old_w - old_l - old_r, old_h - old_t - old_b
     new_pw = width - left - right
-    new_ph = max(old_ph * new_pw / max(old_pw, 1), 0.45 * new_pw)
+    new_ph = max(old_ph * new_pw / max(old_pw, 1), 0.62 * new_pw)
     out.update_layout(
         width=width,
         height=round(top + bottom + new_ph),
