@@ -122,7 +122,8 @@ def trace_dataset(
         chunk_size: prompts per shard: the unit of work that a kill can lose.
         progress: a progress bar with ETA on stderr; default: only when stderr is a terminal.
         batch_size: rows per forward pass inside each chunk (default: the trace's own, about
-            2048 tokens per pass). Lower it (or ``chunk_size``) after an out-of-memory error.
+            2048 tokens per pass). Lower it after an out-of-memory error: unlike
+            ``chunk_size``, it may change when a run resumes.
         targets: the true next token of each prompt, to record its full-model log-prob.
         **trace_options: everything else :func:`strace_lens.trace` takes (``sizes``,
             ``ablation``, ``per``, ``method``, ``keep``, ``candidates``, ``seed``, ``device``,
@@ -691,8 +692,9 @@ def _trace_chunk(
         raise TraceOutOfMemoryError(
             f"Out of memory while tracing chunk {k} (prompts {lo}-{hi - 1}) with "
             f"batch_size={batch_size if batch_size is not None else 'default'} and "
-            f"chunk_size={chunk_size}: lower batch_size (rows per forward pass) first, then "
-            "chunk_size. Finished shards are kept; rerun to resume."
+            f"chunk_size={chunk_size}: lower batch_size (rows per forward pass); finished "
+            "shards are kept, and the same call with a smaller batch_size resumes. If that is "
+            "not enough, a smaller chunk_size needs a new output folder."
         ) from err
 
 
