@@ -228,6 +228,9 @@ def test_composition_stacks_to_one_and_matches_the_analysis(per_input):
     np.testing.assert_allclose(kind[0].y, table["attn_share"].to_numpy())
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis2.type == "log"
     assert quart[0].name == "Q1 (layer 0)"  # 3 layers: quartiles of layers 0, 1, 2
+    two = sp.composition([per_input, synthetic_result(8, 2, n_prompts=4, model="b")])
+    assert len([t for t in two.data if t.stackgroup and t.stackgroup.startswith("quart")]) == 8
+    assert [a.text for a in two.layout.annotations] == ["synth · mask", "b · mask"]
 
 
 def test_usage_lorenz_curves_and_gini(per_input):

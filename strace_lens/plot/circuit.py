@@ -128,7 +128,9 @@ def circuit(
 
     fig = go.Figure()
     for key in ("ablated", "fixed", "refinement", "core_out", "core"):
+        # Heads first: a legend shows the trace's first marker, and most nodes are heads.
         idx = np.nonzero(phase == key)[0]
+        idx = idx[np.argsort(~is_attn[idx], kind="stable")]
         if len(idx) == 0:
             continue
         name, colour, filled = PHASES[key]

@@ -38,66 +38,66 @@ def _quartile_names(result: TraceResult) -> list[str]:
 
 
 def composition(results: Results, entering: bool = False) -> go.Figure:
-    """Stacked shares versus relative size: layer quartiles (left), attention / MLP (right).
+    """Stacked shares versus relative size: layer quartiles (top), attention / MLP (bottom).
 
-    One row of two panels per result. ``entering=True`` draws the shares among the nodes
-    that *enter* at each size rather than the whole subgraph, which is where "later nodes are
-    increasingly attention heads" shows. A dashed line marks the attention share among all
-    candidates, what a random subgraph would hold on average.
+    One column of two panels per result (model or method), sharing the x axis, so one result
+    fits a paper column. ``entering=True`` draws the shares among the nodes that *enter* at
+    each size rather than the whole subgraph, which is where "later nodes are increasingly
+    attention heads" shows. A dashed line marks the attention share among all candidates,
+    what a random subgraph would hold on average.
     """
     pairs = as_labelled(results)
-    rows = len(pairs)
+    cols = len(pairs)
     fig = make_subplots(
-        rows=rows, cols=2, shared_xaxes=True, horizontal_spacing=0.1,
-        vertical_spacing=0.08 if rows > 1 else 0.0,
-        column_titles=["layer quartile", "attention heads vs MLPs"],
+        rows=2, cols=cols, shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.07,
+        horizontal_spacing=0.04 if cols > 1 else 0.0,
+        column_titles=[name for name, _ in pairs] if cols > 1 else None,
     )
     prefix = "new_" if entering else ""
-    for row, (_name, result) in enumerate(pairs, start=1):
+    for col, (_name, result) in enumerate(pairs, start=1):
         table = _composition(result).sort_values("relative_size")
         x = table["relative_size"].to_numpy()
         for q, qname in enumerate(_quartile_names(result)):
             fig.add_trace(go.Scatter(
                 x=x, y=table[f"{prefix}q{q + 1}_share"].to_numpy(), mode="lines",
-                stackgroup=f"quart{row}", name=qname, legendgroup=f"q{q}",
-                showlegend=row == 1, line=dict(width=0.6, color=QUARTILE_COLORS[q]),
-                fillcolor=QUARTILE_COLORS[q],
+                stackgroup=f"quart{col}", name=qname if cols == 1 else f"Q{q + 1}",
+                legendgroup=f"q{q}", showlegend=col == 1,
+                line=dict(width=0.6, color=QUARTILE_COLORS[q]), fillcolor=QUARTILE_COLORS[q],
                 hovertemplate=f"{qname}<br>s/N = %{{x:.3g}}<br>share %{{y:.2f}}<extra></extra>",
-            ), row=row, col=1)
-        for kind, col, colour in (("attn", "attn_share", ATTN_COLOR),
-                                  ("MLP", "mlp_share", MLP_COLOR)):
+            ), row=1, col=col)
+        for kind, column, colour in (("attn", "attn_share", ATTN_COLOR),
+                                     ("MLP", "mlp_share", MLP_COLOR)):
             fig.add_trace(go.Scatter(
-                x=x, y=table[f"{prefix}{col}"].to_numpy(), mode="lines",
-                stackgroup=f"kind{row}", name="attention heads" if kind == "attn" else "MLPs",
-                legendgroup=kind, showlegend=row == 1, line=dict(width=0.6, color=colour),
+                x=x, y=table[f"{prefix}{column}"].to_numpy(), mode="lines",
+                stackgroup=f"kind{col}", name="attention heads" if kind == "attn" else "MLPs",
+                legendgroup=kind, showlegend=col == 1, line=dict(width=0.6, color=colour),
                 fillcolor=colour,
                 hovertemplate=f"{kind}<br>s/N = %{{x:.3g}}<br>share %{{y:.2f}}<extra></extra>",
-            ), row=row, col=2)
+            ), row=2, col=col)
         base = float(table["base_attn_share"].iloc[0])
         fig.add_trace(go.Scatter(
             x=[x.min(), x.max()], y=[base, base], mode="lines",
-            name="attention share of all nodes", legendgroup="base", showlegend=row == 1,
+            name="attention share of all nodes", legendgroup="base", showlegend=col == 1,
             line=dict(color="#222222", width=1.4, dash="dash"), hoverinfo="skip",
-        ), row=row, col=2)
+        ), row=2, col=col)
     what = "nodes entering at each size" if entering else "nodes in the subgraph"
     x_lo = min(float(r.relative_sizes.min()) for _, r in pairs)
     ticks = log_ticks(x_lo, 1.0)
     fig.update_xaxes(type="log", tickvals=ticks[0], ticktext=ticks[1])
-    fig.update_xaxes(title_text="relative size s/N (log)", row=rows)
-    share = "share of " + ("entering " if entering else "") + "nodes"
-    for row, (name, _) in enumerate(pairs, start=1):
-        fig.update_yaxes(range=[0, 1], title_text=f"{name}<br>{share}" if rows > 1 else share,
-                         row=row, col=1)
-    fig.update_yaxes(range=[0, 1], col=2)
+    # Several panels side by side: a short x title each, so neighbours' titles never touch.
+    fig.update_xaxes(title_text="relative size s/N (log)" if cols == 1 else "s/N (log)", row=2)
+    fig.update_yaxes(range=[0, 1])
+    fig.update_yaxes(title_text="share by layer", row=1, col=1)
+    fig.update_yaxes(title_text="share by kind", row=2, col=1)
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text="Composition versus size",
                    subtitle=dict(text=f"shares among the {what}, mean over prompts")),
         legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0,
                     yanchor="bottom"),
-        margin=dict(t=100, b=110),
-        width=860,
-        height=200 + 260 * rows,
+        margin=dict(t=100 if cols > 1 else 80, b=120),
+        width=max(600, 120 + 360 * cols),
+        height=720,
         meta=dict(strace_lens="composition", entering=entering),
     )
     return fig

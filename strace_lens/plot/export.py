@@ -100,7 +100,27 @@ def apply_preset(fig: go.Figure, preset: Preset) -> go.Figure:
     )
     for ann in out.layout.annotations:  # subplot titles, band labels
         ann.font.size = round((ann.font.size or base) * ratio, 1)
+    _thin_log_ticks(out, new_pw, font)
     return out
+
+
+def _thin_log_ticks(fig: go.Figure, plot_w: float, font: float) -> None:
+    """Keep only powers of ten on log x axes whose 1-2-5 tick labels would collide."""
+    import math
+
+    for name in [k for k in fig.layout if k.startswith("xaxis")]:
+        axis = fig.layout[name]
+        if axis.type != "log" or not axis.tickvals or not axis.ticktext:
+            continue
+        domain = axis.domain or (0, 1)
+        room = plot_w * (domain[1] - domain[0])
+        label_w = max(len(t) for t in axis.ticktext) * 0.6 * font + 8
+        if len(axis.tickvals) * label_w <= room:
+            continue
+        kept = [(v, t) for v, t in zip(axis.tickvals, axis.ticktext)
+                if abs(math.log10(v) - round(math.log10(v))) < 1e-9]
+        axis.tickvals = [v for v, _ in kept]
+        axis.ticktext = [t for _, t in kept]
 
 
 def _text_block_h(text: str, size: float) -> float:
