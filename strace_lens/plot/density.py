@@ -74,7 +74,7 @@ def density_vs_entropy(
         ))
     if len(stats) == 1:
         title = _rho_text(stats[0][1])
-        subtitle = f"density vs {against}, one point per prompt; 95% bootstrap interval"
+        subtitle = f"{stats[0][0]}: density vs {against}, one point per prompt; 95% bootstrap CI"
     else:
         title = f"Density versus {against}"
         subtitle = "<br>".join(f"{n}: {_rho_text(r)}" for n, r in stats)
