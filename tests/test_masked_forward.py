@@ -71,6 +71,24 @@ def test_all_ones_reproduces_model(tiny, tiny_tokens, gather):
     assert torch.allclose(masked.exp().sum(-1), torch.ones(4), atol=1e-5)
 
 
+@pytest.mark.parametrize("n_rows", [1, 3, 8, 9])
+def test_gathered_and_full_unembedding_agree(tiny64, n_rows):
+    """The gather pads its rows (to a multiple of 8 on CPU); only each prompt's own row counts."""
+    graph = NodeGraph.from_model(tiny64)
+    gen = torch.Generator().manual_seed(n_rows)
+    tokens = torch.randint(0, 50, (n_rows, 6), generator=gen)
+    attention = torch.ones_like(tokens)
+    attention[0, 4:] = 0  # row 0 predicts from position 3, the others from 5
+    batch = tokenize(tiny64, tokens, attention)
+    mask = torch.rand(n_rows, len(graph), generator=gen, dtype=torch.float64)
+    hooks = sl.masked_forward.node_hooks(graph, mask, sl.ZeroAblation(), batch)
+    with sl.hygiene.model_untouched(tiny64):
+        gathered = forward_logprobs(tiny64, batch, hooks, gather=True)
+        full = forward_logprobs(tiny64, batch, hooks, gather=False)
+    assert gathered.shape == full.shape == (n_rows, 50)
+    assert (gathered - full).abs().max() <= 1e-12
+
+
 def test_all_ones_with_grad_reproduces_model(tiny, tiny_tokens):
     """A mask that requires grad attaches every hook; at 1 they must still be the identity."""
     graph = NodeGraph.from_model(tiny)
