@@ -149,6 +149,34 @@ def test_all_zeros_mean_ablation_equals_hand_written_means(tiny, tiny_tokens):
     assert (masked.double() - zeroed).abs().max() > 1e-3  # means are not zeros
 
 
+def test_all_zeros_per_position_means_equal_hand_written(tiny64, tiny_tokens):
+    """Per-position means: position t of every prompt gets the mean over reference prompts'
+    position t; beyond the longest reference prompt, the overall mean."""
+    graph = NodeGraph.from_model(tiny64)
+    reference = torch.randint(0, 50, (5, 6), generator=torch.Generator().manual_seed(7))
+    mean = sl.MeanAblation.from_prompts(tiny64, reference, per_position=True, progress=False)
+    with torch.no_grad():
+        _, cache = tiny64.run_with_cache(reference)
+    values = {}
+    for name in cache:
+        if name.endswith(("hook_z", "hook_mlp_out")):
+            by_pos = cache[name].mean(0)  # [6, ...]: reference prompts are 6 tokens long
+            beyond = cache[name].mean((0, 1))[None].expand(3, *by_pos.shape[1:])
+            values[name] = torch.cat([by_pos, beyond])[None]  # tiny_tokens have 9 positions
+    masked = sl.run_with_mask(tiny64, tiny_tokens, torch.zeros(4, len(graph)), mean)
+    expected = own_logprobs(tiny64, tiny_tokens, hand_hooks(tiny64, values))
+    assert (masked - expected).abs().max() <= 1e-12
+    # tiny_tokens' last position (8) is beyond the reference, so it reads the overall mean;
+    # with every node ablated nothing moves across positions, and the two ablations agree
+    overall = sl.MeanAblation(mean.attn, mean.mlp)
+    zeros = torch.zeros(15)
+    assert (sl.run_with_mask(tiny64, tiny_tokens, zeros, overall) - masked).abs().max() <= 1e-12
+    # a 5-token prompt predicts from position 4, inside the table: now they differ
+    short = tiny_tokens[:, :5]
+    by_position = sl.run_with_mask(tiny64, short, zeros, mean)
+    assert (sl.run_with_mask(tiny64, short, zeros, overall) - by_position).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kind", ["zero", "mean"])
 def test_fractional_mask_interpolates(tiny64, tiny_tokens, kind):
     graph = NodeGraph.from_model(tiny64)
