@@ -113,7 +113,7 @@ class _RowAdam:
 
 def _normalise(scores: Tensor) -> Tensor:
     centred = scores - scores.mean(-1, keepdim=True)
-    return centred / centred.std(-1, keepdim=True).clamp(min=1e-12)
+    return centred / centred.std(-1, unbiased=False, keepdim=True).clamp(min=1e-12)
 
 
 def _tau(step: int, steps: int, opts: MaskOptions) -> float:
