@@ -69,7 +69,8 @@ def shared_nucleus(
     prefix = (idx_full == idx_sub).long().cumprod(-1).sum(-1, keepdim=True)
     same = (k_full == k_sub) & (k_full <= prefix)
     level_values = torch.tensor(levels, dtype=torch.float32, device=same.device)
-    scored = torch.where(same, level_values.expand_as(same), torch.zeros_like(same, dtype=torch.float32))
+    zeros = torch.zeros_like(same, dtype=torch.float32)
+    scored = torch.where(same, level_values.expand_as(same), zeros)
     return scored.max(-1).values
 
 
