@@ -63,6 +63,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
+from strace_lens.atomic import replaced_folder, sha256_file
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch, tokenize
@@ -340,14 +341,6 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _weights_fingerprint(model: Any) -> str:
     """SHA-256 of an evenly spaced sample of every parameter (cheap, exact, device-independent).
 
@@ -529,11 +522,11 @@ def _shared_ablation(
         return ZeroAblation(), None
     path = folder / ABLATION_FILE
     recorded = existing.get("ablation_sha256") if existing is not None else None
-    if recorded and path.exists() and _sha256_file(path) == recorded:
+    if recorded and path.exists() and sha256_file(path) == recorded:
         return MeanAblation.load(path), recorded
     mean = MeanAblation.from_prompts(model, prompts, batch_size=batch_size or 16, progress=show)
     mean.save(path)
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if existing is not None and recorded != digest:
         raise RunMismatchError(
             f"{path} was missing or damaged, and the mean ablation computed again differs from "
@@ -575,17 +568,9 @@ def _shard_is_valid(path: Path, prompts: list[str]) -> bool:
 def _write_shard(shards: Path, k: int, result: TraceResult) -> None:
     """Save a chunk's result into a temporary folder, then rename it to its shard name."""
     timing = {key: result.options.pop(key) for key in VOLATILE_OPTIONS if key in result.options}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_shard_name(k)}.", suffix=".tmp", dir=shards))
-    try:
+    with replaced_folder(shards / _shard_name(k), prefix=f".{_shard_name(k)}.") as tmp:
         result.save(tmp)
         (tmp / TIMING_FILE).write_text(json.dumps(timing), encoding="utf-8")
-        target = shards / _shard_name(k)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

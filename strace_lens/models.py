@@ -10,13 +10,13 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from strace_lens.atomic import replaced_folder
 
 #: Environment variable that overrides where de-quantised fp32 copies are cached.
 CACHE_ENV = "STRACE_LENS_CACHE"
@@ -103,19 +103,11 @@ def _fp32_copy(spec: EmbeddedModel) -> Path:
     hf_model.hf_quantizer = None  # type: ignore[assignment]
     hf_model.config.__dict__.pop("quantization_config", None)
     hf_model.config.name_or_path = spec.name
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename, so an interrupted first load never leaves a
     # half-written copy that later loads would trust.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
-    try:
+    with replaced_folder(target, prefix=f".{spec.name}-") as tmp:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

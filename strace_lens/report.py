@@ -20,7 +20,6 @@ null value), and is *inconclusive* otherwise or when too few prompts contribute.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -38,6 +37,7 @@ import pandas as pd
 from strace_lens import analysis as an
 from strace_lens.ablation import MeanAblation
 from strace_lens.analysis._stats import DEFAULT_BOOT
+from strace_lens.atomic import sha256_file
 from strace_lens.models import model_identity
 from strace_lens.result import TraceResult
 
@@ -367,10 +367,6 @@ def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None) ->
     for _, row in frame[cols].iterrows():
         lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
     return "\n".join(lines)
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _git_commit() -> str | None:
@@ -717,7 +713,7 @@ def reproduce(
             for r in runs
         ),
         "prompts": f"first {len(prompts)} prompts of `{prompts_file}` (lines "
-        f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {_sha256_file(Path(prompts_file))[:16]}...)"
+        f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {sha256_file(Path(prompts_file))[:16]}...)"
         + ("; loss uses the TSV's next-token column" if targets else "; no targets: no loss"),
         "ablation": json.dumps(first.options.get("ablation", ablation), default=str),
         "search": "learned masks per input, nested across sizes; options "

@@ -20,7 +20,6 @@ is simply the smallest subgraph containing it); nodes never in the largest subgr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +31,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from strace_lens.atomic import sha256_file
 from strace_lens.graph import NodeGraph
 
 FORMAT = "strace-lens/trace-result"
@@ -173,7 +173,7 @@ class TraceResult:
         folder.mkdir(parents=True, exist_ok=True)
         tensors_tmp = _temp_path(folder, TENSORS_FILE)
         save_file(self._tensors(), str(tensors_tmp))
-        digest = _sha256(tensors_tmp)
+        digest = sha256_file(tensors_tmp)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -214,7 +214,7 @@ class TraceResult:
                 f"{folder} was written by a newer strace-lens (format {meta['version']}); "
                 "upgrade strace-lens to read it."
             )
-        if _sha256(tensors_path) != meta.get("tensors_sha256"):
+        if sha256_file(tensors_path) != meta.get("tensors_sha256"):
             raise ValueError(
                 f"{tensors_path} does not match its checksum in {META_FILE}: the file is "
                 "truncated or corrupted. Trace again (a dataset run resumes) to rebuild it."
@@ -290,11 +290,3 @@ def _temp_path(folder: Path, name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     return Path(tmp)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -7,20 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from strace_lens.tiny_model import TINY_CONFIG as TINY_MODEL_CONFIG
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
 
-TINY_CONFIG = dict(
-    n_layers=3,
-    d_model=32,
-    n_ctx=64,
-    d_head=8,
-    n_heads=4,
-    d_mlp=64,
-    d_vocab=50,
-    act_fn="gelu",
-    normalization_type="LN",
-    seed=0,
-)
+# the package's own test model (strace_lens/tiny_model.py), with a smaller vocabulary so tests
+# can draw token ids with torch.randint(0, 50, ...)
+TINY_CONFIG = {**TINY_MODEL_CONFIG, "n_ctx": 64, "d_vocab": 50}
 
 
 def make_tiny(dtype: torch.dtype = torch.float32, **overrides):
