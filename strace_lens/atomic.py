@@ -7,12 +7,14 @@ sibling and renames it into place; readers verify SHA-256 checksums recorded at 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -42,3 +44,25 @@ def replaced_folder(target: Path, prefix: str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_versioned_json(
+    path: Path, fmt: str, version: int, kind: str, corrupted_fix: str, version_label: str
+) -> dict[str, Any]:
+    """Read a JSON header written by strace-lens and check its format tag and version.
+
+    Raises ValueError naming the file when it is not JSON (``corrupted_fix`` says what to do),
+    not of format ``fmt`` (``kind`` names what it should be), or from a newer format version.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is corrupted ({err}){corrupted_fix}") from err
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ValueError(f"{path} is not a strace-lens {kind}.")
+    if int(data.get("version", -1)) > version:
+        raise ValueError(
+            f"{path.parent} was written by a newer strace-lens ({version_label} "
+            f"{data['version']}); upgrade strace-lens to read it."
+        )
+    return data

@@ -63,7 +63,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
-from strace_lens.atomic import replaced_folder, sha256_file
+from strace_lens.atomic import read_versioned_json, replaced_folder, sha256_file
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch, tokenize
@@ -447,19 +447,14 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"{folder} holds no dataset run ({MANIFEST_FILE} is missing).")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"{path} is corrupted ({err}). Delete the folder and trace again."
-        ) from err
-    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
-        raise ValueError(f"{path} is not a strace-lens dataset-run manifest.")
-    if int(manifest.get("version", -1)) > RUN_FORMAT_VERSION:
-        raise ValueError(
-            f"{folder} was written by a newer strace-lens (run format {manifest['version']}); "
-            "upgrade strace-lens to read it."
-        )
+    manifest = read_versioned_json(
+        path,
+        RUN_FORMAT,
+        RUN_FORMAT_VERSION,
+        "dataset-run manifest",
+        ". Delete the folder and trace again.",
+        "run format",
+    )
     return manifest
 
 

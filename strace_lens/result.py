@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import sha256_file
+from strace_lens.atomic import read_versioned_json, sha256_file
 from strace_lens.graph import NodeGraph
 
 FORMAT = "strace-lens/trace-result"
@@ -201,19 +201,14 @@ class TraceResult:
             raise FileNotFoundError(
                 f"{folder} holds no saved TraceResult (expected {META_FILE} and {TENSORS_FILE})."
             )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"{meta_path} is corrupted ({err}); trace again to rebuild it."
-            ) from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} is not a strace-lens trace result.")
-        if int(meta.get("version", -1)) > FORMAT_VERSION:
-            raise ValueError(
-                f"{folder} was written by a newer strace-lens (format {meta['version']}); "
-                "upgrade strace-lens to read it."
-            )
+        meta = read_versioned_json(
+            meta_path,
+            FORMAT,
+            FORMAT_VERSION,
+            "trace result",
+            "; trace again to rebuild it.",
+            "format",
+        )
         if sha256_file(tensors_path) != meta.get("tensors_sha256"):
             raise ValueError(
                 f"{tensors_path} does not match its checksum in {META_FILE}: the file is "
