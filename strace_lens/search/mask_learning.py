@@ -10,11 +10,20 @@ top-s of theta, a hard mask of exactly s nodes, evaluated as such.
 Groups and rows. With ``nested=True`` a prompt (or the whole dataset) owns one score
 vector, a ranking of the nodes: the subgraph of size s is its top s, so subgraphs are nested,
 and each optimisation step trains it at ``sizes_per_step`` sizes of the grid (cycled, so all
-sizes are visited). With ``nested=False`` every (prompt or dataset, size) pair owns its own
-scores, initialised from the nested ranking, and is fine-tuned on its own size; afterwards a
-local search swaps single nodes across the boundary of each hard mask while that lowers the
-measured KL. All rows of a step, across prompts and sizes, run as rows of batched forward
-passes.
+sizes are visited). The family read off the ranking is then polished by ``chain_refine``, a
+local search that exchanges the entry sizes of two nodes while that lowers
+sum log(KL + 1e-6) over the grid, measured exactly. With ``nested=False`` every (prompt or
+dataset, size) pair owns its own scores, initialised from the nested ranking, and is
+fine-tuned on its own size; afterwards ``swap_refine`` swaps single nodes across the boundary
+of each hard mask (and tries masks grown or shrunk from the neighbouring sizes) while that
+lowers the measured KL. All rows of a step, across prompts and sizes, run as rows of batched
+forward passes.
+
+Why a local search after the gradient steps: a hard mask's KL is far from linear in the
+mask, so a swap predicted to help by the gradient often does not, and the best swap is often
+not among the predicted best. On small candidate sets (at most 32 nodes) all the moves of
+a subgraph are measured when they are at most 64; otherwise the gradient picks the few
+(``refine_width``) that are.
 """
 
 from __future__ import annotations
@@ -28,8 +37,12 @@ from torch import Tensor
 
 from strace_lens.search.objective import SubgraphObjective
 
-#: candidate sets up to this size get a full local search when nested=False
+#: candidate sets up to this size are searched until no move helps
 SMALL_CANDIDATE_SET = 32
+#: on small candidate sets, a mask's moves are all measured when there are at most this many
+FULL_NEIGHBOURHOOD = 64
+#: the nested search scores a family by sum log(KL + CHAIN_EPS) over the grid
+CHAIN_EPS = 1e-6
 
 
 @dataclass
@@ -239,7 +252,7 @@ def learn_masks(
         n_groups, n_s, n_c
     )
     if nested:
-        return hard.cpu()
+        return chain_refine(objective, hard.cpu(), per, opts).cpu()
 
     # -- stage 2: per-size scores, fine-tuned from the ranking ------------------------------
     theta2 = ranking.repeat_interleave(n_s, 0).clone()  # group g*S + j
@@ -258,26 +271,41 @@ def learn_masks(
     return hard.cpu()
 
 
+def _refine_budget(opts: MaskOptions, n_c: int) -> tuple[int, int]:
+    """(rounds, width) of a local search: small candidate sets are searched until no move
+    helps; large ones get a short polish (every round costs a batched forward+backward)."""
+    small = n_c <= SMALL_CANDIDATE_SET
+    rounds = opts.refine_rounds if opts.refine_rounds is not None else (16 if small else 2)
+    width = opts.refine_width if opts.refine_width is not None else (8 if small else 4)
+    return rounds, width
+
+
+def _full_neighbourhood(n_c: int, n_moves: int) -> bool:
+    """Evaluate every move exactly when the candidate set is small and the moves are few."""
+    return n_c <= SMALL_CANDIDATE_SET and n_moves <= FULL_NEIGHBOURHOOD
+
+
 def swap_refine(
     objective: SubgraphObjective,
     hard: Bool[Tensor, "group size cand"],
     per: str,
     opts: MaskOptions,
 ) -> Bool[Tensor, "group size cand"]:
-    """Gradient-guided local search on the hard masks: swap one node in for one node out.
+    """Local search on independent hard masks: swap one node in for one node out.
 
     Each round takes the gradient g = dKL/dm at every current hard mask (one batched
-    forward+backward), predicts the change of swapping member i for non-member j as
-    g_j - g_i, measures the ``width`` most promising swaps of every (group, size) exactly
-    (batched forward passes), and keeps the best one where it lowers the KL. It stops when
-    no swap helps or after ``refine_rounds`` rounds.
+    forward+backward) and predicts the change of swapping member i for non-member j as
+    g_j - g_i. On small candidate sets every swap is measured exactly (the prediction of a
+    hard swap from a gradient is often wrong, and a missed swap leaves a local optimum); on
+    large ones the ``width`` most promising are. Moves across sizes are measured too: the
+    next smaller subgraph grown by one node (every node, when small) or the next larger
+    shrunk, which escape single-swap optima. Each (group, size) keeps its best move when it
+    lowers the KL; the search stops when no move helps or after ``refine_rounds`` rounds.
+    Only pairs whose own mask or a neighbouring size's mask changed are searched again.
     """
     n_groups, n_s, n_c = hard.shape
     n_p = objective.n_prompts
-    # small candidate sets: search until no move helps; large ones: a short polish
-    small = n_c <= SMALL_CANDIDATE_SET
-    rounds = opts.refine_rounds if opts.refine_rounds is not None else (16 if small else 2)
-    width = opts.refine_width if opts.refine_width is not None else (8 if small else 4)
+    rounds, width = _refine_budget(opts, n_c)
     if rounds <= 0 or width <= 0:
         return hard
     hard = hard.clone()
@@ -293,12 +321,18 @@ def swap_refine(
     weights = _row_weights(pair_of_row).to(device)
     active = torch.ones(n_pairs, dtype=torch.bool)
     for _ in range(rounds):
-        m = flat[pair_of_row].float().to(device).requires_grad_(True)
-        kl_rows = objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights)
+        rows = torch.nonzero(active[pair_of_row]).flatten()
+        m = flat[pair_of_row[rows]].float().to(device).requires_grad_(True)
+        kl_rows = objective.kl_backward(
+            objective.full_mask(m), prompt_of_row[rows].to(device), weights[rows]
+        )
         assert m.grad is not None
-        grad = torch.zeros(n_pairs, n_c).index_add_(0, pair_of_row, m.grad.cpu())
-        base = torch.zeros(n_pairs).index_add_(0, pair_of_row, kl_rows.cpu() * weights.cpu())
-        trial_masks, trial_pair = [], []
+        grad = torch.zeros(n_pairs, n_c).index_add_(0, pair_of_row[rows], m.grad.cpu())
+        base = torch.zeros(n_pairs).index_add_(
+            0, pair_of_row[rows], kl_rows.cpu() * weights[rows].cpu()
+        )
+        trial_masks: list[Tensor] = []
+        trial_pair: list[int] = []
         for pair in torch.nonzero(active).flatten().tolist():
             current = flat[pair]
             inside = torch.nonzero(current).flatten()
@@ -306,38 +340,17 @@ def swap_refine(
             if len(inside) == 0 or len(outside) == 0:
                 continue
             predicted = grad[pair, outside][None, :] - grad[pair, inside][:, None]
-            k = min(width, predicted.numel())
+            n_moves = predicted.numel()
+            k = n_moves if _full_neighbourhood(n_c, n_moves) else min(width, n_moves)
             for flat_idx in torch.topk(-predicted.flatten(), k).indices.tolist():
-                i_node = int(inside[flat_idx // len(outside)])
-                o_node = int(outside[flat_idx % len(outside)])
                 trial = current.clone()
-                trial[i_node], trial[o_node] = False, True
+                trial[int(inside[flat_idx // len(outside)])] = False
+                trial[int(outside[flat_idx % len(outside)])] = True
                 trial_masks.append(trial)
                 trial_pair.append(pair)
-        # moves across sizes: grow the next smaller subgraph, or shrink the next larger one,
-        # by the nodes the gradient favours; these escape single-swap local optima
-        sizes_per_pair = flat.sum(-1)
-        for pair in range(n_pairs):
-            j = pair % n_s
-            for other in (pair - 1, pair + 1):
-                if not (0 <= other % n_s == j + (other - pair)) or not 0 <= other < n_pairs:
-                    continue
-                base_mask = flat[other]
-                diff = int(sizes_per_pair[pair] - sizes_per_pair[other])
-                trial = base_mask.clone()
-                if diff > 0:
-                    pool = torch.nonzero(~base_mask).flatten()
-                    pick = pool[torch.argsort(grad[other, pool])[:diff]]
-                    trial[pick] = True
-                elif diff < 0:
-                    pool = torch.nonzero(base_mask).flatten()
-                    pick = pool[torch.argsort(grad[other, pool], descending=True)[:-diff]]
-                    trial[pick] = False
-                else:
-                    continue
-                if not torch.equal(trial, flat[pair]):
-                    trial_masks.append(trial)
-                    trial_pair.append(pair)
+            for trial in _cross_size_moves(flat, grad, pair, n_s, n_c, width):
+                trial_masks.append(trial)
+                trial_pair.append(pair)
         if not trial_masks:
             break
         trials = torch.stack(trial_masks)
@@ -350,10 +363,167 @@ def swap_refine(
             if trial_kl[best] < base[pair] * (1 - 1e-6) - 1e-12:
                 flat[pair] = trials[best]
                 improved[pair] = True
-        active = improved
+        # a pair is searched again when it or a neighbouring size (same group) changed
+        j = torch.arange(n_pairs) % n_s
+        active = improved.clone()
+        active[:-1] |= improved[1:] & (j[:-1] < n_s - 1)
+        active[1:] |= improved[:-1] & (j[1:] > 0)
         if not bool(active.any()):
             break
     return hard
+
+
+def _cross_size_moves(
+    flat: Tensor, grad: Tensor, pair: int, n_s: int, n_c: int, width: int
+) -> list[Tensor]:
+    """Masks for ``pair`` built from the next smaller (grown) or next larger (shrunk) size."""
+    out: list[Tensor] = []
+    j = pair % n_s
+    target = int(flat[pair].sum())
+    for other in (pair - 1, pair + 1):
+        if not 0 <= j + (other - pair) < n_s:
+            continue
+        base_mask = flat[other]
+        diff = target - int(base_mask.sum())
+        if diff == 0:
+            continue
+        pool = torch.nonzero(~base_mask if diff > 0 else base_mask).flatten()
+        if abs(diff) == 1 and _full_neighbourhood(n_c, len(pool)):
+            picks = [pool[i : i + 1] for i in range(len(pool))]
+        else:
+            # the gradient at the other mask: add the nodes that lower KL most, drop the
+            # nodes whose removal raises it least
+            order = torch.argsort(grad[other, pool], descending=diff < 0)
+            picks = [pool[order[: abs(diff)]]]
+        for pick in picks:
+            trial = base_mask.clone()
+            trial[pick] = diff > 0
+            if not torch.equal(trial, flat[pair]):
+                out.append(trial)
+    return out
+
+
+def chain_refine(
+    objective: SubgraphObjective,
+    hard: Bool[Tensor, "group size cand"],
+    per: str,
+    opts: MaskOptions,
+) -> Bool[Tensor, "group size cand"]:
+    """Local search on nested families: exchange the entry levels of two nodes.
+
+    A nested family over the grid is a level per node: the first grid size whose subgraph
+    holds it (``n_s`` = none). Exchanging the levels of node x (level i) and node y (a later
+    level k) keeps every subgraph's size and the nesting, and changes the subgraphs of the
+    grid sizes i .. k-1 (x out, y in). The family is scored by the sum over grid sizes of
+    log(KL + 1e-6): every size counts by its relative change, so a move may not buy a small
+    gain at one size with a large relative loss at another. Each round takes dKL/dm at every
+    grid subgraph (one batched forward+backward), predicts each exchange's change of the score
+    to first order, measures the best predicted (all of them on small candidate sets) exactly,
+    and keeps the best per group when it lowers the score.
+    """
+    n_groups, n_s, n_c = hard.shape
+    n_p = objective.n_prompts
+    rounds, width = _refine_budget(opts, n_c)
+    if rounds <= 0 or width <= 0 or n_s < 1:
+        return hard
+    device = objective.logp_full.device
+    # level of each node: number of grid subgraphs that do not hold it
+    level = (~hard).sum(1)  # [group, cand], in 0..n_s
+    eps = CHAIN_EPS
+    for _ in range(rounds):
+        masks = level[:, None, :] <= torch.arange(n_s)[None, :, None]  # [group, size, cand]
+        if per == "input":
+            prompt_of_row = torch.arange(n_groups).repeat_interleave(n_s)
+            m_rows = masks.reshape(-1, n_c)
+            level_of_row = torch.arange(n_s).repeat(n_groups)
+            group_of_row = prompt_of_row
+        else:
+            m_rows = masks[0].repeat_interleave(n_p, 0)
+            prompt_of_row = torch.arange(n_p).repeat(n_s)
+            level_of_row = torch.arange(n_s).repeat_interleave(n_p)
+            group_of_row = torch.zeros_like(prompt_of_row)
+        weights = torch.full((len(m_rows),), 1.0 / (n_p if per == "dataset" else 1))
+        m = m_rows.float().to(device).requires_grad_(True)
+        kl_rows = objective.kl_backward(
+            objective.full_mask(m), prompt_of_row.to(device), weights.to(device)
+        ).cpu()
+        assert m.grad is not None
+        cell = group_of_row * n_s + level_of_row
+        grad = torch.zeros(n_groups * n_s, n_c).index_add_(0, cell, m.grad.cpu())
+        kl = torch.zeros(n_groups * n_s).index_add_(0, cell, kl_rows * weights)
+        grad, kl = grad.view(n_groups, n_s, n_c), kl.view(n_groups, n_s)
+        # cumulative sensitivity of the score: cum[g, j, x] = sum over sizes < j
+        h = grad / (kl[..., None] + eps)
+        cum = torch.cat([torch.zeros(n_groups, 1, n_c), h.cumsum(1)], 1)  # [g, S+1, c]
+        trials: list[Tensor] = []
+        owner: list[int] = []
+        for g in range(n_groups):
+            lv = level[g]
+            # predicted change of exchanging x (earlier level) with y, to first order:
+            # sum over sizes j in [lv_x, lv_y) of h_j[y] - h_j[x]
+            #   = (C[lv_y, y] - C[lv_x, y]) - (C[lv_y, x] - C[lv_x, x])
+            at_level = cum[g][lv]  # [x, y] = C[lv_x, y]
+            own = at_level.diagonal()  # C[lv_x, x]
+            predicted = own[None, :] - at_level - at_level.T + own[:, None]
+            valid = lv[:, None] < lv[None, :]
+            n_moves = int(valid.sum())
+            if n_moves == 0:
+                continue
+            predicted = torch.where(valid, predicted, torch.inf)
+            k = n_moves if _full_neighbourhood(n_c, n_moves) else min(width, n_moves)
+            for idx in torch.topk(-predicted.flatten(), k).indices.tolist():
+                x, y = divmod(idx, n_c)
+                new = lv.clone()
+                new[x], new[y] = lv[y], lv[x]
+                trials.append(new)
+                owner.append(g)
+        if not trials:
+            break
+        new_levels = torch.stack(trials)
+        owners = torch.tensor(owner)
+        gain = _chain_gain(objective, level, new_levels, owners, kl, per, eps)
+        improved = False
+        for g in torch.unique(owners).tolist():
+            sel = torch.nonzero(owners == g).flatten()
+            best = sel[torch.argmin(gain[sel])]
+            if gain[best] < -1e-9:
+                level[g] = new_levels[best]
+                improved = True
+        if not improved:
+            break
+    return level[:, None, :] <= torch.arange(n_s)[None, :, None]
+
+
+def _chain_gain(
+    objective: SubgraphObjective,
+    level: Tensor,
+    new_levels: Tensor,
+    owners: Tensor,
+    kl: Tensor,
+    per: str,
+    eps: float,
+) -> Tensor:
+    """Exact change of sum_j log(KL_j + eps) for each trial family (only changed sizes run)."""
+    n_s = kl.shape[1]
+    n_p = objective.n_prompts
+    sizes_idx = torch.arange(n_s)
+    masks, trial_of, size_of = [], [], []
+    for t, (new, g) in enumerate(zip(new_levels, owners.tolist())):
+        new_m = new[None, :] <= sizes_idx[:, None]
+        old_m = level[g][None, :] <= sizes_idx[:, None]
+        for j in torch.nonzero((new_m != old_m).any(-1)).flatten().tolist():
+            masks.append(new_m[j])
+            trial_of.append(t)
+            size_of.append(j)
+    trial_t, size_t = torch.tensor(trial_of), torch.tensor(size_of)
+    owner_of_row = owners[trial_t]
+    if per == "input":
+        new_kl = _pair_kl(objective, torch.stack(masks), owner_of_row * n_s, n_s, per, n_p)
+    else:
+        new_kl = _pair_kl(objective, torch.stack(masks), size_t, n_s, per, n_p)
+    old_kl = kl[owner_of_row, size_t]
+    delta = torch.log(new_kl + eps) - torch.log(old_kl + eps)
+    return torch.zeros(len(new_levels)).index_add_(0, trial_t, delta)
 
 
 def _pair_kl(
