@@ -15,6 +15,17 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_de
 # can draw token ids with torch.randint(0, 50, ...)
 TINY_CONFIG = {**TINY_MODEL_CONFIG, "n_ctx": 64, "d_vocab": 50}
 
+#: short prompts for the tiny byte-tokenizer model of the dataset-run and reliability tests
+TINY_RUN_PROMPTS = [
+    "The cat sat on the",
+    "Paris is the capital of",
+    "one two three four",
+    "In 1999 the band released",
+    "She opened the door and",
+]
+#: small and quick: three sizes (the last is the whole graph), a short optimisation
+TINY_RUN_OPTIONS = dict(sizes=[1, 3, 15], steps=3)
+
 
 def make_tiny(dtype: torch.dtype = torch.float32, **overrides):
     from transformer_lens.model_bridge import TransformerBridge

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_RUN_OPTIONS, TINY_RUN_PROMPTS
 
 import strace_lens.dataset as ds
 from strace_lens import MeanAblation, trace
@@ -20,15 +21,8 @@ from strace_lens.prompts import read_prompts
 from strace_lens.result import TraceResult
 from strace_lens.tiny_model import tiny_model
 
-PROMPTS = [
-    "The cat sat on the",
-    "Paris is the capital of",
-    "one two three four",
-    "In 1999 the band released",
-    "She opened the door and",
-]
-# small and quick: three sizes (the last is the whole graph), a short optimisation
-FAST = dict(sizes=[1, 3, 15], steps=3)
+PROMPTS = TINY_RUN_PROMPTS
+FAST = TINY_RUN_OPTIONS
 
 
 @pytest.fixture(scope="module")

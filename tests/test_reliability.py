@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import TINY_RUN_OPTIONS, TINY_RUN_PROMPTS
 
 import strace_lens.dataset as ds
 import strace_lens.search.mask_learning as mask_learning
@@ -27,14 +28,8 @@ from strace_lens.dataset import load_run, trace_dataset
 from strace_lens.result import TraceResult
 from strace_lens.tiny_model import tiny_model
 
-PROMPTS = [
-    "The cat sat on the",
-    "Paris is the capital of",
-    "one two three four",
-    "In 1999 the band released",
-    "She opened the door and",
-]
-FAST = dict(sizes=[1, 3, 15], steps=3)
+PROMPTS = TINY_RUN_PROMPTS
+FAST = TINY_RUN_OPTIONS
 
 
 # -- the user's model, before and after --------------------------------------------------------
