@@ -70,7 +70,7 @@ from strace_lens.inputs import TokenBatch, tokenize
 from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
 from strace_lens.prompts import PromptFile
-from strace_lens.result import TraceResult
+from strace_lens.result import VOLATILE_OPTIONS, TraceResult
 
 MANIFEST_FILE = "manifest.json"
 ABLATION_FILE = "ablation.safetensors"
@@ -79,8 +79,6 @@ TIMING_FILE = "timing.json"
 LOCK_FILE = ".lock"
 RUN_FORMAT = "strace-lens/dataset-run"
 RUN_FORMAT_VERSION = 1
-#: Options that the trace records but that vary from run to run (kept out of shard options).
-VOLATILE_OPTIONS = ("seconds",)
 #: Trace arguments that do not change what a run computes, so a resume may change them.
 RUNTIME_OPTIONS = ("batch_size", "device", "progress")
 
