@@ -23,7 +23,8 @@ Why a local search after the gradient steps: a hard mask's KL is far from linear
 mask, so a swap predicted to help by the gradient often does not, and the best swap is often
 not among the predicted best. On small candidate sets (at most 32 nodes) all the moves of
 a subgraph are measured when they are at most 64; otherwise the gradient picks the few
-(``refine_width``) that are.
+(``refine_width``) that are. On large candidate sets the nested exchange search is off by
+default (its cost; see ``chain_refine``) and the independent swap search runs two rounds.
 """
 
 from __future__ import annotations
@@ -424,6 +425,12 @@ def chain_refine(
     n_groups, n_s, n_c = hard.shape
     n_p = objective.n_prompts
     rounds, width = _refine_budget(opts, n_c)
+    if opts.refine_rounds is None and n_c > SMALL_CANDIDATE_SET:
+        # on large candidate sets an exchange may change every grid subgraph (a node moved
+        # from the first size to none), so a round costs up to width x sizes extra rows per
+        # prompt, and one accepted exchange per round barely moves a family of hundreds of
+        # nodes: off unless asked for (refine_rounds=...)
+        rounds = 0
     if rounds <= 0 or width <= 0 or n_s < 1:
         return hard
     device = objective.logp_full.device
