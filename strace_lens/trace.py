@@ -32,6 +32,7 @@ from strace_lens.search.baselines import (
     exhaustive_masks,
     forward_selection,
     greedy_masks,
+    greedy_scores,
     random_masks,
 )
 from strace_lens.search.mask_learning import learn_masks, top_s
@@ -159,7 +160,12 @@ def trace(
         device: where to run; default: the model's device.
         progress: print progress for long searches.
         nested: for "mask", make subgraphs nested across sizes (each contains the smaller
-            ones). The default, True, is justified by benchmarks/strace_quality.py.
+            ones). Default True: entry sizes, the core/refinement phases and the composition
+            curves of the paper are read off nested families, and the nested search is the
+            cheap one on full graphs. Nesting has a price, measured against the exhaustive
+            optimum by benchmarks/strace_quality.py (README, "Search quality"): no nested
+            family at all gets every size within 5 % of its own optimum, so for the best
+            subgraph of each size on its own, pass nested=False.
         inverse: also score each subgraph's inverse (candidates in it ablated, others kept).
         targets: the true next token of each prompt (text), to record its full-model log-prob.
         batch_size: rows per forward pass (default: about 2048 tokens per pass).
@@ -200,7 +206,11 @@ def trace(
             init = None
             if per_option.get("init", "attribution") == "attribution":
                 init = -attribution_scores(objective, per)
-            cand_masks = learn_masks(objective, size_counts, per, nested, init, per_option, seed)
+            # the nested growth also proposes nodes in the best-first order of write norms
+            guide = greedy_scores(objective, per) if nested else None
+            cand_masks = learn_masks(
+                objective, size_counts, per, nested, init, per_option, seed, guide
+            )
         elif method == "random":
             _no_options(method, per_option, {"draws"})
             draws = int(per_option.get("draws", 5))

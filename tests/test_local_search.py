@@ -21,6 +21,7 @@ from strace_lens.search.mask_learning import (
     CHAIN_EPS,
     MaskOptions,
     chain_refine,
+    grow_nested,
     swap_refine,
     top_s,
 )
@@ -134,3 +135,30 @@ def test_nested_search_is_not_worse_than_its_ranking_alone(tiny, toks):
     score_refined = torch.log(refined.metrics["kl"] + eps).sum(1)
     assert bool((score_refined <= score_plain + 1e-5).all())
     assert not math.isnan(float(score_refined.sum()))
+
+
+@pytest.mark.parametrize("per", ["input", "dataset"])
+def test_nested_growth_is_nested_and_first_size_beats_the_rankings_top_node(tiny, toks, per):
+    """Each size grows the one before; the first size is the best of proposals that include
+    the ranking's and the guide's top node, so it is never worse than either alone."""
+    n = 15
+    groups = len(toks) if per == "input" else 1
+    gen = torch.Generator().manual_seed(2)
+    ranking, guide = torch.randn(groups, n, generator=gen), torch.randn(groups, n, generator=gen)
+    with model_untouched(tiny):
+        objective = _objective(tiny, toks)
+        abl = objective.ablation
+        sizes = torch.tensor([1, 3, 8])
+        fam = grow_nested(objective, ranking, sizes, per, MaskOptions(), guide)
+    assert torch.equal(fam.sum(-1), sizes.expand(groups, -1))
+    assert bool((fam[:, :-1] <= fam[:, 1:]).all())
+
+    def family_kl(masks):  # [groups, node] -> KL per group (mean over prompts per dataset)
+        rows = masks if per == "input" else masks.expand(len(toks), -1)
+        kl = _kl(tiny, toks, rows, abl)
+        return kl if per == "input" else kl.mean(0, keepdim=True)
+
+    got = family_kl(fam[:, 0])
+    for scores in (ranking, guide):
+        alone = top_s(scores, torch.ones(groups, dtype=torch.long))
+        assert bool((got <= family_kl(alone) + 1e-6).all())

@@ -145,22 +145,29 @@ def greedy_order(norms: Float[Tensor, " node"], layers: Tensor, is_attn: Tensor)
     return chosen
 
 
-def greedy_masks(
-    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str
-) -> Bool[Tensor, "row size cand"]:
+def greedy_scores(objective: SubgraphObjective, per: str) -> Float[Tensor, "group cand"]:
+    """Minus each candidate's position in the best-first order (higher = taken earlier)."""
     norms = contribution_norms(objective).cpu()
     cand = objective.candidates.cpu()
     graph = objective.graph
     layers, is_attn = graph.layers[cand], graph.is_attn[cand]
     if per == "dataset":
         norms = norms.mean(0, keepdim=True)
-    out = torch.zeros(norms.shape[0], len(sizes), int(cand.sum()), dtype=torch.bool)
+    out = torch.zeros(norms.shape[0], int(cand.sum()))
     for r in range(norms.shape[0]):
         order = greedy_order(norms[r, cand], layers, is_attn)
-        rank = torch.empty(len(order), dtype=torch.long)
-        rank[torch.tensor(order)] = torch.arange(len(order))
-        out[r] = rank[None, :] < sizes[:, None]
+        out[r, torch.tensor(order)] = -torch.arange(len(order), dtype=torch.float32)
     return out
+
+
+def greedy_masks(
+    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str
+) -> Bool[Tensor, "row size cand"]:
+    scores = greedy_scores(objective, per)
+    n_rows = scores.shape[0]
+    return top_s(scores.repeat_interleave(len(sizes), 0), sizes.repeat(n_rows)).reshape(
+        n_rows, len(sizes), scores.shape[1]
+    )
 
 
 def forward_selection(

@@ -42,6 +42,8 @@ from strace_lens.search.objective import SubgraphObjective
 SMALL_CANDIDATE_SET = 32
 #: on small candidate sets, a mask's moves are all measured when there are at most this many
 FULL_NEIGHBOURHOOD = 64
+#: the nested growth adds nodes one at a time while a grid step adds at most this many
+GROW_SINGLE_STEPS = 4
 #: the nested search scores a family by sum log(KL + CHAIN_EPS) over the grid
 CHAIN_EPS = 1e-6
 
@@ -60,6 +62,7 @@ class MaskOptions:
     relaxation: str = "straight-through"
     refine_rounds: int | None = None  # swap-search rounds (None: auto)
     refine_width: int | None = None  # nodes on each side of the boundary tried (None: auto)
+    grow_width: int = 4  # nested: single-node seeds measured per size while growing
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> MaskOptions:
@@ -226,6 +229,7 @@ def learn_masks(
     init_scores: Float[Tensor, "group cand"] | None,
     options: dict[str, Any],
     seed: int,
+    guide: Float[Tensor, "group cand"] | None = None,
 ) -> Bool[Tensor, "row size cand"]:
     """Hard candidate masks ``[R, S, n_cand]`` (R = prompts, or 1 per dataset)."""
     opts = MaskOptions.from_kwargs(options)
@@ -253,7 +257,8 @@ def learn_masks(
         n_groups, n_s, n_c
     )
     if nested:
-        return chain_refine(objective, hard.cpu(), per, opts).cpu()
+        hard = grow_nested(objective, ranking.cpu(), sizes.cpu(), per, opts, guide)
+        return chain_refine(objective, hard, per, opts).cpu()
 
     # -- stage 2: per-size scores, fine-tuned from the ranking ------------------------------
     theta2 = ranking.repeat_interleave(n_s, 0).clone()  # group g*S + j
@@ -284,6 +289,108 @@ def _refine_budget(opts: MaskOptions, n_c: int) -> tuple[int, int]:
 def _full_neighbourhood(n_c: int, n_moves: int) -> bool:
     """Evaluate every move exactly when the candidate set is small and the moves are few."""
     return n_c <= SMALL_CANDIDATE_SET and n_moves <= FULL_NEIGHBOURHOOD
+
+
+def grow_nested(
+    objective: SubgraphObjective,
+    ranking: Float[Tensor, "group cand"],
+    sizes: Int[Tensor, " size"],
+    per: str,
+    opts: MaskOptions,
+    guide: Float[Tensor, "group cand"] | None = None,
+) -> Bool[Tensor, "group size cand"]:
+    """A nested family grown size by size, each step chosen among proposals measured exactly.
+
+    The subgraph of each grid size holds the one of the size before, plus d new nodes (added
+    one at a time through the sizes in between while d <= ``GROW_SINGLE_STEPS``). The
+    proposals for the new nodes: the top d outside nodes by the learned ranking, by the
+    gradient -dKL/dm at the current subgraph (one batched forward+backward per step), by the
+    ``guide`` scores when given (trace passes the order of the write-norm best-first search),
+    and by all ranks together; and, for each of the ``grow_width`` best single nodes by each
+    score, that node plus the best d - 1 of the rest. Every proposal is run with its hard
+    mask and the lowest KL is kept. Why: a ranking read off as top-s is tuned for all sizes
+    at once, so a node that helps only alongside many others can lead the family and make the
+    smallest subgraphs worse than random; measuring each size's growth keeps every size honest,
+    while the ranking still brings in what the gradient at one point cannot see.
+    """
+    n_groups, n_c = ranking.shape
+    n_p = objective.n_prompts
+    device = objective.logp_full.device
+    current = torch.zeros(n_groups, n_c, dtype=torch.bool)
+    out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
+    if per == "input":
+        group_of_row, prompt_of_row = torch.arange(n_p), torch.arange(n_p)
+    else:
+        group_of_row, prompt_of_row = torch.zeros(n_p, dtype=torch.long), torch.arange(n_p)
+    weights = _row_weights(group_of_row).to(device)
+    rank_orders = {"rank": _rank_positions(ranking)}  # 0 = best
+    if guide is not None:
+        rank_orders["guide"] = _rank_positions(guide.float())
+    targets: list[tuple[int, int]] = []  # (size, grid index or -1 for a size in between)
+    held = 0
+    for j, size in enumerate(sizes.tolist()):
+        if size - held <= GROW_SINGLE_STEPS:
+            targets += [(t, -1) for t in range(held + 1, size)]
+        targets.append((size, j))
+        held = size
+    for size, j in targets:
+        d = size - int(current[0].sum())
+        if d <= 0 or size == n_c:
+            current = current | (size == n_c)
+            if j >= 0:
+                out[:, j] = current
+            continue
+        m = current[group_of_row].float().to(device).requires_grad_(True)
+        objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights)
+        assert m.grad is not None
+        grad = torch.zeros(n_groups, n_c).index_add_(0, group_of_row, m.grad.cpu())
+        orders = {**rank_orders, "grad": _rank_positions(-grad)}
+        proposals: list[Tensor] = []
+        owner: list[int] = []
+        for g in range(n_groups):
+            outside = ~current[g]
+            scores = {key: -order[g].float() for key, order in orders.items()}
+            scores["all"] = -torch.stack([order[g] for order in orders.values()]).sum(0).float()
+            picks = [_top_outside(score, outside, d) for score in scores.values()]
+            seeds: list[int] = []
+            for key in orders:
+                best_single = _top_outside(scores[key], outside, opts.grow_width)
+                seeds += [int(i) for i in torch.nonzero(best_single).flatten().tolist()]
+            for node in dict.fromkeys(seeds):  # unique, in order
+                rest = outside.clone()
+                rest[node] = False
+                pick = _top_outside(scores["all"], rest, d - 1)
+                pick[node] = True
+                picks.append(pick)
+            for pick in {tuple(p.tolist()): p for p in picks}.values():
+                proposals.append(current[g] | pick)
+                owner.append(g)
+        owners = torch.tensor(owner)
+        kl = _pair_kl(objective, torch.stack(proposals), owners, 1, per, n_p)
+        for g in range(n_groups):
+            sel = torch.nonzero(owners == g).flatten()
+            current[g] = proposals[int(sel[torch.argmin(kl[sel])])]
+        if j >= 0:
+            out[:, j] = current
+    return out
+
+
+def _rank_positions(scores: Tensor) -> Tensor:
+    """Position of each entry when its row is sorted by descending score (0 = highest)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    pos = torch.empty_like(order)
+    pos.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    return pos
+
+
+def _top_outside(score: Tensor, outside: Tensor, k: int) -> Tensor:
+    """Mask of the ``k`` highest-scoring nodes among ``outside`` (fewer if fewer are left)."""
+    pick = torch.zeros_like(outside)
+    k = min(k, int(outside.sum()))
+    if k > 0:
+        masked = torch.where(outside, score, torch.tensor(-torch.inf))
+        pick[torch.topk(masked, k).indices] = True
+    return pick
 
 
 def swap_refine(
