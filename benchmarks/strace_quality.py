@@ -200,12 +200,15 @@ def baselines(model: object, name: str, args: argparse.Namespace) -> None:
         "attribution": {"method": "attribution"},
         "forward": {"method": "forward", "max_size": args.forward_max},
     }
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods}
     table: dict[str, dict[int, float]] = {}
     sizes = None
     for label, kwargs in methods.items():
         t0 = time.perf_counter()
         res = sl.trace(model, prompts, inverse=False, progress=False, **kwargs)  # type: ignore[arg-type]
-        sizes = sizes or res.sizes.tolist() if label.startswith("mask") else sizes
+        if sizes is None or label.startswith("mask"):
+            sizes = res.sizes.tolist()
         med = res.metrics["kl"].median(0).values
         table[label] = dict(zip(res.sizes.tolist(), med.tolist()))
         print(f"  {name} {label}: {time.perf_counter() - t0:.1f}s", flush=True)
@@ -215,6 +218,8 @@ def baselines(model: object, name: str, args: argparse.Namespace) -> None:
     for label, by_size in table.items():
         cells = "".join(f"{by_size[s]:>9.4f}" if s in by_size else f"{'-':>9}" for s in sizes)
         print(label.ljust(20) + cells)
+    if "mask (nested)" not in table:
+        return
     best = table["mask (nested)"]
     losses = [
         (label, s)
@@ -253,6 +258,10 @@ def main() -> None:
     parser.add_argument(
         "--nested", nargs="+", type=lambda v: v == "true", default=[True, False],
         help="nested settings to run: true, false or both",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None,
+        help="baseline-table rows to run, e.g. 'mask (nested)' random (default: all)",
     )
     parser.add_argument("--skip-optimality", action="store_true")
     parser.add_argument("--skip-baselines", action="store_true")
