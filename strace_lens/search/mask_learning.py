@@ -8,12 +8,14 @@ from ``tau_start`` to ``tau_end`` so the soft masks harden, and the returned sub
 top-s of theta, a hard mask of exactly s nodes, evaluated as such.
 
 Groups and rows. With ``nested=True`` a prompt (or the whole dataset) owns one score
-vector, a ranking of the nodes: the subgraph of size s is its top s, so subgraphs are nested,
-and each optimisation step trains it at ``sizes_per_step`` sizes of the grid (cycled, so all
-sizes are visited). The family read off the ranking is then polished by ``chain_refine``, a
-local search that exchanges the entry sizes of two nodes while that lowers
-sum log(KL + 1e-6) over the grid, measured exactly. With ``nested=False`` every (prompt or
-dataset, size) pair owns its own scores, initialised from the nested ranking, and is
+vector, a ranking of the nodes trained so that its top s is a good subgraph of size s; each
+optimisation step trains it at ``sizes_per_step`` sizes of the grid (cycled, so all sizes
+are visited). The family is then grown size by size by ``grow_nested``: each size holds the
+previous subgraph plus the new nodes of the best of a dozen proposals (from the ranking, the
+gradient at the current subgraph and the write-norm best-first order), each measured
+exactly; on small candidate sets ``chain_refine`` then exchanges the entry sizes of two
+nodes while that lowers sum log(KL + 1e-6) over the grid. With ``nested=False`` every
+(prompt or dataset, size) pair owns its own scores, initialised from the ranking, and is
 fine-tuned on its own size; afterwards ``swap_refine`` swaps single nodes across the boundary
 of each hard mask (and tries masks grown or shrunk from the neighbouring sizes) while that
 lowers the measured KL. All rows of a step, across prompts and sizes, run as rows of batched
