@@ -99,10 +99,17 @@ def top_s(
     scores: Float[Tensor, "row cand"], sizes: Int[Tensor, " row"]
 ) -> Bool[Tensor, "row cand"]:
     """Hard masks of exactly ``sizes[r]`` highest-scoring candidates (ties: lower index)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    ranks = _rank_positions(scores)
     return ranks < sizes[:, None].to(ranks.device)
+
+
+def _rank_positions(scores: Tensor) -> Tensor:
+    """Position of each entry when its row is sorted by descending score (0 = highest; ties:
+    lower index first)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    pos = torch.empty_like(order)
+    pos.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return pos
 
 
 class _RowAdam:
@@ -375,14 +382,6 @@ def grow_nested(
         if j >= 0:
             out[:, j] = current
     return out
-
-
-def _rank_positions(scores: Tensor) -> Tensor:
-    """Position of each entry when its row is sorted by descending score (0 = highest)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    pos = torch.empty_like(order)
-    pos.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
-    return pos
 
 
 def _top_outside(score: Tensor, outside: Tensor, k: int) -> Tensor:
