@@ -20,14 +20,12 @@ Set ``STRACE_LENS_DEBUG=1`` to see the traceback of an error.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +35,6 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 HTML_PAGE = "report.html"
 DEFAULT_REPRODUCE_MODEL = "gemma-3-270m"
-#: Where the command looks for an HTML page writer ``fn(result, path)``, in order.
-PAGE_WRITERS = (
-    ("strace_lens.plot", "report_html"),
-    ("strace_lens.plot", "write_page"),
-)
 
 
 class BadInput(ValueError):
@@ -178,18 +171,6 @@ def summary_table(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _page_writer() -> Callable[..., Any] | None:
-    for module_name, attr in PAGE_WRITERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        writer = getattr(module, attr, None)
-        if callable(writer):
-            return writer
-    return None
-
-
 def _with_file_line(message: str, prompt_file: Any) -> str:
     """Point a "Prompt i ..." error at the line of the prompt file it came from."""
     found = re.match(r"Prompt (\d+) ", message)
@@ -242,25 +223,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     )
     print(summary_table(result))
     if not args.no_html:
-        writer = _page_writer()
-        if writer is None:
-            print(
-                "No HTML page: this strace_lens.plot has no page writer (write_page); the "
-                f"result is in {args.out} (strace_lens.TraceResult.load).",
-                file=sys.stderr,
-            )
-        else:
-            accepted = inspect.signature(writer).parameters
-            extra = {
-                k: v
-                for k, v in (
-                    ("title", f"strace-lens trace: {args.model}, {result.n_prompts} prompts"),
-                    ("notes", shlex.join(["strace-lens", *getattr(args, "argv", [])])),
-                )
-                if k in accepted
-            }
-            page = writer(result, args.out / HTML_PAGE, **extra)
-            print(f"HTML page: {page or args.out / HTML_PAGE}")
+        from strace_lens.plot import report_html  # plotly is slow to import: only when needed
+
+        page = report_html(
+            result,
+            args.out / HTML_PAGE,
+            title=f"strace-lens trace: {args.model}, {result.n_prompts} prompts",
+            notes=shlex.join(["strace-lens", *getattr(args, "argv", [])]),
+        )
+        print(f"HTML page: {page}")
     return EXIT_OK
 
 

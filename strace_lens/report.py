@@ -131,31 +131,13 @@ def _trace_run(
     batch_size: int | None,
     options: dict[str, Any],
 ) -> TraceResult:
-    """Trace through ``trace_dataset`` (sharded, resumable) when the package has it; else one
-    ``trace`` call saved as a single result (resumed only when the whole call had finished)."""
-    dataset: Any
-    try:
-        from strace_lens import dataset
-    except ImportError:
-        dataset = None
-    if dataset is not None:
-        return dataset.trace_dataset(
-            model, prompts, folder, chunk_size=chunk_size, progress=progress, targets=targets,
-            batch_size=batch_size, **options,
-        )
-    from strace_lens.trace import trace
+    """Trace through ``trace_dataset``: sharded, resumable, refused if the options changed."""
+    from strace_lens.dataset import trace_dataset
 
-    if (folder / "result.json").exists():
-        done = TraceResult.load(folder)
-        if done.prompts == prompts and done.options.get("method") == options.get("method"):
-            return done
-        raise ValueError(f"{folder} holds another trace: choose another output folder.")
-    result = trace(
-        model, prompts, targets=targets, progress=bool(progress), batch_size=batch_size,
-        **options,
+    return trace_dataset(
+        model, prompts, folder, chunk_size=chunk_size, progress=progress, targets=targets,
+        batch_size=batch_size, **options,
     )
-    result.save(folder)
-    return result
 
 
 def _load(name: str, device: str | None) -> Any:
