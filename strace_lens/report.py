@@ -448,6 +448,14 @@ def _model_section(run: ModelRun) -> list[str]:
             "",
         ]
     ph = t["phases"]
+    per_prompt = ph[ph["row"] != "all"]
+    with_core = per_prompt[(per_prompt["phase"] == "core") & per_prompt["reached"]]["row"]
+    refinements = per_prompt[
+        (per_prompt["phase"] == "refinement") & per_prompt["row"].isin(with_core)
+    ]
+    # a refinement that never reaches its level runs to the largest traced subgraph: then 1c-1d
+    # compare the core with (nearly) the whole graph, which the reader must know
+    below_full = int((refinements["end_relative_size"] < 1.0).sum())
     lines += [
         "### Phases (medians over prompts with a core)",
         "",
@@ -456,6 +464,13 @@ def _model_section(run: ModelRun) -> list[str]:
             ["phase", "n_rows", "n_nodes", "relative_n_nodes", "end_relative_size", "attn_share",
              "mean_depth", "q1_share", "q2_share", "q3_share", "q4_share"],
         ),
+        "",
+        f"The refinement ends below the full model (a traced subgraph smaller than the whole "
+        f"graph reaches the refined level) for {below_full} of {len(refinements)} prompts with "
+        "a core; for the others it runs to the full model, so claims 1c-1d compare their core "
+        "with the rest of the graph. Among all candidates: attention share "
+        f"{_fmt(t['composition']['base_attn_share'].iloc[0])}, mean depth "
+        f"{_fmt(t['composition']['base_mean_depth'].iloc[0])}.",
         "",
         "### Composition versus size (mean over prompts)",
         "",

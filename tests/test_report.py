@@ -12,6 +12,8 @@ from strace_lens.report import (
     FAILS,
     HOLDS,
     INCONCLUSIVE,
+    ModelRun,
+    _model_section,
     analyse,
     claims_of,
     markdown_table,
@@ -123,6 +125,22 @@ def test_claims_are_inconclusive_with_few_prompts():
     tables = analyse(result, None, counts, n_boot=200)
     claims = claims_of(result, tables, counts, "few", n_boot=200)
     assert set(claims["verdict"]) == {INCONCLUSIVE}
+
+
+def test_report_says_how_many_refinements_end_below_the_full_model():
+    result, counts = _planted(40, early_core=True)
+
+    def section(res: TraceResult) -> str:
+        tables = analyse(res, None, counts, n_boot=50)
+        claims = claims_of(res, tables, counts, "planted", n_boot=50)
+        run = ModelRun("planted", {}, res, res, tables, claims, {})
+        return "\n".join(_model_section(run))
+
+    # the planted nucleus reaches 90 % at size 8 of 16: every refinement ends below the full model
+    assert "for 40 of 40 prompts with a core" in section(result)
+    # 90 % only at the full model for the first 15 prompts
+    result.metrics["nucleus"][:15, 3] = 50.0
+    assert "for 25 of 40 prompts with a core" in section(result)
 
 
 def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
