@@ -193,6 +193,17 @@ def analyse(
     return tables
 
 
+def _grid_lower_bounds(mask: TraceResult, upper: np.ndarray) -> np.ndarray:
+    """The smallest relative size each traced value could stand for: one node above the
+    traced size below it (a value beyond the grid: one node above the largest size)."""
+    n = mask.n_candidates
+    sizes = mask.sizes.double().numpy()
+    below = np.concatenate([[0.0], sizes])  # the traced size under each grid point
+    idx = np.searchsorted(sizes, np.round(np.minimum(upper, 1.0) * n))
+    lower = (below[idx] + 1) / n
+    return np.where(np.isinf(upper), (sizes[-1] + 1) / n, lower)
+
+
 def claims_of(
     mask: TraceResult,
     tables: dict[str, pd.DataFrame],
@@ -209,13 +220,20 @@ def claims_of(
     per_row = ph[ph["row"] != "all"]
     core = per_row[per_row["phase"] == "core"].set_index("row")
     ref = per_row[per_row["phase"] == "refinement"].set_index("row")
-    # 1a. core size: prompts without a core count as +inf (beyond the grid)
-    core_rel = np.where(core["reached"].astype(bool), core["end_relative_size"], np.inf)
-    stats = an.median_ci(core_rel, n_boot, seed=seed)
+    # 1a. core size: prompts without a core count as +inf (beyond the grid). The grid only
+    # brackets a core: it lies between the traced size below it (exclusive) and its own, so
+    # the interval runs from the lower ends' lower bound to the upper ends' upper bound; a
+    # threshold that falls inside one grid step cannot then be decided either way.
+    reached = core["reached"].astype(bool).to_numpy()
+    core_rel = np.where(reached, core["end_relative_size"], np.inf)
+    stats = dict(an.median_ci(core_rel, n_boot, seed=seed))
+    lower = an.median_ci(_grid_lower_bounds(mask, core_rel), n_boot, seed=seed)
+    stats["ci_low"] = lower["ci_low"]
     rows.append(
         _claim(
             "1a. Two phases: a small subgraph already reproduces the full model's top-1 token",
-            "median relative size of the core (smallest subgraph sharing the top-1 token)",
+            "median relative size of the core (smallest traced subgraph sharing the top-1 "
+            "token); interval widened to the grid step below each core",
             stats, "median", "less", small_core, min_n, model,
         )
     )
@@ -388,7 +406,11 @@ reaches the core level counts as a core "beyond the grid" in 1a and is left out 
 *Depth* is layer / (n_layers - 1). Claim 1a calls a core small when it is at most
 {small_core:g} of the candidate nodes: our nodes are whole heads and MLPs, so the smallest
 relative size is 1/N ({min_rel} here), already the upper end of the paper's construction band
-(1e-4 to 1e-2 of its token-level edges); one decade above it is the threshold. Claim 3 uses
+(1e-4 to 1e-2 of its token-level edges); one decade above it is the threshold. The grid only
+brackets a core's size (between the traced size below it, exclusive, and its own), so 1a's
+interval runs from the bootstrap lower bound of the median of those lower ends to the upper
+bound of the median of the traced sizes: a median core whose grid step contains the
+threshold is inconclusive, not decided by where the grid happens to fall. Claim 3 uses
 every traced size up to that same fraction. Frequency ranks are over the reference corpus
 (rank 1 = most frequent; unseen tokens rank just below the rarest seen one). Correlation
 p-values: SciPy's `spearmanr`; mean differences: one-sample t-test against 0 (shown for

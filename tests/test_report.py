@@ -112,6 +112,24 @@ def test_claims_hold_on_a_planted_two_phase_result():
     assert loose.iloc[0]["verdict"] == HOLDS
 
 
+def test_core_size_verdict_is_inconclusive_when_the_threshold_falls_inside_a_grid_step():
+    result, counts = _planted(40, early_core=True)
+    result.metrics["nucleus"][:, 1] = 0.0  # the top-1 token now first at size 4, not 2
+
+    def claim_1a(small_core: float) -> dict:
+        tables = analyse(result, None, counts, n_boot=100)
+        claims = claims_of(result, tables, counts, "planted", n_boot=100, small_core=small_core)
+        return claims.iloc[0].to_dict()
+
+    # sizes 1, 2, 4, ...: a core traced at 4 of 16 nodes has 3 or 4 nodes (0.1875 to 0.25)
+    row = claim_1a(0.2)
+    assert row["estimate"] == pytest.approx(0.25)
+    assert row["ci_low"] == pytest.approx(3 / 16) and row["ci_high"] == pytest.approx(0.25)
+    assert row["verdict"] == INCONCLUSIVE
+    assert claim_1a(0.3)["verdict"] == HOLDS
+    assert claim_1a(0.15)["verdict"] == FAILS
+
+
 def test_claims_fail_when_the_core_is_late_attention():
     result, counts = _planted(40, early_core=False)
     tables = analyse(result, None, counts, n_boot=300)
