@@ -403,7 +403,7 @@ nucleus with the full model reaches {core_nucleus:g} % (at 1 %: the top-1 token 
 model's); the *refinement* is the nodes of the smallest subgraph reaching {refined_nucleus:g} %
 (the largest traced one when none does) that are not in the core. A prompt that never
 reaches the core level counts as a core "beyond the grid" in 1a and is left out of 1b-1d.
-*Depth* is layer / (n_layers - 1). Claim 1a calls a core small when it is at most
+*Depth* is layer / (n_layers - 1). Claim 1a calls a core small when it is below
 {small_core:g} of the candidate nodes: our nodes are whole heads and MLPs, so the smallest
 relative size is 1/N ({min_rel} here), already the upper end of the paper's construction band
 (1e-4 to 1e-2 of its token-level edges); one decade above it is the threshold. The grid only
@@ -628,8 +628,8 @@ def reproduce(
         random_draws: random subgraphs per (prompt, size) for the baseline.
         corpus: reference text file for unigram frequencies (default: the prompts' tokens).
         core_nucleus, refined_nucleus: the phase rule (see :func:`strace_lens.analysis.phases`).
-        small_core: the largest relative size still called a small core (claim 1a), and the
-            sizes counted as sparse (claim 3).
+        small_core: claim 1a calls a core small below this relative size; claim 3 counts
+            every traced size up to it as sparse.
         min_prompts: below this many contributing prompts every verdict is inconclusive.
         n_boot: bootstrap resamples for every interval.
         device: where to load a model given by name (default: CUDA when available).
