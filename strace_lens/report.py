@@ -43,7 +43,7 @@ from strace_lens.result import TraceResult
 
 #: Fewer contributing prompts than this and every verdict is "inconclusive".
 MIN_PROMPTS = 10
-#: "Small" core: at most this fraction of the candidate nodes (see the report's rules).
+#: "Small" core: below this fraction of the candidate nodes (see the report's rules).
 SMALL_CORE = 0.1
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
