@@ -143,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     rp.add_argument("--option", action="append", type=_parse_option, default=[],
                     metavar="KEY=VALUE", help="a mask-search option, e.g. --option steps=48")
+    rp.add_argument("--core-nucleus", type=float, default=1.0,
+                    help="phase rule: the core is the smallest subgraph whose shared nucleus "
+                    "reaches this %% (default 1: it gives the top-1 token)")
+    rp.add_argument("--refined-nucleus", type=float, default=90.0,
+                    help="phase rule: the refinement ends at the smallest subgraph reaching "
+                    "this %% (default 90)")
+    rp.add_argument("--small-core", type=float, default=0.1,
+                    help="claim 1a calls a core small below this fraction of the nodes "
+                    "(default 0.1)")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -255,6 +264,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     argv += ["--chunk-size", str(args.chunk_size), "--random-draws", str(args.random_draws)]
     if args.corpus is not None:
         argv += ["--corpus", str(args.corpus)]
+    argv += ["--core-nucleus", f"{args.core_nucleus:g}", "--refined-nucleus",
+             f"{args.refined_nucleus:g}", "--small-core", f"{args.small_core:g}"]
     for key, value in args.option:
         argv += ["--option", f"{key}={json.dumps(value)}"]
     repro = reproduce(
@@ -269,6 +280,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         random_draws=args.random_draws,
         corpus=args.corpus,
+        core_nucleus=args.core_nucleus,
+        refined_nucleus=args.refined_nucleus,
+        small_core=args.small_core,
         device=args.device,
         progress=False if args.quiet else None,
         command=cli_command(argv),

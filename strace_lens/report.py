@@ -647,6 +647,17 @@ def reproduce(
         raise ValueError(f"reproduce takes one model or two (for agreement), got {len(models)}.")
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}.")
+    # checked before hours of tracing, not when the analyses finally run
+    if not 0 < core_nucleus <= refined_nucleus <= 100:
+        raise ValueError(
+            "The phase rule needs 0 < core_nucleus <= refined_nucleus <= 100 (shared-nucleus "
+            f"percentages), got core_nucleus={core_nucleus:g}, refined_nucleus="
+            f"{refined_nucleus:g}."
+        )
+    if not 0 < small_core <= 1:
+        raise ValueError(
+            f"small_core is a fraction of the candidate nodes in (0, 1], got {small_core:g}."
+        )
     out = Path(out_dir)
     pfile = read_prompts(prompts_file, n)
     prompts, targets = pfile.prompts, pfile.targets

@@ -178,11 +178,16 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
     status = main(
         ["reproduce", "--model", "native:tiny", "--prompts", str(prompts), "--n", "12", "--out",
          str(tmp_path / "out"), "--sizes", "1", "4", "15", "--random-draws", "2", "--option",
-         "steps=4", "--quiet"]
+         "steps=4", "--refined-nucleus", "60", "--small-core", "0.3", "--quiet"]
     )
     assert status == 0
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "strace-lens reproduce --model native:tiny" in report
+    # the phase rule given on the command line reached the analyses and the recorded command
+    assert "--refined-nucleus 60 --small-core 0.3" in report
+    assert "- **refined_nucleus**: 60.0" in report and "- **small_core**: 0.3" in report
+    phases = pd.read_csv(tmp_path / "out" / "tables" / "native_tiny" / "phases.csv")
+    assert set(phases["refined_nucleus"]) == {60.0}
     repro = reproduce("native:tiny", prompts, **kwargs)
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     for needed in ("native:tiny", "prompts.tsv", "ablation", "sizes", "seed", "0.1.0",
@@ -202,3 +207,19 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
     pd.testing.assert_frame_equal(again.claims, repro.claims)
     shards = list((tmp_path / "out" / "runs" / "native_tiny" / "mask" / "shards").iterdir())
     assert len(shards) == 1
+
+
+def test_reproduce_refuses_a_bad_phase_rule_before_tracing(tmp_path, capsys):
+    from strace_lens.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two three\n", encoding="utf-8")
+    out = tmp_path / "out"
+    base = ["reproduce", "--model", "native:tiny", "--prompts", str(prompts), "--n", "1",
+            "--out", str(out), "--quiet"]
+    assert main([*base, "--core-nucleus", "95", "--refined-nucleus", "90"]) == 2
+    assert "0 < core_nucleus <= refined_nucleus <= 100" in capsys.readouterr().err
+    assert main([*base, "--small-core", "2"]) == 2
+    assert "small_core is a fraction" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was traced or written
+
