@@ -327,10 +327,8 @@ def grow_nested(
     device = objective.logp_full.device
     current = torch.zeros(n_groups, n_c, dtype=torch.bool)
     out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
-    if per == "input":
-        group_of_row, prompt_of_row = torch.arange(n_p), torch.arange(n_p)
-    else:
-        group_of_row, prompt_of_row = torch.zeros(n_p, dtype=torch.long), torch.arange(n_p)
+    prompt_of_row = torch.arange(n_p)
+    group_of_row = prompt_of_row if per == "input" else torch.zeros_like(prompt_of_row)
     weights = _row_weights(group_of_row).to(device)
     rank_orders = {"rank": _rank_positions(ranking)}  # 0 = best
     if guide is not None:
