@@ -131,7 +131,10 @@ def test_masked_forward_on_embedded_model(request, model_name):
     ones = sl.run_with_mask(model, prompts, torch.ones(3, len(graph)))
     assert ones.shape == (3, model.cfg.d_vocab)
     assert (ones - own).abs().max() <= 1e-5
-    assert (ones - own_alone).abs().max() <= 1e-5
+    # Alone, each prompt runs through matmuls of another shape (another BLAS blocking, other
+    # rounding): log-probs near -40 in fp32 differ by a few ulps per layer; 3.4e-5 was seen on
+    # Gemma on a 2-core Xeon (the same-batch check above stays at 1e-5).
+    assert (ones - own_alone).abs().max() <= 1e-4
 
     # rows with different masks, prompts of different lengths, right- and left-padded
     gen = torch.Generator().manual_seed(0)
