@@ -11,15 +11,18 @@ result.components(prompt, size)                           # components.py: heads
 
 from strace_lens.edges.components import EdgeComponents, project
 from strace_lens.edges.forward import EdgeMasks, edge_hooks, run_with_edge_masks
+from strace_lens.edges.granularity import GRANULARITIES, graph_for
 from strace_lens.edges.graph import Edge, EdgeGraph
 from strace_lens.edges.greedy import greedy_order, random_order
 from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.edges.sizes import PAPER_GRID, edge_counts, relative_sizes
+from strace_lens.edges.token_level import TokenGraph, run_with_token_mask
 from strace_lens.edges.tokens import PAPER_BOS, edge_tokenize
 from strace_lens.edges.trace import edge_trace, evaluate_subgraphs
 from strace_lens.edges.weights import edge_weights, norm_linearisation
 
 __all__ = [
+    "GRANULARITIES",
     "PAPER_BOS",
     "PAPER_GRID",
     "Edge",
@@ -27,16 +30,19 @@ __all__ = [
     "EdgeGraph",
     "EdgeMasks",
     "EdgeTraceResult",
+    "TokenGraph",
     "edge_counts",
     "edge_hooks",
     "edge_tokenize",
     "edge_trace",
     "edge_weights",
     "evaluate_subgraphs",
+    "graph_for",
     "greedy_order",
     "norm_linearisation",
     "project",
     "random_order",
     "relative_sizes",
     "run_with_edge_masks",
+    "run_with_token_mask",
 ]
