@@ -309,3 +309,21 @@ def test_gemma_attention_edge_through_the_post_attention_norm(gemma):
         )
     assert (got["mid"][0, q] - want_mid).abs().max() <= 1e-4 * want_mid.abs().max()
     assert (got["mid"][0, q] - seen[names[2]][0, q]).abs().max() > 1e-4  # it had an effect
+
+
+def test_prompts_of_different_lengths_run_as_rows_of_one_batch(tiny64):
+    gen = torch.Generator().manual_seed(7)
+    lengths = (4, 7)
+    prompts = [torch.randint(0, 50, (1, n), generator=gen) for n in lengths]
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    attention = torch.zeros(2, 7, dtype=torch.long)
+    alone, masks = [], []
+    for i, (n, tokens) in enumerate(zip(lengths, prompts)):
+        padded[i, :n], attention[i, :n] = tokens[0], 1
+        graph = EdgeGraph.from_model(tiny64, n)
+        keep = torch.rand(1, graph.n_edges, generator=gen, dtype=torch.float64)
+        m = EdgeMasks.from_edges(graph, keep)
+        alone.append(run_with_edge_masks(tiny64, tokenize(tiny64, tokens), m))
+        masks.append(m.padded_to(7))
+    both = run_with_edge_masks(tiny64, tokenize(tiny64, padded, attention), EdgeMasks.cat(masks))
+    assert (both - torch.cat(alone)).abs().max() <= 1e-10

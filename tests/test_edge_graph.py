@@ -86,3 +86,14 @@ def test_projection_to_components():
     assert comp.node_names() == ["a0.h1", "m0", "m1"]
     assert comp.head_sources[0, 1].tolist() == [True, True, False]
     assert bool(comp.resid[1, 0, 2]) and int(comp.resid.sum()) == 1
+
+
+def test_node_names():
+    graph = EdgeGraph(2, 1, 3)
+    assert [graph.node_name(n) for n in (0, 2, 3, 7, graph.output_node)] == [
+        "emb@0",
+        "emb@2",
+        "attn0@0",
+        "mlp0@1",
+        "mlp1@2",
+    ]

@@ -80,6 +80,35 @@ class EdgeMasks:
     def n_rows(self) -> int:
         return int(self.attn.shape[0])
 
+    @property
+    def n_pos(self) -> int:
+        return int(self.mlp.shape[-1])
+
+    def padded_to(self, width: int, fill: float = 1.0) -> EdgeMasks:
+        """The same masks over ``width >= n_pos`` positions, extra slots set to ``fill``.
+
+        Lets prompts of different lengths run as rows of one right-padded batch: positions
+        past a prompt's end are padding, which a causal model's real positions never read.
+        """
+        extra = width - self.n_pos
+        if extra < 0:
+            raise ValueError(f"Cannot pad masks over {self.n_pos} positions to {width}.")
+        pad = torch.nn.functional.pad
+        return EdgeMasks(
+            attn=pad(self.attn, (0, extra, 0, extra), value=fill),
+            resid=pad(self.resid, (0, extra), value=fill),
+            mlp=pad(self.mlp, (0, extra), value=fill),
+        )
+
+    @staticmethod
+    def cat(masks: list[EdgeMasks]) -> EdgeMasks:
+        """Stack the rows of several masks (all over the same positions)."""
+        return EdgeMasks(
+            attn=torch.cat([m.attn for m in masks]),
+            resid=torch.cat([m.resid for m in masks]),
+            mlp=torch.cat([m.mlp for m in masks]),
+        )
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.attn, self.resid, self.mlp))
 

@@ -182,6 +182,16 @@ class EdgeGraph:
         """Graph layers x positions (pruned nodes included; they have no edges)."""
         return (2 * self.n_layers + 1) * self.n_pos
 
+    def node_name(self, node: int) -> str:
+        """``emb@{t}`` (graph layer 0), ``attn{l}@{t}`` (after block l's attention, graph layer
+        1 + 2l) or ``mlp{l}@{t}`` (after its MLP, graph layer 2 + 2l)."""
+        if not 0 <= node < self.n_nodes:
+            raise IndexError(f"Node {node} is outside [0, {self.n_nodes}).")
+        g, t = divmod(node, self.n_pos)
+        if g == 0:
+            return f"emb@{t}"
+        return f"{'attn' if g % 2 else 'mlp'}{(g - 1) // 2}@{t}"
+
     @property
     def output_node(self) -> int:
         return 2 * self.n_layers * self.n_pos + self.n_pos - 1
