@@ -97,3 +97,11 @@ def test_node_names():
         "mlp0@1",
         "mlp1@2",
     ]
+
+
+def test_names_in_bulk_match_one_by_one():
+    graph = EdgeGraph(3, 2, 4)
+    assert graph.names() == [graph.name(i) for i in range(graph.n_edges)]
+    assert graph.names(torch.tensor([5, 0])) == [graph.name(5), graph.name(0)]
+    with pytest.raises(IndexError):
+        graph.names([graph.n_edges])

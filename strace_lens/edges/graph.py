@@ -223,11 +223,28 @@ class EdgeGraph:
         return Edge(name, kind, layer, t, j, f["head"] if kind == "attn" else None)
 
     def name(self, edge_id: int) -> str:
-        return self.edge(edge_id).name
+        return self.edge(edge_id).name  # same spelling as names(), checked by the tests
 
     def names(self, edge_ids: Tensor | list[int] | None = None) -> list[str]:
-        ids = range(self.n_edges) if edge_ids is None else torch.as_tensor(edge_ids).tolist()
-        return [self.name(int(i)) for i in ids]
+        """Names of the given compact ids (all edges by default), read in one pass."""
+        if edge_ids is None:
+            ids = torch.arange(self.n_edges)
+        else:
+            ids = torch.as_tensor(edge_ids, dtype=torch.long)
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.n_edges):
+                raise IndexError(f"Edge ids must lie in [0, {self.n_edges}).")
+        f = {k: v[ids].tolist() for k, v in self.edge_fields.items()}
+        out = []
+        for kind, layer, head, t, j in zip(
+            f["kind"], f["layer"], f["head"], f["target"], f["source"]
+        ):
+            if kind == 0:
+                out.append(f"a{layer}.h{head}:{j}->{t}")
+            elif kind == 2:
+                out.append(f"m{layer}:{t}")
+            else:
+                out.append(f"r{layer}.{'attn' if kind == 1 else 'mlp'}:{t}")
+        return out
 
     def index(self, name: str) -> int:
         """The compact id of an edge given by name (``"a3.h1:0->7"``, ``"r2.mlp:5"``, ...)."""
