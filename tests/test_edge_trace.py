@@ -121,3 +121,19 @@ def test_graph_of_stored_result_matches_prompt_length(byte_tiny, greedy_result):
     for p, prompt in enumerate(PROMPTS):
         n = edge_tokenize(byte_tiny, prompt).tokens.shape[1]
         assert greedy_result.graph(p) == EdgeGraph(3, 4, n)
+
+
+@pytest.mark.integration
+def test_smollm2_paper_trace_on_a_short_prompt(smollm2):
+    r = edge_trace(smollm2, "The capital of France is")
+    n_pos = int(r.n_pos[0])
+    # the paper's tokens: no BOS for SmolLM2
+    assert n_pos == len(smollm2.tokenizer("The capital of France is")["input_ids"]) - 1
+    graph = r.graph(0)
+    assert graph == EdgeGraph(30, 9, n_pos)
+    assert r.counts[0].tolist() == [int(s * graph.n_edges) for s in PAPER_GRID]
+    assert float(r.metrics["tv"][0, -1]) == 0.0 and float(r.metrics["nucleus"][0, -1]) == 99
+    # the empty-ish subgraphs are far from the model, the full one is the model
+    assert float(r.metrics["tv"][0, 0]) > 0.5
+    comp = r.components(0, len(PAPER_GRID) - 1)
+    assert len(comp.node_names()) == 30 * 10
