@@ -327,3 +327,14 @@ def test_prompts_of_different_lengths_run_as_rows_of_one_batch(tiny64):
         masks.append(m.padded_to(7))
     both = run_with_edge_masks(tiny64, tokenize(tiny64, padded, attention), EdgeMasks.cat(masks))
     assert (both - torch.cat(alone)).abs().max() <= 1e-10
+
+
+def test_bad_masks_raise(tiny64):
+    batch = tokenize(tiny64, _tokens(5))
+    graph = EdgeGraph.from_model(tiny64, 5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        run_with_edge_masks(tiny64, batch, EdgeMasks.full(graph, 1, value=1.5))
+    with pytest.raises(ValueError, match="shape"):
+        run_with_edge_masks(tiny64, batch, EdgeMasks.full(EdgeGraph.from_model(tiny64, 4), 1))
+    with pytest.raises(ValueError, match="rows"):
+        run_with_edge_masks(tiny64, batch.repeat_interleave(2), EdgeMasks.full(graph, 3))

@@ -125,6 +125,15 @@ class EdgeMasks:
                     f"The {part} mask has shape [row, {', '.join(map(str, got))}], but this "
                     f"model and token batch need [row, {', '.join(map(str, shape))}]."
                 )
+            values = getattr(self, part).detach()
+            if not values.dtype.is_floating_point:
+                raise TypeError(f"The {part} mask must be a float tensor, not {values.dtype}.")
+            lo, hi = float(values.min()), float(values.max())
+            if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+                raise ValueError(
+                    f"Edge mask values must lie in [0, 1] (1 keeps an edge, 0 ablates it); the "
+                    f"{part} mask has values in [{lo:g}, {hi:g}]."
+                )
 
 
 def edge_hooks(
