@@ -12,12 +12,13 @@ mean TV distance to the full model at the last position and the share of prompts
 next token agrees, for each semantics. The ranking is the same for both (weights come from
 the clean run).
 
-Cost, measured side by side in one run: one bare forward of the whole prompt batch (median of
-``--repeats``), then the whole greedy curve for each semantics: edge weights (one cached clean
-forward of the batch, then the per-prompt norms), the best-first ranking, and the 27 grid rows
-plus one all-edges reference row per prompt, given as a multiple of the bare forward. Memory:
-the bytes of the edge weights, of the clean-run cache they are computed from, of the masks of
-one prompt's evaluation batch, and the process's peak resident set.
+Cost, measured side by side in one run: one bare forward of the whole prompt batch (median
+of ``--repeats`` runs before the curve and as many after it), then the whole greedy curve for
+each semantics: edge weights (one cached clean forward of the batch, then the per-prompt
+norms), the best-first ranking, and the 27 grid rows plus one all-edges reference row per
+prompt, given as a multiple of the bare forward. Memory: the bytes of the edge weights, of
+the clean-run cache they are computed from, of the masks of one prompt's evaluation batch,
+and the process's peak resident set.
 
     nice -n 10 python benchmarks/edge_greedy.py --model smollm2-135m --n 8
 """
@@ -55,16 +56,14 @@ def read_prompts(path: Path, n: int) -> list[str]:
     return [line.split("\t")[0] for line in lines if line.strip()][:n]
 
 
-def bare_forward_seconds(model: Any, batch: sl.TokenBatch, repeats: int) -> float:
-    with torch.no_grad():
-        forward_logprobs(model, batch, [])  # warm-up: the first call initialises lazily
+def bare_forward_times(model: Any, batch: sl.TokenBatch, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         with torch.no_grad():
             forward_logprobs(model, batch, [])
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def mib(n_bytes: float) -> str:
@@ -75,7 +74,11 @@ def run_model(name: str, prompts: list[str], repeats: int) -> None:
     model = sl.load_model(name, device="cpu")
     batch = edge_tokenize(model, prompts)
     lengths = (batch.predict_pos + 1).tolist()
-    bare = bare_forward_seconds(model, batch, repeats)
+    with torch.no_grad():
+        forward_logprobs(model, batch, [])  # warm-up: the first call initialises lazily
+    # the bare forward is timed before and after the curve, and the median of both taken, so
+    # that a slow spell on this shared machine weighs on both sides of the ratio
+    bare_times = bare_forward_times(model, batch, repeats)
 
     start = time.perf_counter()
     cache, _ = clean_cache(model, batch)
@@ -114,6 +117,7 @@ def run_model(name: str, prompts: list[str], repeats: int) -> None:
             mask_bytes = max(mask_bytes, EdgeMasks.full(graph, rows).nbytes())
         results[label] = (torch.stack(tvs), torch.stack(top1s), time.perf_counter() - start)
 
+    bare = statistics.median(bare_times + bare_forward_times(model, batch, repeats))
     counts = torch.stack([edge_counts(PAPER_GRID, g.n_edges) for g in graphs]).double()
     n_edges = [g.n_edges for g in graphs]
     print(
