@@ -99,7 +99,7 @@ def edge_trace(
     counts, id_lists, offsets = [], [], [0]
     metric_rows: list[dict[str, Tensor]] = []
     full_logps = []
-    sub_logps = []
+    sub_top = []
     for p, n_pos in enumerate(lengths):
         graph = EdgeGraph.from_model(model, n_pos)
         count = edge_counts(grid, graph.n_edges)
@@ -129,7 +129,7 @@ def edge_trace(
         scores["top1"] = (logp_sub.argmax(-1) == logp_full.argmax(-1)).float()
         metric_rows.append({k: v.detach().cpu() for k, v in scores.items()})
         full_logps.append(logp_full.detach().cpu())
-        sub_logps.append(logp_sub.argmax(-1).cpu())
+        sub_top.append(logp_sub.argmax(-1).cpu())
     full = torch.stack(full_logps)
     options = {
         "granularity": "edge",
@@ -152,7 +152,7 @@ def edge_trace(
         offsets=torch.tensor(offsets),
         metrics={k: torch.stack([m[k] for m in metric_rows]) for k in metric_rows[0]},
         entropy=entropy(full),
-        top_tokens=torch.stack(sub_logps),
+        top_tokens=torch.stack(sub_top),
         full_top_tokens=full.argmax(-1),
         prompts=prompt_list,
         options=options,
