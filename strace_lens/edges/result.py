@@ -1,0 +1,168 @@
+"""``EdgeTraceResult``: edge subgraphs of every size for each prompt, stored compactly.
+
+SmolLM2-135M has about 0.3 M edges per 50-token prompt, so subgraphs are never stored as
+masks. A *nested* family (the greedy) is one ranked list of compact edge ids per prompt plus
+the edge count of each size: subgraph i of prompt p is ``ranking[p][:counts[p, i]]``. A
+non-nested family (random draws) stores each subgraph's ids. Shapes (P prompts, S sizes):
+
+- ``grid``: the relative sizes s; ``counts``: long ``[P, S]``, ``int(s * E_p)``.
+- ``n_pos``: long ``[P]``, each prompt's token count (it fixes the prompt's graph).
+- ``ids`` / ``offsets``: int32 concatenated id lists and their boundaries, ``[P + 1]`` for a
+  nested family, ``[P * S + 1]`` (prompt-major) otherwise.
+- ``metrics``: name -> float ``[P, S]``: ``tv``, ``kl``, ``nucleus``, ``top1`` (1 where the
+  subgraph's most probable next token is the full model's).
+- ``entropy``: float ``[P]``; ``top_tokens``: long ``[P, S]`` and ``full_top_tokens``
+  ``[P]``, the subgraph's and the full model's most probable next token.
+
+Saved as ``edges.safetensors`` + ``edges.json`` (format tag, version, options, and the
+SHA-256 of the tensors file, checked on load), written into a temporary folder renamed into
+place. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from strace_lens.atomic import read_versioned_json, replaced_folder, sha256_file
+from strace_lens.edges.components import EdgeComponents, project
+from strace_lens.edges.graph import EdgeGraph
+
+FORMAT = "strace-lens/edge-trace-result"
+FORMAT_VERSION = 1
+TENSORS_FILE = "edges.safetensors"
+META_FILE = "edges.json"
+
+
+@dataclass
+class EdgeTraceResult:
+    """Edge subgraphs of each size for each prompt, and their fidelity (see module docstring)."""
+
+    n_layers: int
+    n_heads: int
+    grid: tuple[float, ...]
+    n_pos: Int[Tensor, " prompt"]
+    counts: Int[Tensor, "prompt size"]
+    nested: bool
+    ids: Int[Tensor, " total"]
+    offsets: Int[Tensor, " lists_plus_1"]
+    metrics: dict[str, Float[Tensor, "prompt size"]]
+    entropy: Float[Tensor, " prompt"]
+    top_tokens: Int[Tensor, "prompt size"]
+    full_top_tokens: Int[Tensor, " prompt"]
+    prompts: list[str]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+    def graph(self, prompt: int) -> EdgeGraph:
+        return EdgeGraph(self.n_layers, self.n_heads, int(self.n_pos[prompt]))
+
+    def n_edges(self, prompt: int) -> int:
+        return self.graph(prompt).n_edges
+
+    def relative_sizes(self) -> Float[Tensor, "prompt size"]:
+        """Sizes over each prompt's total E (what the paper plots; int() rounds them down)."""
+        totals = torch.tensor([self.n_edges(p) for p in range(self.n_prompts)])
+        return self.counts.double() / totals[:, None]
+
+    def subgraph(self, prompt: int, size: int) -> Int[Tensor, " k"]:
+        """Compact edge ids of prompt ``prompt``'s subgraph number ``size`` (grid index)."""
+        k = int(self.counts[prompt, size])
+        if self.nested:
+            start = int(self.offsets[prompt])
+            return self.ids[start : start + k].long()
+        i = prompt * len(self.grid) + size
+        return self.ids[int(self.offsets[i]) : int(self.offsets[i + 1])].long()
+
+    def edge_names(self, prompt: int, size: int) -> list[str]:
+        return self.graph(prompt).names(self.subgraph(prompt, size))
+
+    def components(self, prompt: int, size: int) -> EdgeComponents:
+        """Which heads and MLPs the subgraph uses, and at which positions."""
+        return project(self.graph(prompt), self.subgraph(prompt, size))
+
+    def mean_curve(self) -> dict[str, list[float]]:
+        """Mean of each metric over prompts, per size."""
+        return {k: v.double().mean(0).tolist() for k, v in self.metrics.items()}
+
+    # -- saving --------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {
+            "n_pos": self.n_pos.long(),
+            "counts": self.counts.long(),
+            "ids": self.ids.to(torch.int32),
+            "offsets": self.offsets.long(),
+            "entropy": self.entropy.float(),
+            "top_tokens": self.top_tokens.long(),
+            "full_top_tokens": self.full_top_tokens.long(),
+        }
+        out.update({f"metric.{k}": v.float() for k, v in self.metrics.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the folder ``path`` (replacing it) with the tensors and their JSON header."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        with replaced_folder(folder, prefix=f".{folder.name}-") as tmp:
+            save_file(self._tensors(), str(tmp / TENSORS_FILE))
+            meta = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "n_layers": self.n_layers,
+                "n_heads": self.n_heads,
+                "grid": list(self.grid),
+                "nested": self.nested,
+                "prompts": self.prompts,
+                "options": self.options,
+                "tensors_sha256": sha256_file(tmp / TENSORS_FILE),
+            }
+            text = json.dumps(meta, indent=1, default=str)
+            (tmp / META_FILE).write_text(text, encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EdgeTraceResult:
+        folder = Path(path)
+        meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
+        if not meta_path.exists() or not tensors_path.exists():
+            raise FileNotFoundError(
+                f"{folder} holds no saved EdgeTraceResult ({META_FILE} and {TENSORS_FILE})."
+            )
+        meta = read_versioned_json(
+            meta_path, FORMAT, FORMAT_VERSION, "edge trace result", "; trace again.", "format"
+        )
+        if sha256_file(tensors_path) != meta.get("tensors_sha256"):
+            raise ValueError(
+                f"{tensors_path} does not match its checksum in {META_FILE}: the file is "
+                "truncated or corrupted; trace again to rebuild it."
+            )
+        from safetensors.torch import load_file
+
+        t = load_file(str(tensors_path))
+        return cls(
+            n_layers=int(meta["n_layers"]),
+            n_heads=int(meta["n_heads"]),
+            grid=tuple(float(s) for s in meta["grid"]),
+            n_pos=t["n_pos"],
+            counts=t["counts"],
+            nested=bool(meta["nested"]),
+            ids=t["ids"],
+            offsets=t["offsets"],
+            metrics={k[len("metric.") :]: v for k, v in t.items() if k.startswith("metric.")},
+            entropy=t["entropy"],
+            top_tokens=t["top_tokens"],
+            full_top_tokens=t["full_top_tokens"],
+            prompts=list(meta["prompts"]),
+            options=dict(meta.get("options", {})),
+        )
