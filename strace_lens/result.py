@@ -32,6 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from strace_lens.atomic import read_versioned_json, sha256_file
+from strace_lens.config import TraceConfig
 from strace_lens.graph import NodeGraph
 
 FORMAT = "strace-lens/trace-result"
@@ -67,6 +68,12 @@ class TraceResult:
             if self.masks.shape[0] == 1 and len(self.prompts) != 1
             else str(self.options.get("per", "input"))
         )
+
+    @property
+    def config(self) -> TraceConfig:
+        """The trace configuration this result records (sizes, keep and candidates are read
+        off the result itself)."""
+        return TraceConfig.from_record(self.options)
 
     @property
     def method(self) -> str:

@@ -30,8 +30,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from strace_lens.masked_forward import forward_logprobs
-from strace_lens.search.mask_learning import top_s
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.search.ranking import top_s
 
 EXHAUSTIVE_MAX_SUBSETS = 20000
 FORWARD_FULL_LIMIT = 24

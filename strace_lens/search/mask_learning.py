@@ -39,6 +39,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.search.ranking import rank_positions as _rank_positions
+from strace_lens.search.ranking import top_s
 
 #: candidate sets up to this size are searched until no move helps
 SMALL_CANDIDATE_SET = 32
@@ -50,8 +52,10 @@ GROW_SINGLE_STEPS = 4
 CHAIN_EPS = 1e-6
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskOptions:
+    """Options of ``method="mask"`` (validated when built)."""
+
     steps: int = 24  # nested-ranking steps
     finetune_steps: int = 12  # per-size steps when nested=False
     sizes_per_step: int = 1
@@ -65,6 +69,14 @@ class MaskOptions:
     refine_rounds: int | None = None  # swap-search rounds (None: auto)
     refine_width: int | None = None  # nodes on each side of the boundary tried (None: auto)
     grow_width: int = 4  # nested: single-node seeds measured per size while growing
+
+    def __post_init__(self) -> None:
+        if self.init not in ("attribution", "zeros"):
+            raise ValueError(f"Unknown init {self.init!r}: use 'attribution' or 'zeros'.")
+        if self.relaxation not in ("straight-through", "soft"):
+            raise ValueError(
+                f"Unknown relaxation {self.relaxation!r}: use 'straight-through' or 'soft'."
+            )
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> MaskOptions:
@@ -93,23 +105,6 @@ def threshold_mask(
             hi = torch.where(too_big, hi, mid)
         t = (lo + hi) / 2
     return torch.sigmoid((theta - t[:, None]) / tau)
-
-
-def top_s(
-    scores: Float[Tensor, "row cand"], sizes: Int[Tensor, " row"]
-) -> Bool[Tensor, "row cand"]:
-    """Hard masks of exactly ``sizes[r]`` highest-scoring candidates (ties: lower index)."""
-    ranks = _rank_positions(scores)
-    return ranks < sizes[:, None].to(ranks.device)
-
-
-def _rank_positions(scores: Tensor) -> Tensor:
-    """Position of each entry when its row is sorted by descending score (0 = highest; ties:
-    lower index first)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    pos = torch.empty_like(order)
-    pos.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return pos
 
 
 class _RowAdam:
@@ -171,10 +166,6 @@ def _optimise(
     of each group and its measured objective are recorded at every straight-through step,
     and the best one seen is returned: the forward pass of a step *is* an exact evaluation.
     """
-    if opts.relaxation not in ("straight-through", "soft"):
-        raise ValueError(
-            f"Unknown relaxation {opts.relaxation!r}: use 'straight-through' or 'soft'."
-        )
     hard_forward = opts.relaxation == "straight-through"
     theta.requires_grad_(True)
     adam = _RowAdam(theta, opts.lr)
@@ -236,12 +227,12 @@ def learn_masks(
     per: str,
     nested: bool,
     init_scores: Float[Tensor, "group cand"] | None,
-    options: dict[str, Any],
+    options: MaskOptions | dict[str, Any],
     seed: int,
     guide: Float[Tensor, "group cand"] | None = None,
 ) -> Bool[Tensor, "row size cand"]:
     """Hard candidate masks ``[R, S, n_cand]`` (R = prompts, or 1 per dataset)."""
-    opts = MaskOptions.from_kwargs(options)
+    opts = options if isinstance(options, MaskOptions) else MaskOptions.from_kwargs(options)
     gen = torch.Generator().manual_seed(seed)
     n_p, n_s = objective.n_prompts, len(sizes)
     n_c = int(objective.candidates.sum())
