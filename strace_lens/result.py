@@ -20,9 +20,11 @@ is simply the smallest subgraph containing it); nodes never in the largest subgr
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,12 +202,22 @@ class TraceResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TraceResult:
-        """Read a result folder written by :meth:`save` (or a ``trace_dataset`` run folder)."""
+        """Read a result folder written by :meth:`save`.
+
+        A ``trace_dataset`` run folder is read with ``strace_lens.load(path)``; passing one
+        here still works (it is handed over, with a DeprecationWarning).
+        """
         folder = Path(path)
         if (folder / "manifest.json").exists() and not (folder / META_FILE).exists():
-            from strace_lens.dataset import load_run  # a sharded dataset-scale run
-
-            return load_run(folder)
+            warnings.warn(
+                f"{folder} is a dataset run folder: read it with strace_lens.load(path); "
+                "TraceResult.load reads single results.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            # by name, at run time: the result container does not depend on the layer above
+            loading = importlib.import_module("strace_lens.loading")
+            return loading.load(folder)
         meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
         if not meta_path.exists() or not tensors_path.exists():
             raise FileNotFoundError(
