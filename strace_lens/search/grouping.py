@@ -55,6 +55,15 @@ class RowGrouping:
         """Per-prompt values summed into their group (e.g. gradients of the group's KL)."""
         return per_prompt.sum(0, keepdim=True) if self.shared else per_prompt
 
+    def pair_rows(self, n_sizes: int) -> tuple[Int[Tensor, " row"], Int[Tensor, " row"]]:
+        """One row per (prompt, size) of every group: ``(pair, prompt)`` of each row, where
+        pair ``g * n_sizes + j`` is group g's subgraph of grid size j."""
+        if not self.shared:
+            pairs = torch.arange(self.n_prompts * n_sizes)
+            return pairs, torch.arange(self.n_prompts).repeat_interleave(n_sizes)
+        pairs = torch.arange(n_sizes).repeat_interleave(self.n_prompts)
+        return pairs, torch.arange(self.n_prompts).repeat(n_sizes)
+
     def group_kl(
         self,
         objective: SubgraphObjective,
@@ -75,4 +84,13 @@ class RowGrouping:
         return kl.reshape(len(masks), n_p).mean(-1)
 
 
-__all__ = ["RowGrouping"]
+def as_grouping(per: Per | RowGrouping, n_prompts: int) -> RowGrouping:
+    """A grouping from ``per`` ("input" or "dataset"), or the grouping itself."""
+    if isinstance(per, RowGrouping):
+        return per
+    if per not in ("input", "dataset"):
+        raise ValueError(f"Unknown per={per!r}; choose one of input, dataset.")
+    return RowGrouping(per, n_prompts)
+
+
+__all__ = ["RowGrouping", "as_grouping"]

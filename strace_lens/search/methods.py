@@ -144,11 +144,11 @@ class MaskMethod(SearchMethod):
     ) -> SearchOutput:
         init = None
         if options.search.init == "attribution":
-            init = -attribution_scores(objective, grouping.per)
+            init = -attribution_scores(objective, grouping)
         # the nested growth also proposes nodes in the best-first order of write norms
-        guide = greedy_scores(objective, grouping.per) if options.nested else None
+        guide = greedy_scores(objective, grouping) if options.nested else None
         masks = learn_masks(
-            objective, sizes, grouping.per, options.nested, init, options.search, seed, guide
+            objective, sizes, grouping, options.nested, init, options.search, seed, guide
         )
         return SearchOutput(masks, sizes)
 
@@ -197,7 +197,7 @@ class GreedyMethod(SearchMethod):
         seed: int,
         options: NoOptions,
     ) -> SearchOutput:
-        return SearchOutput(greedy_masks(objective, sizes, grouping.per), sizes)
+        return SearchOutput(greedy_masks(objective, sizes, grouping), sizes)
 
 
 @register
@@ -215,7 +215,7 @@ class AttributionMethod(SearchMethod):
         seed: int,
         options: NoOptions,
     ) -> SearchOutput:
-        scores = attribution_scores(objective, grouping.per).abs().cpu()
+        scores = attribution_scores(objective, grouping).abs().cpu()
         return SearchOutput(top_s_grid(scores, sizes), sizes)
 
 
@@ -248,7 +248,7 @@ class ForwardMethod(SearchMethod):
         reached = sizes[sizes <= int(limit)]
         if len(reached) == 0:
             raise ValueError(f"max_size={limit} is below the smallest size asked for.")
-        masks = forward_selection(objective, reached, grouping.per, int(reached.max()))
+        masks = forward_selection(objective, reached, grouping, int(reached.max()))
         return SearchOutput(masks, reached)
 
 
@@ -270,7 +270,7 @@ class ExhaustiveMethod(SearchMethod):
         seed: int,
         options: ExhaustiveOptions,
     ) -> SearchOutput:
-        masks = exhaustive_masks(objective, sizes, grouping.per, int(options.max_subsets))
+        masks = exhaustive_masks(objective, sizes, grouping, int(options.max_subsets))
         return SearchOutput(masks, sizes)
 
 
