@@ -77,6 +77,7 @@ _SUBMODULES = frozenset(
         "plot",
         "prompts",
         "report",
+        "reproduce",
         "result",
         "search",
         "tiny_model",

@@ -252,7 +252,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from strace_lens.report import cli_command, reproduce
+    from strace_lens.reproduce import cli_command, reproduce
 
     models = args.model or [DEFAULT_REPRODUCE_MODEL]
     if len(models) > 2:

@@ -54,8 +54,9 @@ class TraceConfig:
     ablation: AblationName | Ablation | None = None
     #: node counts, relative sizes or None (the default grid), resolved against the graph
     sizes: Sequence[int | float] | Any | None = None
-    keep: Sequence[Any] | None = None
-    candidates: Sequence[Any] | None = None
+    #: node names, ``Node``s or indices (any sequence, or a tensor of indices)
+    keep: Any = None
+    candidates: Any = None
     seed: int = 0
     nested: bool = True
     inverse: bool = True
@@ -65,20 +66,7 @@ class TraceConfig:
     options: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in REGISTRY:
-            raise ValueError(
-                f"Unknown method {self.method!r}; choose one of {', '.join(REGISTRY)}."
-            )
-        check_choice("per", self.per, PER)
-        if isinstance(self.ablation, str) and self.ablation not in ABLATIONS:
-            raise ValueError(
-                f"Unknown ablation {self.ablation!r}: use 'mean', 'zero', ZeroAblation() or "
-                "MeanAblation.from_prompts(model, prompts)."
-            )
-        if self.ablation is not None and not isinstance(self.ablation, (str, Ablation)):
-            raise TypeError(
-                f"ablation must be 'mean', 'zero' or an Ablation, not {type(self.ablation)}."
-            )
+        _check_names(self.method, self.per, self.ablation)
         method = self.search_method
         if self.granularity not in method.granularities:
             raise ValueError(
@@ -104,6 +92,11 @@ class TraceConfig:
         targets ignored; every other unknown name is a method option)."""
         own = {f.name for f in dataclasses.fields(cls) if f.init} - {"method_options"}
         fields = {k: v for k, v in kwargs.items() if k in own}
+        # the names first, with errors that list the choices (the field annotations are
+        # Literal types, which a run-time type checker would reject with less to go on)
+        _check_names(
+            fields.get("method", "mask"), fields.get("per", "input"), fields.get("ablation")
+        )
         skip = {*own, *RUNTIME_OPTIONS, "targets"}
         method_options = {k: v for k, v in kwargs.items() if k not in skip}
         return cls(**fields, method_options=method_options)
@@ -124,6 +117,20 @@ class TraceConfig:
             inverse=bool(options.get("inverse", True)),
             method_options=dict(options.get("method_options", {})),
         )
+
+
+def _check_names(method: object, per: object, ablation: object) -> None:
+    """ValueError naming the bad value for an unknown method, per or ablation name."""
+    if method not in REGISTRY:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(REGISTRY)}.")
+    check_choice("per", per, PER)
+    if isinstance(ablation, str) and ablation not in ABLATIONS:
+        raise ValueError(
+            f"Unknown ablation {ablation!r}: use 'mean', 'zero', ZeroAblation() or "
+            "MeanAblation.from_prompts(model, prompts)."
+        )
+    if ablation is not None and not isinstance(ablation, (str, Ablation)):
+        raise TypeError(f"ablation must be 'mean', 'zero' or an Ablation, not {type(ablation)}.")
 
 
 __all__ = ["IDENTITY_FIELDS", "RUNTIME_OPTIONS", "TraceConfig"]

@@ -99,10 +99,14 @@ class TraceResult:
             return self.masks
         return self.masks.expand(self.n_prompts, -1, -1)
 
+    def size_order(self) -> Int[Tensor, " size"]:
+        """The permutation that sorts the size grid increasingly."""
+        return torch.argsort(self.sizes)
+
     @property
     def is_nested(self) -> bool:
         """True when each subgraph contains every smaller one, for every row."""
-        order = torch.argsort(self.sizes)
+        order = self.size_order()
         m = self.masks[:, order]
         return bool((m[:, :-1] & ~m[:, 1:]).sum() == 0)
 
@@ -112,7 +116,7 @@ class TraceResult:
         NaN for nodes outside the candidates (always kept) and for nodes that are not in the
         largest subgraph.
         """
-        order = torch.argsort(self.sizes)
+        order = self.size_order()
         sizes = self.sizes[order].double()
         m = self.masks[:, order]  # [R, S, N]
         # in_from_here[j] = node is in every subgraph of size index >= j

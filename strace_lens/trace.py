@@ -145,8 +145,10 @@ def trace(
         keep: nodes always kept (not counted in s).
         candidates: the only nodes a search may choose; every other node is kept.
         seed: makes the result reproducible (on CPU, bit for bit).
-        device: where to run; default: the model's device.
-        progress: print progress for long searches.
+        device: checked only: the model's device (a model is traced where it is; move it
+            with ``model.to(...)`` first). Raises ValueError when they differ.
+        progress: accepted for compatibility and not used: ``trace`` prints nothing
+            (``trace_dataset`` shows a progress bar per chunk).
         nested: for "mask", make subgraphs nested across sizes (each contains the smaller
             ones). Default True: entry sizes, the core/refinement phases and the composition
             curves of the paper are read off nested families, and the nested search is the
@@ -160,17 +162,19 @@ def trace(
         **options: method options (mask: ``steps``, ``finetune_steps``, ``lr``, ...;
             random: ``draws``; forward: ``max_size``; exhaustive: ``max_subsets``).
     """
-    config = TraceConfig(
-        method=method,  # type: ignore[arg-type]
-        per=per,  # type: ignore[arg-type]
-        ablation=ablation,  # type: ignore[arg-type]
-        sizes=sizes,
-        keep=keep,
-        candidates=candidates,
-        seed=seed,
-        nested=nested,
-        inverse=inverse,
-        method_options=options,
+    config = TraceConfig.from_kwargs(
+        dict(
+            method=method,
+            per=per,
+            ablation=ablation,
+            sizes=sizes,
+            keep=keep,
+            candidates=candidates,
+            seed=seed,
+            nested=nested,
+            inverse=inverse,
+            **options,
+        )
     )
     return run_trace(
         model, prompts, config, targets=targets, batch_size=batch_size, device=device

@@ -29,12 +29,17 @@ def test_config_validates_once_and_parses_method_options():
     assert isinstance(config.options, MaskSearch)
     assert config.options.search.steps == 3 and not config.options.nested
     assert TraceConfig(method="random", method_options={"draws": 2}).options == RandomOptions(2)
+    # from user input (trace's keywords): errors that list the choices
     with pytest.raises(ValueError, match="Unknown method 'beam'"):
-        TraceConfig(method="beam")  # type: ignore[arg-type]
+        TraceConfig.from_kwargs({"method": "beam"})
     with pytest.raises(ValueError, match="Unknown per='token'"):
-        TraceConfig(per="token")  # type: ignore[arg-type]
+        TraceConfig.from_kwargs({"per": "token"})
     with pytest.raises(ValueError, match="Unknown ablation 'median'"):
-        TraceConfig(ablation="median")  # type: ignore[arg-type]
+        TraceConfig.from_kwargs({"ablation": "median"})
+    # built directly, the Literal annotations are checked too (a TypeError under the tests'
+    # run-time type checker, a ValueError otherwise)
+    with pytest.raises((TypeError, ValueError), match=r"beam"):
+        TraceConfig(method="beam")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Unknown option"):
         TraceConfig(method="greedy", method_options={"steps": 3})
     with pytest.raises(ValueError, match="draws"):
@@ -193,3 +198,28 @@ def test_python_dash_m_help_does_not_import_torch():
     assert done.returncode == 0, done.stderr
     assert "usage: strace-lens" in done.stdout
     assert "| torch\n" not in done.stderr and "plotly" not in done.stderr
+
+
+# -- evaluate and load -----------------------------------------------------------------------
+def test_public_evaluate_gives_the_metrics_trace_reports(tiny, tiny_tokens, tmp_path):
+    import strace_lens as sl
+
+    result = sl.trace(tiny, tiny_tokens[:2], sizes=[2, 5], method="greedy", ablation="zero")
+    scored = sl.evaluate(tiny, tiny_tokens[:2], result.masks, "zero")
+    assert scored.metrics.keys() == result.metrics.keys()
+    for name, values in result.metrics.items():
+        assert torch.equal(scored.metrics[name], values), name
+    assert torch.equal(scored.top_tokens, result.top_tokens)
+    one = sl.evaluate(tiny, tiny_tokens[:2], result.masks[0, 1], "zero", inverse=False)
+    assert one.metrics["kl"].shape == (2, 1) and "inv_kl" not in one.metrics
+    result.save(tmp_path / "r")
+    assert sl.load(tmp_path / "r").equals(result)
+
+
+def test_annotations_are_checked_at_run_time():
+    """The suite runs with jaxtyping + beartype (pyproject addopts): a shape that contradicts
+    an annotation is a TypeError before the function body runs."""
+    from strace_lens.search.ranking import top_s
+
+    with pytest.raises(TypeError, match="row"):
+        top_s(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))  # 2 rows of scores, 3 sizes

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from strace_lens.graph import hook_name
 from strace_lens.masked_forward import forward_logprobs
 from strace_lens.search.grouping import RowGrouping, as_grouping
 from strace_lens.search.objective import SubgraphObjective
@@ -95,8 +96,8 @@ def contribution_norms(objective: SubgraphObjective) -> Float[Tensor, "prompt no
 
     hooks: list[tuple[str, Any]] = []
     for layer in range(graph.n_layers):
-        hooks.append((f"blocks.{layer}.attn.hook_z", attn_hook))
-        hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_hook))
+        hooks.append((hook_name(layer, "attn"), attn_hook))
+        hooks.append((hook_name(layer, "mlp"), mlp_hook))
     forward_logprobs(model, batch, hooks)
     return norms
 

@@ -51,14 +51,7 @@ def grow_nested(
     rank_orders = {"rank": rank_positions(ranking)}  # 0 = best
     if guide is not None:
         rank_orders["guide"] = rank_positions(guide.float())
-    targets: list[tuple[int, int]] = []  # (size, grid index or -1 for a size in between)
-    held = 0
-    for j, size in enumerate(sizes.tolist()):
-        if size - held <= GROW_SINGLE_STEPS:
-            targets += [(t, -1) for t in range(held + 1, size)]
-        targets.append((size, j))
-        held = size
-    for size, j in targets:
+    for size, j in _growth_steps(sizes):
         d = size - int(current[0].sum())
         if d <= 0 or size == n_c:
             current = current | (size == n_c)
@@ -73,21 +66,8 @@ def grow_nested(
         proposals: list[Tensor] = []
         owner: list[int] = []
         for g in range(n_groups):
-            outside = ~current[g]
-            scores = {key: -order[g].float() for key, order in orders.items()}
-            scores["all"] = -torch.stack([order[g] for order in orders.values()]).sum(0).float()
-            picks = [_top_outside(score, outside, d) for score in scores.values()]
-            seeds: list[int] = []
-            for key in orders:
-                best_single = _top_outside(scores[key], outside, opts.grow_width)
-                seeds += [int(i) for i in torch.nonzero(best_single).flatten().tolist()]
-            for node in dict.fromkeys(seeds):  # unique, in order
-                rest = outside.clone()
-                rest[node] = False
-                pick = _top_outside(scores["all"], rest, d - 1)
-                pick[node] = True
-                picks.append(pick)
-            for pick in {tuple(p.tolist()): p for p in picks}.values():
+            orders_g = {key: order[g] for key, order in orders.items()}
+            for pick in _proposals(orders_g, ~current[g], d, opts.grow_width):
                 proposals.append(current[g] | pick)
                 owner.append(g)
         owners = torch.tensor(owner)
@@ -98,6 +78,41 @@ def grow_nested(
         if j >= 0:
             out[:, j] = current
     return out
+
+
+def _growth_steps(sizes: Int[Tensor, " size"]) -> list[tuple[int, int]]:
+    """(size, grid index or -1 for a size in between) of every growth step: a grid step that
+    adds at most ``GROW_SINGLE_STEPS`` nodes goes through every size in between."""
+    steps: list[tuple[int, int]] = []
+    held = 0
+    for j, size in enumerate(sizes.tolist()):
+        if size - held <= GROW_SINGLE_STEPS:
+            steps += [(t, -1) for t in range(held + 1, size)]
+        steps.append((size, j))
+        held = size
+    return steps
+
+
+def _proposals(
+    orders: dict[str, Tensor], outside: Bool[Tensor, " cand"], d: int, width: int
+) -> list[Bool[Tensor, " cand"]]:
+    """The distinct sets of ``d`` new nodes proposed for one group (see ``grow_nested``):
+    the top d outside nodes by each order (0 = best) and by all ranks together, and each of
+    the ``width`` best single nodes by each order with the best d - 1 of the rest."""
+    scores = {key: -order.float() for key, order in orders.items()}
+    scores["all"] = -torch.stack(list(orders.values())).sum(0).float()
+    picks = [_top_outside(score, outside, d) for score in scores.values()]
+    seeds: list[int] = []
+    for key in orders:
+        best_single = _top_outside(scores[key], outside, width)
+        seeds += [int(i) for i in torch.nonzero(best_single).flatten().tolist()]
+    for node in dict.fromkeys(seeds):  # unique, in order
+        rest = outside.clone()
+        rest[node] = False
+        pick = _top_outside(scores["all"], rest, d - 1)
+        pick[node] = True
+        picks.append(pick)
+    return list({tuple(p.tolist()): p for p in picks}.values())
 
 
 def _top_outside(score: Tensor, outside: Tensor, k: int) -> Tensor:
