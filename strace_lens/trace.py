@@ -176,9 +176,7 @@ def trace(
             **options,
         )
     )
-    return run_trace(
-        model, prompts, config, targets=targets, batch_size=batch_size, device=device
-    )
+    return run_trace(model, prompts, config, targets=targets, batch_size=batch_size, device=device)
 
 
 def run_trace(

@@ -29,8 +29,13 @@ MAX_NODE_PX = 24.0
 # Marker diameter as a fraction of the grid cell: earliest entry -> BIG, latest -> SMALL.
 BIG, SMALL, ABLATED = 0.86, 0.42, 0.22
 
-SHORT_NAMES = {"core": "core", "refinement": "refinement", "core_out": "core, ablated",
-               "fixed": "kept", "ablated": "ablated"}
+SHORT_NAMES = {
+    "core": "core",
+    "refinement": "refinement",
+    "core_out": "core, ablated",
+    "fixed": "kept",
+    "ablated": "ablated",
+}
 LEGEND_RANK = {"core": 1, "refinement": 2, "core_out": 3, "fixed": 4, "ablated": 5}
 PHASES = {
     # key: (legend name, colour, filled?)
@@ -320,12 +325,15 @@ def relayout(fig: go.Figure, width: int, font_px: float | None = None) -> None:
         width=width,
         height=height,
         margin=dict(l=left, r=right, t=title_h, b=bottom),
-        title=dict(text=meta["titles"][1 if narrow else 0][0],
-                   subtitle=dict(text=meta["titles"][1 if narrow else 0][1])),
+        title=dict(
+            text=meta["titles"][1 if narrow else 0][0],
+            subtitle=dict(text=meta["titles"][1 if narrow else 0][1]),
+        ),
     )
     fig.update_xaxes(dtick=layer_dtick, title_standoff=4)
-    fig.update_yaxes(tickvals=[*heads, top_row], ticktext=[f"h{h}" for h in heads] + ["MLP"],
-                     title_standoff=4)
+    fig.update_yaxes(
+        tickvals=[*heads, top_row], ticktext=[f"h{h}" for h in heads] + ["MLP"], title_standoff=4
+    )
     for trace in fig.data:
         trace_meta = trace.meta or {}
         if "rel_size" in trace_meta:
