@@ -71,6 +71,7 @@ from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
 from strace_lens.prompts import PromptFile
 from strace_lens.result import VOLATILE_OPTIONS, TraceResult
+from strace_lens.types import ABLATIONS
 
 MANIFEST_FILE = "manifest.json"
 ABLATION_FILE = "ablation.safetensors"
@@ -410,7 +411,7 @@ def _run_identity(
             f"Unknown ablation {ablation!r}: use 'mean', 'zero', ZeroAblation() or "
             "MeanAblation.from_prompts(model, prompts)."
         )
-    if options["ablation"] not in ("mean", "zero") and isinstance(options["ablation"], str):
+    if options["ablation"] not in ABLATIONS and isinstance(options["ablation"], str):
         raise ValueError(
             f"Unknown ablation {options['ablation']!r}: use 'mean', 'zero', ZeroAblation() or "
             "MeanAblation.from_prompts(model, prompts)."

@@ -27,6 +27,7 @@ from strace_lens.reproduce.claims import (
 )
 from strace_lens.reproduce.markdown import git_commit, slug_of, write_report, write_text_atomic
 from strace_lens.result import TraceResult
+from strace_lens.types import ABLATIONS
 
 
 def _trace_run(
@@ -137,7 +138,7 @@ def reproduce(
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not 1 <= len(models) <= 2:
         raise ValueError(f"reproduce takes one model or two (for agreement), got {len(models)}.")
-    if ablation not in ("mean", "zero"):
+    if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}.")
     # checked before hours of tracing, not when the analyses finally run
     if not 0 < core_nucleus <= refined_nucleus <= 100:
