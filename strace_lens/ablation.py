@@ -37,13 +37,13 @@ class Ablation:
 
     def attn_value(
         self, layer: int, batch: TokenBatch
-    ) -> Float[Tensor, "batch_or_1 pos_or_1 head d_head"] | None:
+    ) -> Float[Tensor, "#batch #pos head d_head"] | None:
         """Replacement for ``blocks.{layer}.attn.hook_z`` (None means zero)."""
         return None
 
     def mlp_value(
         self, layer: int, batch: TokenBatch
-    ) -> Float[Tensor, "batch_or_1 pos_or_1 d_model"] | None:
+    ) -> Float[Tensor, "#batch #pos d_model"] | None:
         """Replacement for ``blocks.{layer}.hook_mlp_out`` (None means zero)."""
         return None
 

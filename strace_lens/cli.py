@@ -69,6 +69,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     from strace_lens.models import DEFAULT_MODEL, EMBEDDED_MODELS
+    from strace_lens.types import ABLATIONS, METHODS, PER
 
     parser = argparse.ArgumentParser(
         prog="strace-lens",
@@ -98,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="node counts (1 4 16) or relative sizes (0.01 0.1 1.0); default: a log grid",
     )
-    tr.add_argument("--method", default="mask", help="mask (default), random, greedy, "
-                    "attribution, forward or exhaustive")
-    tr.add_argument("--per", default="input", help="input (default) or dataset")
-    tr.add_argument("--ablation", default="mean", help="mean (default) or zero")
+    # the names come from strace_lens.types (the method registry's names, checked by a test);
+    # they are validated with the trace configuration, whose errors name the bad value
+    tr.add_argument("--method", default="mask", metavar="{" + ",".join(METHODS) + "}",
+                    help="search method (default: %(default)s)")
+    tr.add_argument("--per", default="input", metavar="{" + ",".join(PER) + "}",
+                    help="a subgraph per input or one per dataset (default: %(default)s)")
+    tr.add_argument("--ablation", default="mean", metavar="{" + ",".join(ABLATIONS) + "}",
+                    help="what replaces a removed node (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
     tr.add_argument("--batch-size", type=int, default=None,
@@ -133,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--sizes", nargs="+", default=None,
                     help="node counts or relative sizes; default: a log grid")
     rp.add_argument("--seed", type=int, default=0)
-    rp.add_argument("--ablation", default="mean", help="mean (default) or zero")
+    rp.add_argument("--ablation", default="mean", metavar="{" + ",".join(ABLATIONS) + "}",
+                    help="what replaces a removed node (default: %(default)s)")
     rp.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
     rp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
     rp.add_argument("--random-draws", type=int, default=5,
@@ -191,6 +197,7 @@ def _with_file_line(message: str, prompt_file: Any) -> str:
 def cmd_trace(args: argparse.Namespace) -> int:
     from strace_lens.dataset import trace_dataset
     from strace_lens.prompts import read_prompts
+    from strace_lens.types import ABLATIONS
 
     if args.n is not None and args.n < 1:
         raise BadInput(f"--n must be at least 1, got {args.n}.")
@@ -198,7 +205,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise BadInput(f"--chunk-size must be at least 1, got {args.chunk_size}.")
     if args.batch_size is not None and args.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}.")
-    if args.ablation not in ("mean", "zero"):
+    if args.ablation not in ABLATIONS:
         raise BadInput(f"Unknown ablation {args.ablation!r}: use mean or zero.")
     sizes = _parse_sizes(args.sizes)
     prompt_file = read_prompts(args.prompts, n=args.n)
@@ -245,7 +252,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from strace_lens.report import cli_command, reproduce
+    from strace_lens.reproduce import cli_command, reproduce
 
     models = args.model or [DEFAULT_REPRODUCE_MODEL]
     if len(models) > 2:

@@ -46,7 +46,6 @@ docs/dataset-runs.md.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -64,6 +63,7 @@ from tqdm.auto import tqdm
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
 from strace_lens.atomic import read_versioned_json, replaced_folder, sha256_file
+from strace_lens.config import TraceConfig
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch, tokenize
@@ -71,6 +71,7 @@ from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
 from strace_lens.prompts import PromptFile
 from strace_lens.result import VOLATILE_OPTIONS, TraceResult
+from strace_lens.types import ABLATIONS
 
 MANIFEST_FILE = "manifest.json"
 ABLATION_FILE = "ablation.safetensors"
@@ -306,14 +307,9 @@ def load_run(folder: str | os.PathLike[str]) -> TraceResult:
 
 
 def _check_options(model: Any, trace_options: dict[str, Any]) -> None:
-    from strace_lens.trace import METHODS, PER, resolve_candidates, resolve_sizes
+    from strace_lens.trace import resolve_candidates, resolve_sizes
 
-    method = trace_options.get("method", "mask")
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    per = trace_options.get("per", "input")
-    if per not in PER:
-        raise ValueError(f"Unknown per={per!r}; choose one of {', '.join(PER)}.")
+    TraceConfig.from_kwargs(trace_options)  # method, per, ablation and method options
     graph = NodeGraph.from_model(model)
     cand = resolve_candidates(graph, trace_options.get("keep"), trace_options.get("candidates"))
     resolve_sizes(trace_options.get("sizes"), int(cand.sum()))
@@ -382,15 +378,8 @@ def _jsonable(value: Any, where: str) -> Any:
 
 
 def _trace_defaults() -> dict[str, Any]:
-    """The default of every option ``trace`` takes (not the prompts, targets or run-time ones)."""
-    from strace_lens.trace import trace
-
-    skip = {"model", "prompts", "targets", *RUNTIME_OPTIONS}
-    return {
-        name: param.default
-        for name, param in inspect.signature(trace).parameters.items()
-        if param.default is not inspect.Parameter.empty and name not in skip
-    }
+    """The default of every option that identifies a run (the trace configuration's)."""
+    return TraceConfig.identity_defaults()
 
 
 def _ablation_hash(ablation: MeanAblation) -> str:
@@ -422,7 +411,7 @@ def _run_identity(
             f"Unknown ablation {ablation!r}: use 'mean', 'zero', ZeroAblation() or "
             "MeanAblation.from_prompts(model, prompts)."
         )
-    if options["ablation"] not in ("mean", "zero") and isinstance(options["ablation"], str):
+    if options["ablation"] not in ABLATIONS and isinstance(options["ablation"], str):
         raise ValueError(
             f"Unknown ablation {options['ablation']!r}: use 'mean', 'zero', ZeroAblation() or "
             "MeanAblation.from_prompts(model, prompts)."

@@ -33,9 +33,15 @@ class Node:
     @property
     def hook_name(self) -> str:
         """The TransformerLens hook point whose activation this node ablates."""
-        if self.kind == "attn":
-            return f"blocks.{self.layer}.attn.hook_z"
-        return f"blocks.{self.layer}.hook_mlp_out"
+        return hook_name(self.layer, self.kind)
+
+
+def hook_name(layer: int, kind: NodeKind) -> str:
+    """The hook point of layer ``layer``'s heads (``attn.hook_z``, one slice per head) or its
+    MLP (``hook_mlp_out``): the one place that spells TransformerLens's hook names."""
+    if kind == "attn":
+        return f"blocks.{layer}.attn.hook_z"
+    return f"blocks.{layer}.hook_mlp_out"
 
 
 @dataclass(frozen=True)

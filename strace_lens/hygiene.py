@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from strace_lens.graph import NodeGraph
+from strace_lens.graph import NodeGraph, hook_name
 
 
 def _hook_points(model: Any) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def _hook_points(model: Any) -> dict[str, Any]:
 def required_hook_names(graph: NodeGraph) -> list[str]:
     names = []
     for layer in range(graph.n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        names += [hook_name(layer, "attn"), hook_name(layer, "mlp")]
     return names
 
 

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from strace_lens.ablation import Ablation, ZeroAblation
-from strace_lens.graph import NodeGraph
+from strace_lens.graph import NodeGraph, hook_name
 from strace_lens.hygiene import check_hook_points, model_untouched
 from strace_lens.inputs import Prompts, TokenBatch, tokenize
 
@@ -119,11 +119,9 @@ def node_hooks(
         if not mask.requires_grad and bool((heads == 1).all()) and bool((mlp == 1).all()):
             continue
         hooks.append(
-            (f"blocks.{layer}.attn.hook_z", _attn_hook(heads, ablation.attn_value(layer, batch)))
+            (hook_name(layer, "attn"), _attn_hook(heads, ablation.attn_value(layer, batch)))
         )
-        hooks.append(
-            (f"blocks.{layer}.hook_mlp_out", _mlp_hook(mlp, ablation.mlp_value(layer, batch)))
-        )
+        hooks.append((hook_name(layer, "mlp"), _mlp_hook(mlp, ablation.mlp_value(layer, batch))))
     return hooks
 
 
@@ -168,7 +166,7 @@ def check_finite(logprobs: Tensor, what: str = "the model's output") -> None:
 def run_with_mask(
     model: Any,
     tokens: Prompts,
-    mask: Float[Tensor, "batch node"],
+    mask: Float[Tensor, "*#batch node"] | Bool[Tensor, "*#batch node"],
     ablation: Ablation | None = None,
     *,
     attention_mask: Tensor | None = None,

@@ -12,11 +12,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from strace_lens.atomic import replaced_folder
+
+if TYPE_CHECKING:  # torch is imported when a model is loaded: `strace-lens --help` stays fast
+    import torch
 
 #: Environment variable that overrides where de-quantised fp32 copies are cached.
 CACHE_ENV = "STRACE_LENS_CACHE"
@@ -91,6 +92,7 @@ def _fp32_copy(spec: EmbeddedModel) -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     _check_installed(spec)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = spec.gguf_path()
@@ -114,7 +116,7 @@ def _fp32_copy(spec: EmbeddedModel) -> Path:
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> Any:
     """Load a model as a TransformerLens ``TransformerBridge``, with no network for embedded ones.
 
@@ -123,13 +125,16 @@ def load_model(
             offline), or a local folder / Hugging Face name handed to
             ``TransformerBridge.boot_transformers``.
         device: ``"cpu"``, ``"cuda"``, ... ; default: CUDA when available, else CPU.
-        dtype: parameter dtype (fp32 by default; fidelity metrics are sensitive to precision).
+        dtype: parameter dtype (None: fp32; fidelity metrics are sensitive to precision).
 
     Returns:
         A ``TransformerBridge`` in eval mode.
     """
+    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
+    if dtype is None:
+        dtype = torch.float32
     if not isinstance(name, str) or not name.strip():
         raise ValueError(
             f"load_model() needs a model name; known embedded models: {sorted(EMBEDDED_MODELS)}"

@@ -20,9 +20,11 @@ is simply the smallest subgraph containing it); nodes never in the largest subgr
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from strace_lens.atomic import read_versioned_json, sha256_file
+from strace_lens.config import TraceConfig
 from strace_lens.graph import NodeGraph
 
 FORMAT = "strace-lens/trace-result"
@@ -69,6 +72,12 @@ class TraceResult:
         )
 
     @property
+    def config(self) -> TraceConfig:
+        """The trace configuration this result records (sizes, keep and candidates are read
+        off the result itself)."""
+        return TraceConfig.from_record(self.options)
+
+    @property
     def method(self) -> str:
         return str(self.options.get("method", "mask"))
 
@@ -90,10 +99,14 @@ class TraceResult:
             return self.masks
         return self.masks.expand(self.n_prompts, -1, -1)
 
+    def size_order(self) -> Int[Tensor, " size"]:
+        """The permutation that sorts the size grid increasingly."""
+        return torch.argsort(self.sizes)
+
     @property
     def is_nested(self) -> bool:
         """True when each subgraph contains every smaller one, for every row."""
-        order = torch.argsort(self.sizes)
+        order = self.size_order()
         m = self.masks[:, order]
         return bool((m[:, :-1] & ~m[:, 1:]).sum() == 0)
 
@@ -103,7 +116,7 @@ class TraceResult:
         NaN for nodes outside the candidates (always kept) and for nodes that are not in the
         largest subgraph.
         """
-        order = torch.argsort(self.sizes)
+        order = self.size_order()
         sizes = self.sizes[order].double()
         m = self.masks[:, order]  # [R, S, N]
         # in_from_here[j] = node is in every subgraph of size index >= j
@@ -193,12 +206,22 @@ class TraceResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TraceResult:
-        """Read a result folder written by :meth:`save` (or a ``trace_dataset`` run folder)."""
+        """Read a result folder written by :meth:`save`.
+
+        A ``trace_dataset`` run folder is read with ``strace_lens.load(path)``; passing one
+        here still works (it is handed over, with a DeprecationWarning).
+        """
         folder = Path(path)
         if (folder / "manifest.json").exists() and not (folder / META_FILE).exists():
-            from strace_lens.dataset import load_run  # a sharded dataset-scale run
-
-            return load_run(folder)
+            warnings.warn(
+                f"{folder} is a dataset run folder: read it with strace_lens.load(path); "
+                "TraceResult.load reads single results.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            # by name, at run time: the result container does not depend on the layer above
+            loading = importlib.import_module("strace_lens.loading")
+            return loading.load(folder)
         meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
         if not meta_path.exists() or not tensors_path.exists():
             raise FileNotFoundError(

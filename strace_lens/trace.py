@@ -16,32 +16,20 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from strace_lens.ablation import Ablation, resolve_ablation
+from strace_lens.config import TraceConfig
+from strace_lens.evaluate import TOP_K, embed_candidates, evaluate_draws, evaluate_masks
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import check_hook_points, model_device, model_untouched
 from strace_lens.inputs import Prompts, tokenize
 from strace_lens.masked_forward import check_finite, forward_logprobs
-from strace_lens.metrics import entropy, kl_divergence, shared_nucleus, tv_distance
+from strace_lens.metrics import entropy
 from strace_lens.models import model_identity
 from strace_lens.result import TraceResult
-from strace_lens.search.baselines import (
-    EXHAUSTIVE_MAX_SUBSETS,
-    FORWARD_DEFAULT_MAX,
-    FORWARD_FULL_LIMIT,
-    _no_options,
-    attribution_scores,
-    exhaustive_masks,
-    forward_selection,
-    greedy_masks,
-    greedy_scores,
-    random_masks,
-)
-from strace_lens.search.mask_learning import learn_masks, top_s
+from strace_lens.search.grouping import RowGrouping
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.types import METHODS, PER
 
-METHODS = ("mask", "random", "greedy", "attribution", "forward", "exhaustive")
-PER = ("input", "dataset")
 DEFAULT_GRID_POINTS = 12
-TOP_K = 5
 
 NodeSpec = Sequence[str | Node | int]
 
@@ -157,8 +145,10 @@ def trace(
         keep: nodes always kept (not counted in s).
         candidates: the only nodes a search may choose; every other node is kept.
         seed: makes the result reproducible (on CPU, bit for bit).
-        device: where to run; default: the model's device.
-        progress: print progress for long searches.
+        device: checked only: the model's device (a model is traced where it is; move it
+            with ``model.to(...)`` first). Raises ValueError when they differ.
+        progress: accepted for compatibility and not used: ``trace`` prints nothing
+            (``trace_dataset`` shows a progress bar per chunk).
         nested: for "mask", make subgraphs nested across sizes (each contains the smaller
             ones). Default True: entry sizes, the core/refinement phases and the composition
             curves of the paper are read off nested families, and the nested search is the
@@ -172,10 +162,33 @@ def trace(
         **options: method options (mask: ``steps``, ``finetune_steps``, ``lr``, ...;
             random: ``draws``; forward: ``max_size``; exhaustive: ``max_subsets``).
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if per not in PER:
-        raise ValueError(f"Unknown per={per!r}; choose 'input' or 'dataset'.")
+    config = TraceConfig.from_kwargs(
+        dict(
+            method=method,
+            per=per,
+            ablation=ablation,
+            sizes=sizes,
+            keep=keep,
+            candidates=candidates,
+            seed=seed,
+            nested=nested,
+            inverse=inverse,
+            **options,
+        )
+    )
+    return run_trace(model, prompts, config, targets=targets, batch_size=batch_size, device=device)
+
+
+def run_trace(
+    model: Any,
+    prompts: Prompts,
+    config: TraceConfig,
+    *,
+    targets: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> TraceResult:
+    """``trace`` for a validated configuration: prepare, search, evaluate, build the result."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     started = time.perf_counter()
@@ -187,75 +200,36 @@ def trace(
             f"the model first (model.to({str(device)!r})) or leave device=None."
         )
     batch = tokenize(model, prompts)
-    cand = resolve_candidates(graph, keep, candidates)
-    n_cand = int(cand.sum())
-    size_counts = resolve_sizes(sizes, n_cand)
+    cand = resolve_candidates(graph, config.keep, config.candidates)
+    size_counts = resolve_sizes(config.sizes, int(cand.sum()))
     # default: the mean over the prompts' own real tokens
-    abl = resolve_ablation(ablation, model, prompts, progress=False)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    abl = resolve_ablation(config.ablation, model, prompts, progress=False)
+    torch.manual_seed(config.seed)
+    grouping = RowGrouping(config.per, batch.batch_size)
+    method = config.search_method
 
     with model_untouched(model):
         with torch.no_grad():
             logp_full = forward_logprobs(model, batch, [])
         check_finite(logp_full, "the full model's output")
         objective = SubgraphObjective(model, graph, batch, logp_full, abl, cand, batch_size)
-        per_option = dict(options)
-        sizes_used = size_counts
-        if method == "mask":
-            init = None
-            if per_option.get("init", "attribution") == "attribution":
-                init = -attribution_scores(objective, per)
-            # the nested growth also proposes nodes in the best-first order of write norms
-            guide = greedy_scores(objective, per) if nested else None
-            cand_masks = learn_masks(
-                objective, size_counts, per, nested, init, per_option, seed, guide
-            )
-        elif method == "random":
-            _no_options(method, per_option, {"draws"})
-            draws = int(per_option.get("draws", 5))
-            n_rows = batch.batch_size if per == "input" else 1
-            all_draws = random_masks(n_rows, size_counts, n_cand, draws, gen)
-            cand_masks = all_draws[0]
-        elif method == "greedy":
-            _no_options(method, per_option, set())
-            cand_masks = greedy_masks(objective, size_counts, per)
-        elif method == "attribution":
-            _no_options(method, per_option, set())
-            scores = attribution_scores(objective, per).abs().cpu()
-            n_rows = scores.shape[0]
-            cand_masks = top_s(
-                scores.repeat_interleave(len(size_counts), 0), size_counts.repeat(n_rows)
-            ).reshape(n_rows, len(size_counts), n_cand)
-        elif method == "forward":
-            _no_options(method, per_option, {"max_size"})
-            limit = per_option.get("max_size")
-            if limit is None:
-                limit = n_cand if n_cand <= FORWARD_FULL_LIMIT else FORWARD_DEFAULT_MAX
-            sizes_used = size_counts[size_counts <= int(limit)]
-            if len(sizes_used) == 0:
-                raise ValueError(f"max_size={limit} is below the smallest size asked for.")
-            cand_masks = forward_selection(objective, sizes_used, per, int(sizes_used.max()))
-        else:  # exhaustive
-            _no_options(method, per_option, {"max_subsets"})
-            limit = int(per_option.get("max_subsets", EXHAUSTIVE_MAX_SUBSETS))
-            cand_masks = exhaustive_masks(objective, size_counts, per, limit)
-
-        masks = _embed(cand_masks, cand)
+        found = method.run(objective, size_counts, grouping, config.seed, config.options)
+        masks = embed_candidates(found.masks, cand)
         search_rows = objective.rows_evaluated
-        if method == "random" and all_draws.shape[0] > 1:
-            metrics, top = _draw_spread(objective, all_draws, cand, inverse)
+        if found.draws is not None:
+            scored = evaluate_draws(objective, found.draws, config.inverse)
         else:
-            metrics, top = _evaluate(objective, masks, cand, inverse)
+            scored = evaluate_masks(objective, masks, config.inverse)
+    explicit = config.keep is not None or config.candidates is not None
     options_record: dict[str, Any] = {
-        "method": method,
-        "per": per,
-        "nested": nested if method == "mask" else method in ("greedy", "forward", "attribution"),
-        "seed": seed,
+        "method": config.method,
+        "per": config.per,
+        "nested": method.nested(config.options),
+        "seed": config.seed,
         "ablation": abl.describe(),
-        "keep": graph.nodes_from_mask(~cand) if keep is not None or candidates is not None else [],
-        "method_options": per_option,
-        "inverse": inverse,
+        "keep": graph.nodes_from_mask(~cand) if explicit else [],
+        "method_options": dict(config.method_options),
+        "inverse": config.inverse,
         "model": model_identity(model),
         "search_rows": search_rows,
         "eval_rows": objective.rows_evaluated - search_rows,
@@ -264,77 +238,17 @@ def trace(
     }
     return TraceResult(
         graph=graph,
-        sizes=sizes_used.clone(),
+        sizes=found.sizes.clone(),
         masks=masks,
-        metrics=metrics,
+        metrics=scored.metrics,
         entropy=entropy(logp_full).cpu(),
         prompts=_prompt_texts(model, prompts, batch.batch_size),
-        top_tokens=top,
+        top_tokens=scored.top_tokens,
         full_top_tokens=logp_full.topk(TOP_K, -1).indices.cpu(),
         candidates=cand,
         options=options_record,
         target_logprob=_target_logprobs(model, logp_full, targets),
     )
-
-
-def _embed(cand_masks: Tensor, cand: Tensor) -> Bool[Tensor, "row size node"]:
-    """Candidate masks ``[R, S, n_cand]`` -> node masks ``[R, S, N]`` (others kept)."""
-    out = torch.ones(*cand_masks.shape[:2], len(cand), dtype=torch.bool)
-    out[:, :, cand] = cand_masks.cpu()
-    return out
-
-
-def _evaluate(
-    objective: SubgraphObjective, masks: Tensor, cand: Tensor, inverse: bool
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Hard-mask metrics for every (prompt, size), and for each inverse subgraph."""
-    n_p = objective.n_prompts
-    n_r, n_s, n_n = masks.shape
-    per_prompt = masks.expand(n_p, -1, -1) if n_r == 1 else masks
-    rows = per_prompt.reshape(-1, n_n)
-    prompt_index = torch.arange(n_p).repeat_interleave(n_s)
-    metrics: dict[str, Tensor] = {}
-    top = None
-    variants = [("", rows)]
-    if inverse:
-        variants.append(("inv_", ~rows | ~cand[None]))
-    device = objective.logp_full.device
-    for prefix, variant in variants:
-        kl, tv, nuc, tops = [], [], [], []
-        step = objective.rows_per_pass
-        for lo in range(0, len(prompt_index), step):
-            idx = prompt_index[lo : lo + step].to(device)
-            logp = objective.logprobs(variant[lo : lo + step].float().to(device), idx)
-            full = objective.logp_full[idx]
-            kl.append(kl_divergence(full, logp).cpu())
-            tv.append(tv_distance(full, logp).cpu())
-            nuc.append(shared_nucleus(full, logp).cpu())
-            if not prefix:
-                tops.append(logp.topk(TOP_K, -1).indices.cpu())
-        metrics[prefix + "kl"] = torch.cat(kl).reshape(n_p, n_s)
-        metrics[prefix + "tv"] = torch.cat(tv).reshape(n_p, n_s)
-        metrics[prefix + "nucleus"] = torch.cat(nuc).reshape(n_p, n_s)
-        if not prefix:
-            top = torch.cat(tops).reshape(n_p, n_s, TOP_K)
-    assert top is not None
-    return metrics, top
-
-
-def _draw_spread(
-    objective: SubgraphObjective, draws: Tensor, cand: Tensor, inverse: bool
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Random baseline: mean and standard deviation of every metric over all draws.
-
-    Each draw is evaluated once; the top tokens reported are those of the first draw (whose
-    masks the result stores).
-    """
-    evaluated = [_evaluate(objective, _embed(d, cand), cand, inverse) for d in draws]
-    out: dict[str, Tensor] = {}
-    for name in evaluated[0][0]:
-        stacked = torch.stack([metrics[name] for metrics, _ in evaluated])
-        out[name] = stacked.mean(0)
-        out[name + "_std"] = stacked.std(0)
-    return out, evaluated[0][1]
 
 
 def _prompt_texts(model: Any, prompts: Prompts, n: int) -> list[str]:
@@ -353,3 +267,16 @@ def _version() -> str:
     from strace_lens import __version__
 
     return __version__
+
+
+__all__ = [
+    "DEFAULT_GRID_POINTS",
+    "METHODS",
+    "PER",
+    "TOP_K",
+    "default_sizes",
+    "resolve_candidates",
+    "resolve_sizes",
+    "run_trace",
+    "trace",
+]

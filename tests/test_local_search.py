@@ -58,6 +58,7 @@ def _start(n_prompts, n_nodes, seed):
     return rows.reshape(n_prompts, len(SIZES), n_nodes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_swap_refine_ends_where_no_single_swap_helps(tiny, toks, ablation):
     n_p, n = len(toks), 15
@@ -95,6 +96,7 @@ def _score(model, toks, family, ablation, per):
     return total
 
 
+@pytest.mark.slow  # brute force over every exchange: minutes
 @pytest.mark.parametrize("per", ["input", "dataset"])
 def test_chain_refine_keeps_nesting_and_ends_in_a_local_optimum(tiny, toks, per):
     n = 15
@@ -123,6 +125,7 @@ def test_chain_refine_keeps_nesting_and_ends_in_a_local_optimum(tiny, toks, per)
                 assert float(score) >= float(after[g]) - 1e-4 * max(1.0, abs(float(after[g])))
 
 
+@pytest.mark.slow
 def test_nested_search_is_not_worse_than_its_ranking_alone(tiny, toks):
     """chain_refine only accepts improvements: with it the family scores at least as well."""
     plain = sl.trace(

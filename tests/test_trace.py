@@ -60,6 +60,7 @@ def test_every_mask_has_exactly_s_nodes_and_full_size_is_exact(tiny, toks, metho
     assert bool((res.metrics["kl"] >= 0).all())
 
 
+@pytest.mark.slow
 def test_metrics_are_those_of_the_hard_masks(tiny, toks):
     res = sl.trace(tiny, toks, sizes=[2, 6], ablation="zero", progress=False, steps=3)
     for p in range(3):
@@ -123,6 +124,7 @@ def test_keep_and_candidates_are_respected(tiny, toks):
     assert torch.equal(chosen[:, res2.candidates].sum(-1), torch.tensor([2, 2, 2]))
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_and_different_seed_differs(tiny, toks):
     a = sl.trace(tiny, toks, sizes=[2, 4], progress=False, steps=4, seed=3)
     b = sl.trace(tiny, toks, sizes=[2, 4], progress=False, steps=4, seed=3)
@@ -148,6 +150,7 @@ def test_nested_masks_are_nested(tiny, toks):
             assert (got == expected) or (not held and got != got)
 
 
+@pytest.mark.slow
 def test_learned_masks_beat_random_on_average(tiny, toks):
     learned = sl.trace(tiny, toks, sizes=[2, 4, 8], progress=False)
     rand = sl.trace(tiny, toks, sizes=[2, 4, 8], method="random", progress=False)

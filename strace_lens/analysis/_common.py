@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -12,7 +11,7 @@ from strace_lens.result import TraceResult
 
 def sorted_sizes(result: TraceResult) -> tuple[Tensor, Tensor]:
     """The size grid in increasing order, and the permutation that sorts it."""
-    order = torch.argsort(result.sizes)
+    order = result.size_order()
     return result.sizes[order], order
 
 

@@ -49,7 +49,7 @@ def composition(result: TraceResult) -> pd.DataFrame:
     ``q1_share`` .. ``q4_share`` (the subgraph), the same with a ``new_`` prefix (nodes
     entering at this size) and ``base_attn_share``, ``base_q1_share`` .. (all candidates).
     """
-    order = torch.argsort(result.sizes)
+    order = result.size_order()
     masks = result.masks[:, order] & result.candidates
     previous = torch.zeros_like(masks)
     previous[:, 1:] = masks[:, :-1]

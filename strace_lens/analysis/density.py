@@ -32,7 +32,7 @@ from strace_lens.result import TraceResult
 
 def log_sizes(result: TraceResult) -> tuple[np.ndarray, torch.Tensor]:
     """log10(relative size) of the grid in increasing order, and the sorting permutation."""
-    order = torch.argsort(result.sizes)
+    order = result.size_order()
     rel = to_numpy(result.relative_sizes[order])
     if (rel <= 0).any():
         raise ValueError(

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from strace_lens.analysis._common import to_numpy
 from strace_lens.result import TraceResult
@@ -27,7 +26,7 @@ def recovery_sizes(
     result: TraceResult, levels: Sequence[float] = RECOVERY_LEVELS
 ) -> pd.DataFrame:
     """Per (prompt, level): the smallest size reaching that shared nucleus (inf if none)."""
-    order = torch.argsort(result.sizes)
+    order = result.size_order()
     rel = to_numpy(result.relative_sizes[order])
     sizes = result.sizes[order].numpy()
     nucleus = to_numpy(result.metrics["nucleus"])[:, order.numpy()]

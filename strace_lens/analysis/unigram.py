@@ -104,7 +104,7 @@ def unigram(
     """
     ranks = frequency_ranks(counts)
     n_seen_plus_1 = float((np.asarray(counts) > 0).sum() + 1)
-    order = torch.argsort(result.sizes)
+    order = result.size_order()
     top = result.top_tokens[:, order].numpy()  # [P, S, K]
     full_top = result.full_top_tokens.numpy()  # [P, K]
     if top.max(initial=0) >= len(ranks) or full_top.max(initial=0) >= len(ranks):

@@ -21,7 +21,7 @@ from strace_lens.result import TraceResult
 
 
 def _frequencies(result: TraceResult) -> tuple[torch.Tensor, torch.Tensor]:
-    order = torch.argsort(result.sizes)
+    order = result.size_order()
     freq = result.masks[:, order].double().mean(0)  # [S, N]
     return freq[:, result.candidates], order
 

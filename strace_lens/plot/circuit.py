@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import torch
 
 from strace_lens.analysis import split_core, split_refinement
+from strace_lens.graph import NodeGraph
 from strace_lens.plot._common import model_name, short
 from strace_lens.plot.style import CORE_COLOR, REFINEMENT_COLOR, TEMPLATE, UNUSED_COLOR
 from strace_lens.result import TraceResult
@@ -28,8 +29,13 @@ MAX_NODE_PX = 24.0
 # Marker diameter as a fraction of the grid cell: earliest entry -> BIG, latest -> SMALL.
 BIG, SMALL, ABLATED = 0.86, 0.42, 0.22
 
-SHORT_NAMES = {"core": "core", "refinement": "refinement", "core_out": "core, ablated",
-               "fixed": "kept", "ablated": "ablated"}
+SHORT_NAMES = {
+    "core": "core",
+    "refinement": "refinement",
+    "core_out": "core, ablated",
+    "fixed": "kept",
+    "ablated": "ablated",
+}
 LEGEND_RANK = {"core": 1, "refinement": 2, "core_out": 3, "fixed": 4, "ablated": 5}
 PHASES = {
     # key: (legend name, colour, filled?)
@@ -61,37 +67,55 @@ def circuit(
             nucleus that ends the core; 1 = the top-1 token is the full model's).
     """
     graph = result.graph
+    per_dataset = result.masks.shape[0] == 1 and result.n_prompts != 1
+    row, size = _row_and_size(result, prompt, size, core_nucleus, per_dataset)
+    j = result.size_index(size)
+    shown = result.masks[row, j].clone()
+    entry = result.entry_sizes()[row].double()
+    core_size_all, core_mask_all = split_core(result, core_nucleus)
+    core, core_size = core_mask_all[row], float(core_size_all[row])
+
+    phase = _phases(shown, result.candidates, core)
+    rel = _marker_sizes(result, entry, phase)
+    hover = _hover_texts(result, row, prompt, per_dataset, shown, entry, phase)
+    fig = go.Figure()
+    _add_phase_traces(fig, graph, phase, rel, hover)
+    titles = _titles(result, row, size, per_dataset, core_size, core_nucleus)
+    _lay_out(fig, graph, titles, size=size, row=row, core_size=core_size)
+    return fig
+
+
+def _row_and_size(
+    result: TraceResult,
+    prompt: int | None,
+    size: int | None,
+    core_nucleus: float,
+    per_dataset: bool,
+) -> tuple[int, int]:
+    """The mask row drawn and its size (default: the refined subgraph's)."""
     n_prompts = result.n_prompts
-    per_dataset = result.masks.shape[0] == 1 and n_prompts != 1
     if prompt is not None and not 0 <= prompt < n_prompts:
         raise IndexError(f"prompt={prompt} is outside this result's {n_prompts} prompts.")
     row = 0 if per_dataset else (prompt or 0)
     if size is None:  # the smallest subgraph that reproduces the distribution's head well
         refined_size, _, _ = split_refinement(result, core_nucleus)
         size = int(refined_size[row])
-    j = result.size_index(size)
+    return row, size
 
-    shown = result.masks[row, j].clone()
-    candidates = result.candidates
-    entry = result.entry_sizes()[row].double()
-    core_size_all, core_mask_all = split_core(result, core_nucleus)
-    core = core_mask_all[row]
-    core_size = float(core_size_all[row])
 
-    # Fidelity shown in the hover: that prompt's, or the mean over prompts for a shared mask.
-    sel = slice(None) if (per_dataset and prompt is None) else slice(row, row + 1)
-    if per_dataset and prompt is not None:
-        sel = slice(prompt, prompt + 1)
-    kl = result.metrics["kl"][sel].double().mean(0)
-    tv = result.metrics["tv"][sel].double().mean(0)
-
-    phase = np.full(len(graph), "ablated", dtype=object)
+def _phases(shown: torch.Tensor, candidates: torch.Tensor, core: torch.Tensor) -> np.ndarray:
+    """Each node's phase key (see ``PHASES``) in the subgraph drawn."""
+    phase = np.full(len(shown), "ablated", dtype=object)
     phase[(shown & candidates & ~core).numpy()] = "refinement"
     phase[(shown & core).numpy()] = "core"
     phase[(~shown & core).numpy()] = "core_out"
     phase[(~candidates).numpy()] = "fixed"
+    return phase
 
-    # Marker size from the entry size, on a log scale between the grid's ends.
+
+def _marker_sizes(result: TraceResult, entry: torch.Tensor, phase: np.ndarray) -> np.ndarray:
+    """Marker diameter as a fraction of a cell, from the entry size on a log scale between
+    the grid's ends (earliest -> BIG, latest -> SMALL)."""
     grid = result.sizes.double()
     lo, hi = math.log(max(float(grid.min()), 1.0)), math.log(max(float(grid.max()), 1.0))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -99,16 +123,29 @@ def circuit(
     t = np.where(np.isnan(t), 1.0, np.clip(t, 0.0, 1.0))
     rel = BIG - (BIG - SMALL) * t
     rel = np.where(phase == "ablated", ABLATED, rel)
-    rel = np.where(phase == "fixed", BIG * 0.8, rel)
+    return np.where(phase == "fixed", BIG * 0.8, rel)
 
-    x = graph.layers.numpy().astype(float)
-    heads = [n.head for n in graph.nodes]
-    y = np.array([h if h is not None else graph.n_heads - 1 + MLP_GAP + 1 for h in heads], float)
-    is_attn = graph.is_attn.numpy()
 
+def _hover_texts(
+    result: TraceResult,
+    row: int,
+    prompt: int | None,
+    per_dataset: bool,
+    shown: torch.Tensor,
+    entry: torch.Tensor,
+    phase: np.ndarray,
+) -> np.ndarray:
+    """Each node's hover: name, phase, entry size and the fidelity there (that prompt's, or
+    the mean over prompts for a shared mask)."""
+    sel = slice(None) if (per_dataset and prompt is None) else slice(row, row + 1)
+    if per_dataset and prompt is not None:
+        sel = slice(prompt, prompt + 1)
+    kl = result.metrics["kl"][sel].double().mean(0)
+    tv = result.metrics["tv"][sel].double().mean(0)
+    candidates = result.candidates
     n_cand = max(result.n_candidates, 1)
     hover = []
-    for i, node in enumerate(graph.nodes):
+    for i, node in enumerate(result.graph.nodes):
         kind = f"attention head {node.head}" if node.kind == "attn" else "MLP"
         lines = [f"<b>{node.name}</b>", f"layer {node.layer}, {kind}", PHASES[phase[i]][0]]
         e = float(entry[i])
@@ -116,17 +153,26 @@ def circuit(
             lines.append("not a candidate: kept in every subgraph")
         elif math.isnan(e):
             in_largest = bool(result.masks[row, int(torch.argmax(result.sizes))][i])
-            lines.append("entry size: none (" + (
-                "leaves a larger subgraph)" if in_largest or shown[i] else "never kept)"
-            ))
+            lines.append(
+                "entry size: none ("
+                + ("leaves a larger subgraph)" if in_largest or shown[i] else "never kept)")
+            )
         else:
             je = result.size_index(int(e))
             lines.append(f"entry size: s = {int(e)} ({e / n_cand:.3g} of nodes)")
             lines.append(f"fidelity there: KL {float(kl[je]):.3g} nats, TV {float(tv[je]):.3g}")
         hover.append("<br>".join(lines))
-    hover_arr = np.array(hover, dtype=object)
+    return np.array(hover, dtype=object)
 
-    fig = go.Figure()
+
+def _add_phase_traces(
+    fig: go.Figure, graph: NodeGraph, phase: np.ndarray, rel: np.ndarray, hover: np.ndarray
+) -> None:
+    """One scatter trace per phase: layer on x, head (or the MLP row) on y."""
+    x = graph.layers.numpy().astype(float)
+    heads = [n.head for n in graph.nodes]
+    y = np.array([h if h is not None else graph.n_heads - 1 + MLP_GAP + 1 for h in heads], float)
+    is_attn = graph.is_attn.numpy()
     for key in ("ablated", "fixed", "refinement", "core_out", "core"):
         # Heads first: a legend shows the trace's first marker, and most nodes are heads.
         idx = np.nonzero(phase == key)[0]
@@ -153,7 +199,7 @@ def circuit(
                     else dict(width=2, color=colour),
                     opacity=1.0,
                 ),
-                text=list(hover_arr[idx]),
+                text=list(hover[idx]),
                 customdata=[graph.names[i] for i in idx],
                 hovertemplate="%{text}<extra></extra>",
                 meta=dict(
@@ -164,11 +210,23 @@ def circuit(
             )
         )
 
-    # Title: which subgraph, and where its core ends.
+
+def _titles(
+    result: TraceResult,
+    row: int,
+    size: int,
+    per_dataset: bool,
+    core_size: float,
+    core_nucleus: float,
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(title, subtitle) for wide and for narrow (paper column) layouts: which subgraph, and
+    where its core ends."""
     model = model_name(result)
     lead = f"{model}: " if model else ""
+    n_cand = max(result.n_candidates, 1)
     where = (
-        f"shared by {n_prompts} prompts" if per_dataset
+        f"shared by {result.n_prompts} prompts"
+        if per_dataset
         else f"prompt {row}: “{short(result.prompts[row], 36)}”"
     )
     if math.isnan(core_size):
@@ -178,34 +236,63 @@ def circuit(
             f"core: smallest subgraph with a ≥{core_nucleus:g}% shared nucleus "
             f"(s = {int(core_size)})"
         )
-    titles = (  # (title, subtitle) for wide and for narrow (paper column) layouts
-        (f"{lead}s = {size} of {n_cand} nodes, {where}",
-         f"{core_text}; bigger = entered earlier; ○ head, □ MLP"),
-        (f"{lead}s = {size} of {n_cand} nodes",
-         f"core: s = {'none' if math.isnan(core_size) else int(core_size)}; bigger = earlier"),
+    return (
+        (
+            f"{lead}s = {size} of {n_cand} nodes, {where}",
+            f"{core_text}; bigger = entered earlier; ○ head, □ MLP",
+        ),
+        (
+            f"{lead}s = {size} of {n_cand} nodes",
+            f"core: s = {'none' if math.isnan(core_size) else int(core_size)}; bigger = earlier",
+        ),
     )
+
+
+def _lay_out(
+    fig: go.Figure, graph: NodeGraph, titles: Any, *, size: int, row: int, core_size: float
+) -> None:
+    """Axes, legend, the dotted line above the heads, faint layer columns, pixel sizes."""
     fig.update_layout(
         template=TEMPLATE,
-        xaxis=dict(title="layer", range=[-0.6, graph.n_layers - 0.4], tick0=0,
-                   showgrid=False, zeroline=False),
+        xaxis=dict(
+            title="layer",
+            range=[-0.6, graph.n_layers - 0.4],
+            tick0=0,
+            showgrid=False,
+            zeroline=False,
+        ),
         yaxis=dict(title="head / MLP", showgrid=False, zeroline=False),
-        legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0,
-                    yanchor="bottom", itemsizing="constant"),
+        legend=dict(
+            orientation="h",
+            x=0,
+            xanchor="left",
+            yref="container",
+            y=0,
+            yanchor="bottom",
+            itemsizing="constant",
+        ),
         hovermode="closest",
-        meta=dict(strace_lens="circuit", n_layers=graph.n_layers, n_heads=graph.n_heads,
-                  core_size=None if math.isnan(core_size) else core_size, size=size,
-                  row=row, titles=titles),
+        meta=dict(
+            strace_lens="circuit",
+            n_layers=graph.n_layers,
+            n_heads=graph.n_heads,
+            core_size=None if math.isnan(core_size) else core_size,
+            size=size,
+            row=row,
+            titles=titles,
+        ),
     )
     top = _mlp_row(graph.n_heads)
     # A dotted line separates the MLP row from the heads; faint columns mark the layers.
-    fig.add_hline(y=graph.n_heads - 1 + (MLP_GAP + 1) / 2,
-                  line=dict(color="#BBBBBB", width=1, dash="dot"))
+    fig.add_hline(
+        y=graph.n_heads - 1 + (MLP_GAP + 1) / 2, line=dict(color="#BBBBBB", width=1, dash="dot")
+    )
     for layer in range(0, graph.n_layers, 2):
-        fig.add_vrect(x0=layer - 0.5, x1=layer + 0.5, fillcolor="#F4F4F4", line_width=0,
-                      layer="below")
+        fig.add_vrect(
+            x0=layer - 0.5, x1=layer + 0.5, fillcolor="#F4F4F4", line_width=0, layer="below"
+        )
     fig.update_yaxes(range=[-0.7, top + 0.7])
     relayout(fig, width=int(max(620, 110 + graph.n_layers * 34)))
-    return fig
 
 
 def _mlp_row(n_heads: int) -> float:
@@ -238,12 +325,15 @@ def relayout(fig: go.Figure, width: int, font_px: float | None = None) -> None:
         width=width,
         height=height,
         margin=dict(l=left, r=right, t=title_h, b=bottom),
-        title=dict(text=meta["titles"][1 if narrow else 0][0],
-                   subtitle=dict(text=meta["titles"][1 if narrow else 0][1])),
+        title=dict(
+            text=meta["titles"][1 if narrow else 0][0],
+            subtitle=dict(text=meta["titles"][1 if narrow else 0][1]),
+        ),
     )
     fig.update_xaxes(dtick=layer_dtick, title_standoff=4)
-    fig.update_yaxes(tickvals=[*heads, top_row], ticktext=[f"h{h}" for h in heads] + ["MLP"],
-                     title_standoff=4)
+    fig.update_yaxes(
+        tickvals=[*heads, top_row], ticktext=[f"h{h}" for h in heads] + ["MLP"], title_standoff=4
+    )
     for trace in fig.data:
         trace_meta = trace.meta or {}
         if "rel_size" in trace_meta:

@@ -29,21 +29,16 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from strace_lens.graph import hook_name
 from strace_lens.masked_forward import forward_logprobs
-from strace_lens.search.mask_learning import top_s
+from strace_lens.search.grouping import RowGrouping, as_grouping
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.search.ranking import top_s, top_s_grid
+from strace_lens.types import Per
 
 EXHAUSTIVE_MAX_SUBSETS = 20000
 FORWARD_FULL_LIMIT = 24
 FORWARD_DEFAULT_MAX = 8
-
-
-def _no_options(method: str, options: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(options) - allowed
-    if unknown:
-        raise TypeError(
-            f"Unknown option(s) for method={method!r}: {sorted(unknown)}; known: {sorted(allowed)}."
-        )
 
 
 def random_masks(
@@ -55,17 +50,19 @@ def random_masks(
     return top_s(flat, sz).reshape(draws, n_rows, len(sizes), n_cand)
 
 
-def attribution_scores(objective: SubgraphObjective, per: str) -> Float[Tensor, "group cand"]:
+def attribution_scores(
+    objective: SubgraphObjective, per: Per | RowGrouping
+) -> Float[Tensor, "group cand"]:
     """dKL/dm at the all-ablated point for every candidate (signed; negative = helps)."""
     n_p = objective.n_prompts
+    grouping = as_grouping(per, n_p)
     n_c = int(objective.candidates.sum())
     device = objective.logp_full.device
     zeros = torch.zeros(n_p, n_c, device=device, requires_grad=True)
-    weights = torch.ones(n_p, device=device) / (n_p if per == "dataset" else 1)
+    weights = torch.ones(n_p, device=device) / grouping.group_size
     objective.kl_backward(objective.full_mask(zeros), torch.arange(n_p, device=device), weights)
     assert zeros.grad is not None
-    grad = zeros.grad.detach()
-    return grad.sum(0, keepdim=True) if per == "dataset" else grad
+    return grouping.pool(zeros.grad.detach())
 
 
 @torch.no_grad()
@@ -99,8 +96,8 @@ def contribution_norms(objective: SubgraphObjective) -> Float[Tensor, "prompt no
 
     hooks: list[tuple[str, Any]] = []
     for layer in range(graph.n_layers):
-        hooks.append((f"blocks.{layer}.attn.hook_z", attn_hook))
-        hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_hook))
+        hooks.append((hook_name(layer, "attn"), attn_hook))
+        hooks.append((hook_name(layer, "mlp"), mlp_hook))
     forward_logprobs(model, batch, hooks)
     return norms
 
@@ -145,13 +142,15 @@ def greedy_order(norms: Float[Tensor, " node"], layers: Tensor, is_attn: Tensor)
     return chosen
 
 
-def greedy_scores(objective: SubgraphObjective, per: str) -> Float[Tensor, "group cand"]:
+def greedy_scores(
+    objective: SubgraphObjective, per: Per | RowGrouping
+) -> Float[Tensor, "group cand"]:
     """Minus each candidate's position in the best-first order (higher = taken earlier)."""
     norms = contribution_norms(objective).cpu()
     cand = objective.candidates.cpu()
     graph = objective.graph
     layers, is_attn = graph.layers[cand], graph.is_attn[cand]
-    if per == "dataset":
+    if as_grouping(per, objective.n_prompts).shared:
         norms = norms.mean(0, keepdim=True)
     out = torch.zeros(norms.shape[0], int(cand.sum()))
     for r in range(norms.shape[0]):
@@ -161,23 +160,21 @@ def greedy_scores(objective: SubgraphObjective, per: str) -> Float[Tensor, "grou
 
 
 def greedy_masks(
-    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str
+    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: Per | RowGrouping
 ) -> Bool[Tensor, "row size cand"]:
-    scores = greedy_scores(objective, per)
-    n_rows = scores.shape[0]
-    return top_s(scores.repeat_interleave(len(sizes), 0), sizes.repeat(n_rows)).reshape(
-        n_rows, len(sizes), scores.shape[1]
-    )
+    return top_s_grid(greedy_scores(objective, per), sizes)
 
 
 def forward_selection(
-    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str, max_size: int
+    objective: SubgraphObjective,
+    sizes: Int[Tensor, " size"],
+    per: Per | RowGrouping,
+    max_size: int,
 ) -> Bool[Tensor, "row size cand"]:
     """Greedy forward selection up to ``max_size`` nodes (nested)."""
-    n_p = objective.n_prompts
+    grouping = as_grouping(per, objective.n_prompts)
     n_c = int(objective.candidates.sum())
-    device = objective.logp_full.device
-    n_groups = n_p if per == "input" else 1
+    n_groups = grouping.n_groups
     current = torch.zeros(n_groups, n_c, dtype=torch.bool)
     out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
     wanted = {int(s): j for j, s in enumerate(sizes.tolist())}
@@ -191,14 +188,7 @@ def forward_selection(
                 owners.append(g)
         cand_masks = torch.stack(masks)
         owner = torch.tensor(owners)
-        if per == "input":
-            kl = objective.kl(objective.full_mask(cand_masks.float().to(device)), owner.to(device))
-        else:
-            rows = cand_masks.repeat_interleave(n_p, 0)
-            prompts = torch.arange(n_p).repeat(len(cand_masks))
-            kl = objective.kl(objective.full_mask(rows.float().to(device)), prompts.to(device))
-            kl = kl.reshape(len(cand_masks), n_p).mean(-1)
-        kl = kl.cpu()
+        kl = grouping.group_kl(objective, cand_masks, owner)
         for g in range(n_groups):
             sel = torch.nonzero(owner == g).flatten()
             current[g] = cand_masks[sel[torch.argmin(kl[sel])]]
@@ -228,7 +218,10 @@ def exhaustive_table(
 
 
 def exhaustive_masks(
-    objective: SubgraphObjective, sizes: Int[Tensor, " size"], per: str, max_subsets: int
+    objective: SubgraphObjective,
+    sizes: Int[Tensor, " size"],
+    per: Per | RowGrouping,
+    max_subsets: int,
 ) -> Bool[Tensor, "row size cand"]:
     n_p = objective.n_prompts
     n_c = int(objective.candidates.sum())
@@ -239,11 +232,11 @@ def exhaustive_masks(
             f"above the limit of {max_subsets}: restrict `candidates` (e.g. to <= 16 nodes), "
             "ask for fewer sizes, or raise max_subsets=..."
         )
-    n_groups = n_p if per == "input" else 1
-    out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
+    grouping = as_grouping(per, n_p)
+    out = torch.zeros(grouping.n_groups, len(sizes), n_c, dtype=torch.bool)
     for j, s in enumerate(sizes.tolist()):
         subsets, kl = exhaustive_table(objective, s)
-        if per == "dataset":
+        if grouping.shared:
             kl = kl.mean(0, keepdim=True)
         out[:, j] = subsets[kl.argmin(-1)]
     return out

@@ -8,7 +8,6 @@ so they are measured the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +38,6 @@ class SubgraphObjective:
     batch_size: int | None = None
     #: counts forward rows run, for cost reporting
     rows_evaluated: int = 0
-    #: called after every chunk (lets callers show progress or inject faults in tests)
-    on_chunk: Callable[[int], None] | None = None
 
     @property
     def n_prompts(self) -> int:
@@ -83,8 +80,6 @@ class SubgraphObjective:
         out = []
         for lo, hi in self._chunks(len(prompt_index)):
             out.append(self._run(masks[lo:hi].float(), prompt_index[lo:hi]))
-            if self.on_chunk is not None:
-                self.on_chunk(hi - lo)
         return torch.cat(out)
 
     @torch.no_grad()
@@ -96,8 +91,6 @@ class SubgraphObjective:
         for lo, hi in self._chunks(len(prompt_index)):
             logp = self._run(masks[lo:hi].float(), prompt_index[lo:hi])
             out.append(kl_divergence(self.logp_full[prompt_index[lo:hi]], logp))
-            if self.on_chunk is not None:
-                self.on_chunk(hi - lo)
         return torch.cat(out)
 
     def kl_backward(
@@ -118,6 +111,4 @@ class SubgraphObjective:
                 kl = kl_divergence(self.logp_full[prompt_index[lo:hi]], logp)
                 (kl * weights[lo:hi]).sum().backward(retain_graph=hi < len(prompt_index))
             out.append(kl.detach())
-            if self.on_chunk is not None:
-                self.on_chunk(hi - lo)
         return torch.cat(out)

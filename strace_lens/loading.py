@@ -1,0 +1,26 @@
+"""``strace_lens.load(path)``: read back whatever strace-lens saved in a folder.
+
+A folder written by ``TraceResult.save`` (``result.json`` + ``result.safetensors``) is read by
+``TraceResult.load``; a ``trace_dataset`` run folder (``manifest.json`` + shards) by
+``load_run``, which joins its shards into one result. This module sits above both, so the
+result container does not need to know about dataset runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from strace_lens.dataset import MANIFEST_FILE, load_run
+from strace_lens.result import META_FILE, TraceResult
+
+
+def load(path: str | os.PathLike[str]) -> TraceResult:
+    """The ``TraceResult`` saved in folder ``path``: a single result or a dataset run."""
+    folder = Path(path)
+    if (folder / MANIFEST_FILE).exists() and not (folder / META_FILE).exists():
+        return load_run(folder)
+    return TraceResult.load(folder)
+
+
+__all__ = ["load"]

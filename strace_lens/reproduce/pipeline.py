@@ -1,0 +1,298 @@
+"""``reproduce``: trace (resumable), analyse, judge the claims and write the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from strace_lens import analysis as an
+from strace_lens.ablation import MeanAblation
+from strace_lens.atomic import sha256_file
+from strace_lens.models import model_identity
+from strace_lens.reproduce.claims import (
+    MIN_PROMPTS,
+    SMALL_CORE,
+    ModelRun,
+    Reproduction,
+    analyse,
+    claim,
+    claims_of,
+)
+from strace_lens.reproduce.markdown import git_commit, slug_of, write_report, write_text_atomic
+from strace_lens.result import TraceResult
+from strace_lens.types import ABLATIONS
+
+
+def _trace_run(
+    model: Any,
+    prompts: list[str],
+    targets: list[str] | None,
+    folder: Path,
+    chunk_size: int,
+    progress: bool | None,
+    batch_size: int | None,
+    options: dict[str, Any],
+) -> TraceResult:
+    """Trace through ``trace_dataset``: sharded, resumable, refused if the options changed."""
+    from strace_lens.dataset import trace_dataset
+
+    return trace_dataset(
+        model,
+        prompts,
+        folder,
+        chunk_size=chunk_size,
+        progress=progress,
+        targets=targets,
+        batch_size=batch_size,
+        **options,
+    )
+
+
+def _load(name: str, device: str | None) -> Any:
+    """An embedded model, a local folder, or ``native:tiny`` (the seeded test model)."""
+    from strace_lens.models import load_model
+    from strace_lens.tiny_model import TINY_MODEL_NAMES, tiny_model
+
+    if name in TINY_MODEL_NAMES:
+        return tiny_model(device=device)
+    return load_model(name, device=device)
+
+
+def _shard_seconds(folder: Path) -> float:
+    """Total tracing time recorded by a run's shards (all sessions of a resumed run)."""
+    total = 0.0
+    for timing in folder.glob("shards/*/timing.json"):
+        try:
+            total += float(json.loads(timing.read_text()).get("seconds", 0.0))
+        except (ValueError, OSError):
+            continue
+    return total
+
+
+# -- the entry point -------------------------------------------------------------------------
+def reproduce(
+    model: str | Any | Sequence[str | Any],
+    prompts_file: str | os.PathLike[str],
+    n: int = 200,
+    out_dir: str | os.PathLike[str] = "reproduction",
+    sizes: Sequence[int | float] | None = None,
+    seed: int = 0,
+    *,
+    ablation: str = "mean",
+    chunk_size: int = 16,
+    batch_size: int | None = None,
+    random_draws: int = 5,
+    corpus: str | os.PathLike[str] | None = None,
+    core_nucleus: float = 1.0,
+    refined_nucleus: float = 90.0,
+    small_core: float = SMALL_CORE,
+    min_prompts: int = MIN_PROMPTS,
+    n_boot: int = 2000,
+    device: str | None = None,
+    progress: bool | None = None,
+    command: str | None = None,
+    **mask_options: Any,
+) -> Reproduction:
+    """Trace the first ``n`` prompts of a file, run every analysis, and write ``report.md``.
+
+    Args:
+        model: an embedded model name (``"gemma-3-270m"``, ``"smollm2-135m"``), a local
+            folder, a loaded TransformerLens model, or a list of two of these (the report then
+            adds the cross-model agreement of per-prompt density).
+        prompts_file: a plain-text (one prompt a line) or 6-column TSV prompt file; with a TSV
+            the true next token (column 6) gives the loss on the true next word.
+        n: how many prompts, from the top of the file.
+        out_dir: where runs (``runs/<model>/mask``, ``runs/<model>/random``), tables
+            (``tables/<model>/*.csv``, ``claims.csv``) and ``report.md`` go. Calling again
+            with the same arguments resumes the traces and rewrites tables and report.
+        sizes: node counts or relative sizes (default: the trace's log grid, 1 to N).
+        seed: seeds the traces, the random baseline and every bootstrap.
+        ablation: "mean" (over the ``n`` prompts, shared by both traces) or "zero".
+        chunk_size: prompts per saved shard (what an interruption can lose).
+        batch_size: rows per forward pass (default: the trace's own); not part of a run's
+            identity, so it may change when resuming (e.g. after an out-of-memory error).
+        random_draws: random subgraphs per (prompt, size) for the baseline.
+        corpus: reference text file for unigram frequencies (default: the prompts' tokens).
+        core_nucleus, refined_nucleus: the phase rule (see :func:`strace_lens.analysis.phases`).
+        small_core: claim 1a calls a core small below this relative size; claim 3 counts
+            every traced size up to it as sparse.
+        min_prompts: below this many contributing prompts every verdict is inconclusive.
+        n_boot: bootstrap resamples for every interval.
+        device: where to load a model given by name (default: CUDA when available).
+        progress: progress bars (default: when stderr is a terminal).
+        command: the command line to record in the report (the CLI passes its own);
+            default: the equivalent Python call.
+        **mask_options: options of the learned-mask search (``steps``, ``lr``, ...).
+    """
+    from strace_lens import __version__
+    from strace_lens.prompts import read_prompts
+
+    started = time.perf_counter()
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not 1 <= len(models) <= 2:
+        raise ValueError(f"reproduce takes one model or two (for agreement), got {len(models)}.")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}.")
+    # checked before hours of tracing, not when the analyses finally run
+    if not 0 < core_nucleus <= refined_nucleus <= 100:
+        raise ValueError(
+            "The phase rule needs 0 < core_nucleus <= refined_nucleus <= 100 (shared-nucleus "
+            f"percentages), got core_nucleus={core_nucleus:g}, refined_nucleus="
+            f"{refined_nucleus:g}."
+        )
+    if not 0 < small_core <= 1:
+        raise ValueError(
+            f"small_core is a fraction of the candidate nodes in (0, 1], got {small_core:g}."
+        )
+    out = Path(out_dir)
+    pfile = read_prompts(prompts_file, n)
+    prompts, targets = pfile.prompts, pfile.targets
+    if command is None:
+        names = [m if isinstance(m, str) else "<model object>" for m in models]
+        command = (
+            "strace_lens.report.reproduce("
+            + ", ".join(
+                [
+                    repr(names if len(names) > 1 else names[0]),
+                    repr(str(prompts_file)),
+                    f"n={n}",
+                    f"out_dir={str(out_dir)!r}",
+                    f"sizes={list(sizes) if sizes is not None else None}",
+                    f"seed={seed}",
+                    f"ablation={ablation!r}",
+                    f"chunk_size={chunk_size}",
+                    f"random_draws={random_draws}",
+                    f"corpus={str(corpus) if corpus else None!r}",
+                    f"core_nucleus={core_nucleus}",
+                    f"refined_nucleus={refined_nucleus}",
+                    *[f"{k}={v!r}" for k, v in sorted(mask_options.items())],
+                ]
+            )
+            + ")"
+        )
+    runs: list[ModelRun] = []
+    for spec in models:
+        loaded = _load(spec, device) if isinstance(spec, str) else spec
+        identity = model_identity(loaded)
+        name = spec if isinstance(spec, str) else identity.get("name") or "model"
+        slug = slug_of(str(name))
+        if any(slug_of(r.name) == slug for r in runs):
+            name, slug = f"{name} (2)", f"{slug}-2"  # the same model twice: keep both runs
+        run_dir = out / "runs" / slug
+        common = {"sizes": list(sizes) if sizes is not None else None, "seed": seed, "per": "input"}
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        mask = _trace_run(
+            loaded,
+            prompts,
+            targets,
+            run_dir / "mask",
+            chunk_size,
+            progress,
+            batch_size,
+            {**common, "method": "mask", "ablation": ablation, **mask_options},
+        )
+        seconds["mask"] = time.perf_counter() - t0
+        # the random baseline uses the very ablation the learned masks were scored with
+        shared = run_dir / "mask" / "ablation.safetensors"
+        rand_ablation: Any = MeanAblation.load(shared) if shared.exists() else ablation
+        t0 = time.perf_counter()
+        random = _trace_run(
+            loaded,
+            prompts,
+            targets,
+            run_dir / "random",
+            chunk_size,
+            progress,
+            batch_size,
+            # no inverse for random subgraphs: the inverse of a random s-subset is a random
+            # (N - s)-subset, already on the random curve; skipping it halves the baseline's cost
+            {
+                **common,
+                "sizes": mask.sizes.tolist(),
+                "method": "random",
+                "ablation": rand_ablation,
+                "draws": random_draws,
+                "inverse": False,
+            },
+        )
+        seconds["random"] = time.perf_counter() - t0
+        seconds["mask_shards"] = _shard_seconds(run_dir / "mask")
+        seconds["random_shards"] = _shard_seconds(run_dir / "random")
+        counts = an.token_counts(loaded, corpus, prompts)
+        tables = analyse(mask, random, counts, core_nucleus, refined_nucleus, n_boot, seed)
+        claims = claims_of(mask, tables, counts, str(name), n_boot, seed, min_prompts, small_core)
+        for key, frame in tables.items():
+            write_text_atomic(out / "tables" / slug / f"{key}.csv", frame.to_csv(index=False))
+        runs.append(ModelRun(str(name), identity, mask, random, tables, claims, seconds))
+
+    agreement = None
+    all_claims = pd.concat([r.claims for r in runs], ignore_index=True)
+    if len(runs) == 2:
+        agreement = an.agreement(runs[0].mask, runs[1].mask, n_boot=n_boot, seed=seed)
+        agreement["model_a"], agreement["model_b"] = runs[0].name, runs[1].name
+        row = agreement.iloc[0].to_dict()
+        extra = claim(
+            "2c. Per-input density is correlated across models",
+            "Spearman rho of per-prompt density, model A vs model B",
+            row,
+            "rho",
+            "greater",
+            0.0,
+            min_prompts,
+            f"{runs[0].name} vs {runs[1].name}",
+        )
+        all_claims = pd.concat([all_claims, pd.DataFrame([extra])], ignore_index=True)
+        write_text_atomic(out / "tables" / "agreement.csv", agreement.to_csv(index=False))
+    write_text_atomic(out / "claims.csv", all_claims.to_csv(index=False))
+
+    first = runs[0].mask
+    commit = git_commit()
+    settings: dict[str, Any] = {
+        "models": ", ".join(
+            f"{r.name} ({r.identity['n_layers']} layers x {r.identity['n_heads']} heads)"
+            for r in runs
+        ),
+        "prompts": f"first {len(prompts)} prompts of `{prompts_file}` (lines "
+        f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {sha256_file(Path(prompts_file))[:16]}...)"
+        + ("; loss uses the TSV's next-token column" if targets else "; no targets: no loss"),
+        "ablation": json.dumps(first.options.get("ablation", ablation), default=str),
+        "search": "learned masks per input, nested across sizes; options "
+        + (
+            json.dumps(first.options["method_options"], default=str)
+            if first.options.get("method_options")
+            else "the defaults of strace_lens.trace"
+        ),
+        "random baseline": f"{random_draws} random subgraphs per (prompt, size), metrics averaged",
+        "sizes": ", ".join(
+            f"{r.name}: {r.mask.sizes.tolist()} of {r.mask.n_candidates}" for r in runs
+        ),
+        "seed": seed,
+        "unigram corpus": str(corpus) if corpus else "the prompts' own tokens",
+        "core_nucleus": core_nucleus,
+        "refined_nucleus": refined_nucleus,
+        "small_core": small_core,
+        "min_prompts": min_prompts,
+        "bootstrap resamples": n_boot,
+        "strace-lens version": __version__ + (f" (git {commit})" if commit else ""),
+        "command": f"`{command}`",
+        "wall time of this invocation": f"{time.perf_counter() - started:.0f} s",
+    }
+    repro = Reproduction(out, out / "report.md", runs, all_claims, agreement, settings)
+    write_report(repro, settings)
+    return repro
+
+
+def cli_command(argv: Sequence[str]) -> str:
+    """The command line as typed (quoted so it can be pasted back into a shell)."""
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+__all__ = ["cli_command", "reproduce"]

@@ -1,0 +1,47 @@
+"""``MaskOptions``: the options of ``method="mask"``, shared by the relaxation, the nested
+growth and the local searches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Options of ``method="mask"`` (validated when built)."""
+
+    steps: int = 24  # nested-ranking steps
+    finetune_steps: int = 12  # per-size steps when nested=False
+    sizes_per_step: int = 1
+    lr: float = 0.2
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    init: str = "attribution"  # or "zeros"
+    # "straight-through": the forward pass uses the hard top-s mask (the true objective) and
+    # the gradient flows through the soft threshold mask; "soft": the soft mask throughout
+    relaxation: str = "straight-through"
+    refine_rounds: int | None = None  # swap-search rounds (None: auto)
+    refine_width: int | None = None  # nodes on each side of the boundary tried (None: auto)
+    grow_width: int = 4  # nested: single-node seeds measured per size while growing
+
+    def __post_init__(self) -> None:
+        if self.init not in ("attribution", "zeros"):
+            raise ValueError(f"Unknown init {self.init!r}: use 'attribution' or 'zeros'.")
+        if self.relaxation not in ("straight-through", "soft"):
+            raise ValueError(
+                f"Unknown relaxation {self.relaxation!r}: use 'straight-through' or 'soft'."
+            )
+
+    @classmethod
+    def from_kwargs(cls, options: dict[str, Any]) -> MaskOptions:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(
+                f"Unknown option(s) for method='mask': {sorted(unknown)}; known: {sorted(known)}."
+            )
+        return cls(**options)
+
+
+__all__ = ["MaskOptions"]

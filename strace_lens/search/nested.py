@@ -1,0 +1,128 @@
+"""The nested growth of ``method="mask"``: a family of subgraphs grown size by size."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from strace_lens.search.grouping import RowGrouping, as_grouping
+from strace_lens.search.mask_options import MaskOptions
+from strace_lens.search.objective import SubgraphObjective
+from strace_lens.search.ranking import rank_positions
+from strace_lens.search.relaxation import row_weights
+from strace_lens.types import Per
+
+#: the nested growth adds nodes one at a time while a grid step adds at most this many
+GROW_SINGLE_STEPS = 4
+
+
+def grow_nested(
+    objective: SubgraphObjective,
+    ranking: Float[Tensor, "group cand"],
+    sizes: Int[Tensor, " size"],
+    per: Per | RowGrouping,
+    opts: MaskOptions,
+    guide: Float[Tensor, "group cand"] | None = None,
+) -> Bool[Tensor, "group size cand"]:
+    """A nested family grown size by size, each step chosen among proposals measured exactly.
+
+    The subgraph of each grid size holds the one of the size before, plus d new nodes (added
+    one at a time through the sizes in between while d <= ``GROW_SINGLE_STEPS``). The
+    proposals for the new nodes: the top d outside nodes by the learned ranking, by the
+    gradient -dKL/dm at the current subgraph (one batched forward+backward per step), by the
+    ``guide`` scores when given (trace passes the order of the write-norm best-first search),
+    and by all ranks together; and, for each of the ``grow_width`` best single nodes by each
+    score, that node plus the best d - 1 of the rest. Every proposal is run with its hard
+    mask and the lowest KL is kept. Why: a ranking read off as top-s is tuned for all sizes
+    at once, so a node that helps only alongside many others can lead the family and make the
+    smallest subgraphs worse than random; measuring each size's growth keeps every size honest,
+    while the ranking still brings in what the gradient at one point cannot see.
+    """
+    n_groups, n_c = ranking.shape
+    n_p = objective.n_prompts
+    device = objective.logp_full.device
+    current = torch.zeros(n_groups, n_c, dtype=torch.bool)
+    out = torch.zeros(n_groups, len(sizes), n_c, dtype=torch.bool)
+    grouping = as_grouping(per, n_p)
+    prompt_of_row = torch.arange(n_p)
+    group_of_row = grouping.group_of_prompt()
+    weights = row_weights(group_of_row).to(device)
+    rank_orders = {"rank": rank_positions(ranking)}  # 0 = best
+    if guide is not None:
+        rank_orders["guide"] = rank_positions(guide.float())
+    for size, j in _growth_steps(sizes):
+        d = size - int(current[0].sum())
+        if d <= 0 or size == n_c:
+            current = current | (size == n_c)
+            if j >= 0:
+                out[:, j] = current
+            continue
+        m = current[group_of_row].float().to(device).requires_grad_(True)
+        objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights)
+        assert m.grad is not None
+        grad = torch.zeros(n_groups, n_c).index_add_(0, group_of_row, m.grad.cpu())
+        orders = {**rank_orders, "grad": rank_positions(-grad)}
+        proposals: list[Tensor] = []
+        owner: list[int] = []
+        for g in range(n_groups):
+            orders_g = {key: order[g] for key, order in orders.items()}
+            for pick in _proposals(orders_g, ~current[g], d, opts.grow_width):
+                proposals.append(current[g] | pick)
+                owner.append(g)
+        owners = torch.tensor(owner)
+        kl = grouping.group_kl(objective, torch.stack(proposals), owners)
+        for g in range(n_groups):
+            sel = torch.nonzero(owners == g).flatten()
+            current[g] = proposals[int(sel[torch.argmin(kl[sel])])]
+        if j >= 0:
+            out[:, j] = current
+    return out
+
+
+def _growth_steps(sizes: Int[Tensor, " size"]) -> list[tuple[int, int]]:
+    """(size, grid index or -1 for a size in between) of every growth step: a grid step that
+    adds at most ``GROW_SINGLE_STEPS`` nodes goes through every size in between."""
+    steps: list[tuple[int, int]] = []
+    held = 0
+    for j, size in enumerate(sizes.tolist()):
+        if size - held <= GROW_SINGLE_STEPS:
+            steps += [(t, -1) for t in range(held + 1, size)]
+        steps.append((size, j))
+        held = size
+    return steps
+
+
+def _proposals(
+    orders: dict[str, Tensor], outside: Bool[Tensor, " cand"], d: int, width: int
+) -> list[Bool[Tensor, " cand"]]:
+    """The distinct sets of ``d`` new nodes proposed for one group (see ``grow_nested``):
+    the top d outside nodes by each order (0 = best) and by all ranks together, and each of
+    the ``width`` best single nodes by each order with the best d - 1 of the rest."""
+    scores = {key: -order.float() for key, order in orders.items()}
+    scores["all"] = -torch.stack(list(orders.values())).sum(0).float()
+    picks = [_top_outside(score, outside, d) for score in scores.values()]
+    seeds: list[int] = []
+    for key in orders:
+        best_single = _top_outside(scores[key], outside, width)
+        seeds += [int(i) for i in torch.nonzero(best_single).flatten().tolist()]
+    for node in dict.fromkeys(seeds):  # unique, in order
+        rest = outside.clone()
+        rest[node] = False
+        pick = _top_outside(scores["all"], rest, d - 1)
+        pick[node] = True
+        picks.append(pick)
+    return list({tuple(p.tolist()): p for p in picks}.values())
+
+
+def _top_outside(score: Tensor, outside: Tensor, k: int) -> Tensor:
+    """Mask of the ``k`` highest-scoring nodes among ``outside`` (fewer if fewer are left)."""
+    pick = torch.zeros_like(outside)
+    k = min(k, int(outside.sum()))
+    if k > 0:
+        masked = torch.where(outside, score, torch.tensor(-torch.inf))
+        pick[torch.topk(masked, k).indices] = True
+    return pick
+
+
+__all__ = ["GROW_SINGLE_STEPS", "grow_nested"]
