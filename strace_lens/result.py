@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import read_versioned_json, sha256_file
+from strace_lens.atomic import read_versioned_json, sha256_file, temp_file
 from strace_lens.graph import NodeGraph
 
 FORMAT = "strace-lens/trace-result"
@@ -290,6 +289,4 @@ class TraceResult:
 
 
 def _temp_path(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
+    return temp_file(folder, prefix=f".{name}.")

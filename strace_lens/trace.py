@@ -37,6 +37,7 @@ from strace_lens.search.baselines import (
 )
 from strace_lens.search.mask_learning import learn_masks, top_s
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.validate import guarded
 
 METHODS = ("mask", "random", "greedy", "attribution", "forward", "exhaustive")
 PER = ("input", "dataset")
@@ -122,6 +123,7 @@ def _target_logprobs(model: Any, logp_full: Tensor, targets: Sequence[str] | Non
     return logp_full.gather(-1, idx[:, None])[:, 0].cpu()
 
 
+@guarded  # checks the arguments; keeps the caller's RNG state and grad mode
 def trace(
     model: Any,
     prompts: Prompts,
