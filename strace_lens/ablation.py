@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from strace_lens.atomic import temp_file
+from strace_lens.atomic import normal_mode, temp_file
 from strace_lens.graph import NodeGraph
 from strace_lens.hygiene import check_hook_points, model_untouched
 from strace_lens.inputs import Prompts, TokenBatch, tokenize
@@ -311,6 +311,7 @@ class MeanAblation(Ablation):
         tmp = temp_file(path.parent, prefix=f".{path.name}.")
         try:
             save_file(tensors, tmp, metadata=meta)
+            normal_mode(tmp)  # save_file makes it 0600
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

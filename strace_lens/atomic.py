@@ -26,6 +26,26 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic read (briefly sets it)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: str | os.PathLike[str]) -> None:
+    """Give a file the mode a new file gets (0666 less the umask): writers such as
+    safetensors' ``save_file`` create theirs readable by the owner only."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def temp_file(folder: str | os.PathLike[str], prefix: str, suffix: str = ".tmp") -> Path:
     """Create an empty file with a fresh random name in ``folder``, with normal permissions.
 

@@ -332,6 +332,13 @@ def load_run(folder: str | os.PathLike[str]) -> TraceResult:
     parts = []
     for k, (lo, hi) in enumerate(chunks):
         path = folder / SHARDS_DIR / _shard_name(k)
+        if run_id is not None and _shard_run_id(path) != run_id:
+            raise ValueError(
+                f"Shard {path} cannot be read as part of this run: its {RUN_ID_FILE} is missing "
+                "or damaged, its result.json was changed, or it was traced by another run than "
+                f"the one {folder / MANIFEST_FILE} describes. Rerun the same command: it traces "
+                "that shard again."
+            )
         try:
             part = TraceResult.load(path)
         except Exception as err:  # any damage: a wrong type or key in its JSON, too
@@ -339,12 +346,6 @@ def load_run(folder: str | os.PathLike[str]) -> TraceResult:
                 f"Shard {path} cannot be read ({type(err).__name__}: {err}). Rerun the same "
                 "command: a resumed run traces broken shards again."
             ) from err
-        if run_id is not None and _shard_run_id(path) != run_id:
-            raise ValueError(
-                f"Shard {path} was not traced by the run {folder / MANIFEST_FILE} describes "
-                f"(its {RUN_ID_FILE} is missing or names another run). Rerun the same command: "
-                "it traces that shard again."
-            )
         if [_sha256_text(p) for p in part.prompts] != hashes[lo:hi]:
             raise ValueError(
                 f"Shard {path} holds other prompts than the manifest lists for it. Rerun the "
@@ -524,6 +525,14 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     except ValueError as err:
         if "is corrupted" in str(err):
             raise ManifestDamagedError(str(err)) from err
+        if "is not a strace-lens" in str(err):
+            if (folder / SHARDS_DIR).is_dir():  # our layout: our manifest, overwritten
+                damaged = f"{path} is corrupted (not a run manifest){fix}"
+                raise ManifestDamagedError(damaged) from err
+            raise RunFolderError(
+                f"{path} is not a strace-lens run manifest: the folder holds something else. "
+                "Choose another output folder."
+            ) from err
         raise
     problem = _manifest_problem(manifest)
     if problem is not None:
@@ -669,9 +678,16 @@ def _remove_temporaries(shards: Path) -> None:
 
 
 def _shard_run_id(path: Path) -> str | None:
+    """The run a shard was traced by, from its ``run.json``; None when that file is missing,
+    damaged, or its ``result.json`` was changed after writing (its checksum is there too)."""
     try:
         data = json.loads((path / RUN_ID_FILE).read_text(encoding="utf-8"))
-        return data.get("run_sha256") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return None
+        if data.get("result_json_sha256") != sha256_file(path / "result.json"):
+            return None
+        run_id = data.get("run_sha256")
+        return run_id if isinstance(run_id, str) else None
     except (OSError, ValueError):
         return None
 
@@ -702,7 +718,8 @@ def _write_shard(shards: Path, k: int, result: TraceResult, run_id: str) -> None
     with replaced_folder(shards / _shard_name(k), prefix=f".{_shard_name(k)}.") as tmp:
         result.save(tmp)
         (tmp / TIMING_FILE).write_text(json.dumps(timing), encoding="utf-8")
-        (tmp / RUN_ID_FILE).write_text(json.dumps({"run_sha256": run_id}), encoding="utf-8")
+        record = {"run_sha256": run_id, "result_json_sha256": sha256_file(tmp / "result.json")}
+        (tmp / RUN_ID_FILE).write_text(json.dumps(record), encoding="utf-8")
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import read_versioned_json, sha256_file, temp_file
+from strace_lens.atomic import normal_mode, read_versioned_json, sha256_file, temp_file
 from strace_lens.graph import NodeGraph
 
 FORMAT = "strace-lens/trace-result"
@@ -175,6 +175,7 @@ class TraceResult:
         folder.mkdir(parents=True, exist_ok=True)
         tensors_tmp = _temp_path(folder, TENSORS_FILE)
         save_file(self._tensors(), str(tensors_tmp))
+        normal_mode(tensors_tmp)  # save_file makes it 0600
         digest = sha256_file(tensors_tmp)
         meta = {
             "format": FORMAT,
