@@ -60,8 +60,10 @@ def _parse_sizes(tokens: Sequence[str] | None) -> list[int] | list[float] | None
         return None
     values: list[str] = [v for t in tokens for v in t.replace(",", " ").split()]
     if not values:
-        raise BadInput("--sizes needs at least one value: node counts (1 4 16) or relative "
-                       "sizes (0.01 0.1 1.0).")
+        raise BadInput(
+            "--sizes needs at least one value: node counts (1 4 16) or relative "
+            "sizes (0.01 0.1 1.0)."
+        )
     is_int = [v.lstrip("+-").isdigit() for v in values]
     try:
         if all(is_int):
@@ -126,14 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="node counts (1 4 16) or relative sizes (0.01 0.1 1.0); default: a log grid",
     )
-    tr.add_argument("--method", default="mask", help="mask (default), random, greedy, "
-                    "attribution, forward or exhaustive")
+    tr.add_argument(
+        "--method",
+        default="mask",
+        help="mask (default), random, greedy, attribution, forward or exhaustive",
+    )
     tr.add_argument("--per", default="input", help="input (default) or dataset")
     tr.add_argument("--ablation", default="mean", help="mean (default) or zero")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
-    tr.add_argument("--batch-size", type=int, default=None,
-                    help="rows per forward pass (lower it after an out-of-memory error)")
+    tr.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per forward pass (lower it after an out-of-memory error)",
+    )
     tr.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     tr.add_argument(
         "--option",
@@ -153,33 +162,66 @@ def build_parser() -> argparse.ArgumentParser:
         "masks and a random baseline (resumable), run every analysis, and write report.md and "
         "the tables as CSV into --out. Give --model twice for the cross-model agreement.",
     )
-    rp.add_argument("--model", action="append", default=None,
-                    help=f"model to trace (repeat for two models; default: {DEFAULT_MODEL})")
+    rp.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help=f"model to trace (repeat for two models; default: {DEFAULT_MODEL})",
+    )
     rp.add_argument("--prompts", required=True, type=Path, help="prompt file: text or TSV")
     rp.add_argument("--n", type=int, default=200, help="first N prompts (default 200)")
     rp.add_argument("--out", required=True, type=Path, help="output folder (created; resumed)")
-    rp.add_argument("--sizes", nargs="+", default=None,
-                    help="node counts or relative sizes; default: a log grid")
+    rp.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        help="node counts or relative sizes; default: a log grid",
+    )
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--ablation", default="mean", help="mean (default) or zero")
     rp.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
     rp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
-    rp.add_argument("--random-draws", type=int, default=5,
-                    help="random subgraphs per (prompt, size) for the baseline (default 5)")
-    rp.add_argument("--corpus", type=Path, default=None,
-                    help="text file for unigram frequencies (default: the prompts' tokens)")
+    rp.add_argument(
+        "--random-draws",
+        type=int,
+        default=5,
+        help="random subgraphs per (prompt, size) for the baseline (default 5)",
+    )
+    rp.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="text file for unigram frequencies (default: the prompts' tokens)",
+    )
     rp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    rp.add_argument("--option", action="append", type=_parse_option, default=[],
-                    metavar="KEY=VALUE", help="a mask-search option, e.g. --option steps=48")
-    rp.add_argument("--core-nucleus", type=float, default=1.0,
-                    help="phase rule: the core is the smallest subgraph whose shared nucleus "
-                    "reaches this %% (default 1: it gives the top-1 token)")
-    rp.add_argument("--refined-nucleus", type=float, default=90.0,
-                    help="phase rule: the refinement ends at the smallest subgraph reaching "
-                    "this %% (default 90)")
-    rp.add_argument("--small-core", type=float, default=0.1,
-                    help="claim 1a calls a core small below this fraction of the nodes "
-                    "(default 0.1)")
+    rp.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a mask-search option, e.g. --option steps=48",
+    )
+    rp.add_argument(
+        "--core-nucleus",
+        type=float,
+        default=1.0,
+        help="phase rule: the core is the smallest subgraph whose shared nucleus "
+        "reaches this %% (default 1: it gives the top-1 token)",
+    )
+    rp.add_argument(
+        "--refined-nucleus",
+        type=float,
+        default=90.0,
+        help="phase rule: the refinement ends at the smallest subgraph reaching "
+        "this %% (default 90)",
+    )
+    rp.add_argument(
+        "--small-core",
+        type=float,
+        default=0.1,
+        help="claim 1a calls a core small below this fraction of the nodes (default 0.1)",
+    )
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -196,9 +238,7 @@ def _load(name: str, device: str | None) -> Any:
 
 def summary_table(result: Any) -> str:
     """Median KL, TV and shared nucleus over prompts, one line per size."""
-    lines = [
-        f"{'size':>6} {'relative':>9} {'median KL':>10} {'median TV':>10} {'nucleus %':>10}"
-    ]
+    lines = [f"{'size':>6} {'relative':>9} {'median KL':>10} {'median TV':>10} {'nucleus %':>10}"]
     rel = result.relative_sizes.tolist()
     for j, size in enumerate(result.sizes.tolist()):
         kl = float(result.metrics["kl"][:, j].median())
@@ -329,8 +369,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     argv += ["--chunk-size", str(args.chunk_size), "--random-draws", str(args.random_draws)]
     if args.corpus is not None:
         argv += ["--corpus", str(args.corpus)]
-    argv += ["--core-nucleus", f"{args.core_nucleus:g}", "--refined-nucleus",
-             f"{args.refined_nucleus:g}", "--small-core", f"{args.small_core:g}"]
+    argv += [
+        "--core-nucleus",
+        f"{args.core_nucleus:g}",
+        "--refined-nucleus",
+        f"{args.refined_nucleus:g}",
+        "--small-core",
+        f"{args.small_core:g}",
+    ]
     for key, value in args.option:
         argv += ["--option", f"{key}={json.dumps(value)}"]
     repro = reproduce(
@@ -388,8 +434,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"strace-lens: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILED
-    except (ValueError, TypeError, KeyError, IndexError, FileNotFoundError, ModuleNotFoundError,
-            IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        FileNotFoundError,
+        ModuleNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        FileExistsError,
+    ) as err:
         if debug:
             raise
         text = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -52,7 +52,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,7 @@ from strace_lens.result import VOLATILE_OPTIONS, TraceResult
 from strace_lens.validate import (
     as_int,
     caller_state_kept,
+    check_prompt_texts,
     check_targets,
     check_trace_arguments,
     method_defaults,
@@ -200,8 +201,17 @@ def trace_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         with _exclusive(folder):
             return _run(
-                model, prompts, targets, folder, created, identity, chunk_size, show, batch_size,
-                batch, trace_options,
+                model,
+                prompts,
+                targets,
+                folder,
+                created,
+                identity,
+                chunk_size,
+                show,
+                batch_size,
+                batch,
+                trace_options,
             )
 
 
@@ -292,7 +302,15 @@ def _run(
                 if k in done:
                     continue
                 result = _trace_chunk(
-                    model, prompts, targets, lo, hi, k, ablation, options, batch_size,
+                    model,
+                    prompts,
+                    targets,
+                    lo,
+                    hi,
+                    k,
+                    ablation,
+                    options,
+                    batch_size,
                     chunk_size,
                 )
                 _write_shard(shards, k, result, run_id)
@@ -390,12 +408,17 @@ def _check_prompt_list(prompts: Any) -> list[str]:
             "trace_dataset needs a list of prompt strings (or a PromptFile from read_prompts); "
             "for a single prompt or token ids, use strace_lens.trace."
         )
+    if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
+        raise TypeError(
+            f"prompts must be a list of strings (or a PromptFile), got {type(prompts).__name__}."
+        )
     prompts = list(prompts)
     if not prompts:
         raise ValueError("The prompt list is empty: pass at least one non-empty string.")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"Prompt {i} is a {type(p).__name__}, not a string.")
+    check_prompt_texts(prompts)
     return prompts
 
 
@@ -476,8 +499,11 @@ def _run_identity(
 
     # Record the trace's defaults too, so that "method not given" and method="mask" (the
     # default) count as the same run, and a difference names both values.
-    given = {**_trace_defaults(), **method_defaults(trace_options.get("method", "mask")),
-             **trace_options}
+    given = {
+        **_trace_defaults(),
+        **method_defaults(trace_options.get("method", "mask")),
+        **trace_options,
+    }
     options = {k: _jsonable(v, k) for k, v in sorted(given.items()) if k not in RUNTIME_OPTIONS}
     ablation = trace_options.get("ablation")
     if ablation is None or isinstance(ablation, str):
@@ -560,8 +586,10 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     if not isinstance(m.get("options"), dict):
         return "options is not a JSON object"
     if m.get("n_shards") != -(-n // chunk):
-        return f"n_shards is {m.get('n_shards')!r}, but {n} prompts in chunks of {chunk} " \
+        return (
+            f"n_shards is {m.get('n_shards')!r}, but {n} prompts in chunks of {chunk} "
             f"make {-(-n // chunk)}"
+        )
     for key in ("ablation_sha256", "run_sha256", "weights_sha256", "strace_lens_version"):
         if m.get(key) is not None and not isinstance(m.get(key), str):
             return f"{key} is {m.get(key)!r}, not a string"

@@ -117,8 +117,7 @@ def as_sizes(sizes: Any) -> Any:
         values = list(sizes)
     else:
         raise ArgumentTypeError(
-            f"sizes must be a list of node counts (ints) or relative sizes (floats), got "
-            f"{sizes!r}."
+            f"sizes must be a list of node counts (ints) or relative sizes (floats), got {sizes!r}."
         )
     out = []
     for v in values:
@@ -262,8 +261,7 @@ def check_method_options(method: Any, options: dict[str, Any]) -> dict[str, Any]
     unknown = set(options) - set(specs)
     if method in METHODS and unknown:
         raise ArgumentTypeError(
-            f"Unknown option(s) for method={method!r}: {sorted(unknown)}; known: "
-            f"{sorted(specs)}."
+            f"Unknown option(s) for method={method!r}: {sorted(unknown)}; known: {sorted(specs)}."
         )
     out = {}
     for key, value in options.items():
@@ -289,8 +287,7 @@ def _plain_nodes(nodes: Any, name: str) -> Any:
         return nodes
     if not isinstance(nodes, Sequence):
         raise ArgumentTypeError(
-            f"{name} must be a list of node names (e.g. 'L0H1', 'MLP2') or indices, got "
-            f"{nodes!r}."
+            f"{name} must be a list of node names (e.g. 'L0H1', 'MLP2') or indices, got {nodes!r}."
         )
     return [_scalar(n) for n in nodes]
 
@@ -337,9 +334,7 @@ def caller_state_kept() -> Iterator[None]:
 def guarded(fn: F) -> F:
     """Check ``trace``'s arguments first, and run it with the caller's global state kept."""
     signature = inspect.signature(fn)
-    var_kw = next(
-        (p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
-    )
+    var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -144,6 +144,7 @@ def test_exception_inside_a_hook(tmp_path, monkeypatch, clean_run):
     monkeypatch.undo()
     assert trace_dataset(model, PROMPTS, out, chunk_size=2, **FAST).equals(clean_run)
     assert_untouched(before, model)
+    record("fault (exception inside a hook)", "model untouched; resume equals a clean run")
 
 
 def test_keyboard_interrupt_mid_optimisation(tmp_path, monkeypatch, clean_run):
@@ -169,6 +170,7 @@ def test_keyboard_interrupt_mid_optimisation(tmp_path, monkeypatch, clean_run):
     assert_only_trusted_shards(out, ["00000", "00001"])
     monkeypatch.undo()
     assert trace_dataset(model, PROMPTS, out, chunk_size=2, **FAST).equals(clean_run)
+    record("fault (KeyboardInterrupt mid-optimisation)", "model untouched; resume equals clean")
 
 
 def test_failing_tensor_write_leaves_no_trusted_partial_shard(tmp_path, monkeypatch):
@@ -198,6 +200,7 @@ def test_failing_tensor_write_leaves_no_trusted_partial_shard(tmp_path, monkeypa
         tiny_model(device="cpu"), PROMPTS, tmp_path / "ref", chunk_size=2, ablation="zero", **FAST
     )
     assert resumed.equals(reference)
+    record("fault (disk full mid-write of a shard)", "no partial shard; resume equals clean")
 
 
 def test_failing_rename_of_a_finished_shard(tmp_path, monkeypatch, clean_run):
@@ -221,15 +224,28 @@ def test_failing_rename_of_a_finished_shard(tmp_path, monkeypatch, clean_run):
     assert_only_trusted_shards(out, ["00000", "00001"])
     monkeypatch.undo()
     assert trace_dataset(model, PROMPTS, out, chunk_size=2, **FAST).equals(clean_run)
+    record("fault (failing rename of a finished shard)", "no partial shard; resume equals clean")
 
 
 def test_kill_9_of_a_running_cli_then_resume_equals_a_clean_run(tmp_path):
     prompts = [f"Prompt number {i} is about the weather in town" for i in range(6)]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     args = [
-        "trace", "--model", "native:tiny", "--prompts", str(tmp_path / "p.txt"),
-        "--chunk-size", "2", "--sizes", "1", "3", "15", "--quiet", "--no-html",
-        "--option", "steps=3",
+        "trace",
+        "--model",
+        "native:tiny",
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--chunk-size",
+        "2",
+        "--sizes",
+        "1",
+        "3",
+        "15",
+        "--quiet",
+        "--no-html",
+        "--option",
+        "steps=3",
     ]
     out = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -258,6 +274,7 @@ def test_kill_9_of_a_running_cli_then_resume_equals_a_clean_run(tmp_path):
     resumed, clean = TraceResult.load(out), TraceResult.load(tmp_path / "clean")
     assert resumed.n_prompts == len(prompts)
     assert resumed.equals(clean)
+    record("fault (kill -9 of the CLI mid-run)", "resume equals a clean run")
 
 
 # -- bad inputs: API ---------------------------------------------------------------------------
@@ -386,8 +403,12 @@ def tsv_line(prompt: str, columns: int = 6) -> str:
         (b"one\ntwo\n", ["--ablation", "median"], "Unknown ablation 'median'"),
         (b"one\ntwo\n", ["--per", "token"], "Unknown per='token'"),
         (b"one\ntwo\n", ["--option", "bogus=1"], "Unknown option(s) for method='mask'"),
-        (b"short\n\n" + b"x" * 300 + b"\n", [], "Prompt 1 has 301 tokens, more than the model's "
-         "context of 256: shorten it (e.g. keep its last words) before tracing. (line 3 of"),
+        (
+            b"short\n\n" + b"x" * 300 + b"\n",
+            [],
+            "Prompt 1 has 301 tokens, more than the model's "
+            "context of 256: shorten it (e.g. keep its last words) before tracing. (line 3 of",
+        ),
         (b"one\n", ["--model", "no-such-model"], "no-such-model"),
     ],
 )
@@ -404,6 +425,7 @@ def test_cli_bad_input_exits_2_with_one_line(
     assert message in err
     assert err.startswith("strace-lens: error: ") and err.count("\n") == 1
     assert "Traceback" not in err
+    record("bad input (CLI prompt file or value)", "one line, exit 2")
 
 
 def test_cli_missing_file_and_other_run_in_folder(tmp_path, capsys):
@@ -456,9 +478,9 @@ def record(kind: str, outcome: str, n: int = 1) -> None:
 def print_figures():
     yield
     if FIGURES:
-        inputs = sum(v for k, v in FIGURES.items() if k.startswith("bad input"))
+        inputs = sum(v for k, v in FIGURES.items() if k.startswith(("bad input", "input")))
         faults = sum(v for k, v in FIGURES.items() if k.startswith("fault"))
-        print(f"\nreliability figures: {inputs} bad inputs tried, {faults} faults injected")
+        print(f"\nreliability figures: {inputs} inputs tried, {faults} faults injected")
         for key in sorted(FIGURES):
             print(f"  {FIGURES[key]:4d}  {key}")
 
@@ -502,8 +524,9 @@ def tree(folder: Path) -> dict[str, bytes | None]:
 
 
 # -- 1. nothing outside the run folder is created, changed or removed --------------------------
-@pytest.mark.parametrize("name", ["shards", ".lock", "manifest.json", "ablation.safetensors",
-                                  "report.html"])
+@pytest.mark.parametrize(
+    "name", ["shards", ".lock", "manifest.json", "ablation.safetensors", "report.html"]
+)
 @pytest.mark.parametrize("target", ["folder", "file", "missing"])
 def test_a_link_in_a_new_run_folder_is_refused_and_never_followed(model, tmp_path, name, target):
     home = victim_folder(tmp_path)
@@ -532,8 +555,17 @@ def test_a_shards_link_on_resume_deletes_nothing_outside(model, tmp_path, capsys
     with pytest.raises(ValueError, match=r"shards is a symbolic link.*Remove the link"):
         finished_run(model, out)
     assert tree(home) == before
-    args = ["trace", "--model", "native:tiny", "--prompts", str(tmp_path / "p.txt"),
-            "--out", str(out), "--quiet", "--no-html"]
+    args = [
+        "trace",
+        "--model",
+        "native:tiny",
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-html",
+    ]
     (tmp_path / "p.txt").write_text("one\ntwo\n", encoding="utf-8")
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -569,10 +601,14 @@ def test_written_files_get_normal_permissions(model, tmp_path):
         single.save(tmp_path / "single")
     finally:
         os.umask(old)
-    files = [out / "manifest.json", out / "ablation.safetensors",
-             out / "shards" / "00000" / "result.json",
-             out / "shards" / "00000" / "result.safetensors",
-             tmp_path / "single" / "result.json", tmp_path / "single" / "result.safetensors"]
+    files = [
+        out / "manifest.json",
+        out / "ablation.safetensors",
+        out / "shards" / "00000" / "result.json",
+        out / "shards" / "00000" / "result.safetensors",
+        tmp_path / "single" / "result.json",
+        tmp_path / "single" / "result.safetensors",
+    ]
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert (out / "shards" / "00000").stat().st_mode & 0o777 == 0o755
@@ -626,8 +662,10 @@ def test_a_lost_or_damaged_ablation_file_is_recomputed_and_shards_kept(
     calls = counting_traces(monkeypatch)
     assert finished_run(model, out, ablation="mean").equals(clean)
     assert calls == []
-    assert ds.MeanAblation.load(path).tensor_sha256() == json.loads(
-        (out / "manifest.json").read_text())["ablation_sha256"]
+    assert (
+        ds.MeanAblation.load(path).tensor_sha256()
+        == json.loads((out / "manifest.json").read_text())["ablation_sha256"]
+    )
     record(f"fault (ablation file {damage})", "recomputed, identical; no shard re-traced")
 
 
@@ -670,8 +708,7 @@ def test_a_shard_with_a_wrong_json_type_or_key_is_traced_again(model, tmp_path, 
 @pytest.mark.parametrize(
     "damage", ["truncated", "empty", "n_prompts a string", "hashes missing", "not an object"]
 )
-def test_a_damaged_manifest_is_rebuilt_and_intact_shards_kept(model, tmp_path, monkeypatch,
-                                                              damage):
+def test_a_damaged_manifest_is_rebuilt_and_intact_shards_kept(model, tmp_path, monkeypatch, damage):
     out = tmp_path / "run"
     clean = finished_run(model, out)
     path = out / "manifest.json"
@@ -772,8 +809,11 @@ TRACE_BAD = [
 def _fill(argv: list[str], tmp_path: Path) -> list[str]:
     (tmp_path / "FOLDER").mkdir(exist_ok=True)
     (tmp_path / "FILE").write_text("x")
-    names = {"MISSING": str(tmp_path / "missing.txt"), "FOLDER": str(tmp_path / "FOLDER"),
-             "FILE": str(tmp_path / "FILE")}
+    names = {
+        "MISSING": str(tmp_path / "missing.txt"),
+        "FOLDER": str(tmp_path / "FOLDER"),
+        "FILE": str(tmp_path / "FILE"),
+    }
     return [names.get(a, a) for a in argv]
 
 
@@ -783,8 +823,11 @@ def test_every_trace_flag_with_a_bad_value_exits_2_with_one_line(
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "p.txt").write_text("one\ntwo\n", encoding="utf-8")
-    base = {"--model": "native:tiny", "--prompts": str(tmp_path / "p.txt"),
-            "--out": str(tmp_path / "o")}
+    base = {
+        "--model": "native:tiny",
+        "--prompts": str(tmp_path / "p.txt"),
+        "--out": str(tmp_path / "o"),
+    }
     extra = _fill(extra, tmp_path)
     for flag in list(base):
         if flag in extra:
@@ -864,9 +907,24 @@ def test_disk_full_and_read_only_folders_give_one_line(
         raise error
 
     monkeypatch.setattr(ds, "_write_shard", failing)
-    argv = ["trace", "--model", "native:tiny", "--prompts", str(tmp_path / "p.txt"), "--out",
-            str(tmp_path / "o"), "--quiet", "--no-html", "--sizes", "1", "15",
-            "--option", "steps=2", "--ablation", "zero"]
+    argv = [
+        "trace",
+        "--model",
+        "native:tiny",
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+        "--no-html",
+        "--sizes",
+        "1",
+        "15",
+        "--option",
+        "steps=2",
+        "--ablation",
+        "zero",
+    ]
     got, err = cli_error(argv, capsys)
     assert got == code
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
@@ -904,8 +962,9 @@ API_BAD = [
 
 
 @pytest.mark.parametrize("api", ["trace", "trace_dataset"])
-@pytest.mark.parametrize(("kwargs", "error", "message"), API_BAD,
-                         ids=[str(k) for k, _, _ in API_BAD])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"), API_BAD, ids=[str(k) for k, _, _ in API_BAD]
+)
 def test_every_bad_api_argument_raises_a_typed_error_naming_it(
     model, tmp_path, api, kwargs, error, message
 ):
@@ -951,16 +1010,30 @@ def test_numpy_and_torch_numbers_and_explicit_defaults_are_the_same_run(
     plain = trace_dataset(model, PROMPTS[:2], out, chunk_size=1, sizes=[1, 15], steps=2)
     calls = counting_traces(monkeypatch)
     again = trace_dataset(
-        model, PROMPTS[:2], out, chunk_size=np.int64(1), sizes=np.array([1, 15]),
-        steps=torch.tensor(2), seed=np.int32(0), lr=0.2, init="attribution", tau_end=0.05,
+        model,
+        PROMPTS[:2],
+        out,
+        chunk_size=np.int64(1),
+        sizes=np.array([1, 15]),
+        steps=torch.tensor(2),
+        seed=np.int32(0),
+        lr=0.2,
+        init="attribution",
+        tau_end=0.05,
         batch_size=np.int64(4),
     )
     assert calls == []  # the same run: nothing traced again, no refusal
     assert again.equals(plain)
-    single = trace(model, PROMPTS[:1], sizes=[np.int64(1), torch.tensor(15)], steps=np.int16(2),
-                   seed=torch.tensor(0), progress=False)
+    single = trace(
+        model,
+        PROMPTS[:1],
+        sizes=[np.int64(1), torch.tensor(15)],
+        steps=np.int16(2),
+        seed=torch.tensor(0),
+        progress=False,
+    )
     assert single.sizes.tolist() == [1, 15]
-    record("bad input (numpy/torch numbers, explicit defaults)", "accepted as plain values")
+    record("input (numpy/torch numbers, explicit defaults)", "accepted as plain values")
 
 
 def test_the_callers_rng_and_grad_mode_are_left_as_found(model):
@@ -975,4 +1048,4 @@ def test_the_callers_rng_and_grad_mode_are_left_as_found(model):
         assert torch.is_inference_mode_enabled()
     assert again.equals(result) or torch.equal(again.masks, result.masks)
     assert torch.equal(torch.random.get_rng_state(), state)
-    record("bad input (trace inside no_grad / inference_mode)", "traced; state as found")
+    record("input (trace inside no_grad / inference_mode)", "traced; state as found")
