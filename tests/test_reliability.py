@@ -1049,3 +1049,20 @@ def test_the_callers_rng_and_grad_mode_are_left_as_found(model):
     assert again.equals(result) or torch.equal(again.masks, result.masks)
     assert torch.equal(torch.random.get_rng_state(), state)
     record("input (trace inside no_grad / inference_mode)", "traced; state as found")
+
+
+def test_an_option_given_at_its_default_is_the_same_run(model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    clean = finished_run(model, out)
+    calls = counting_traces(monkeypatch)
+    assert finished_run(model, out, lr=0.2, relaxation="straight-through").equals(clean)
+    assert calls == []
+    (tmp_path / "p.txt").write_text("one\ntwo\n", encoding="utf-8")
+    argv = ["trace", "--model", "native:tiny", "--prompts", str(tmp_path / "p.txt")]
+    argv += ["--out", str(tmp_path / "cli"), "--quiet", "--no-html", "--sizes", "1", "15"]
+    argv += ["--ablation", "zero", "--option", "steps=2"]
+    assert main(argv) == 0
+    calls.clear()
+    assert main([*argv, "--option", "lr=0.2", "--option", "grow_width=4"]) == 0
+    assert calls == []  # the same run: nothing traced again, no refusal
+    record("input (an option given at its default value)", "the same run; nothing re-traced")
