@@ -796,8 +796,16 @@ def _check_no_links(folder: Path) -> None:
     if not folder.is_dir():
         return
     for name in RUN_FOLDER_NAMES:
-        if (folder / name).is_symlink():
-            raise RunFolderError(_link_message(folder / name))
+        path = folder / name
+        if path.is_symlink():
+            raise RunFolderError(_link_message(path))
+        wrong = "a file" if name == SHARDS_DIR else "a folder"
+        if path.exists() and (path.is_dir() != (name == SHARDS_DIR)):
+            raise RunFolderError(
+                f"{path} is {wrong}, where strace-lens keeps its "
+                f"{'shard folders' if name == SHARDS_DIR else name}: the run folder was edited. "
+                "Move it away, or choose another output folder."
+            )
 
 
 def _run_sha256(identity: dict[str, Any], ablation_sha: str | None) -> str:

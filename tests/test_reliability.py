@@ -574,6 +574,23 @@ def test_a_shards_link_on_resume_deletes_nothing_outside(model, tmp_path, capsys
     record("bad input (a link in the run folder)", "refused, naming the link; nothing outside")
 
 
+@pytest.mark.parametrize(
+    "name", ["shards", ".lock", "manifest.json", "ablation.safetensors", "report.html"]
+)
+def test_a_run_folder_entry_of_the_wrong_kind_is_named(model, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    if name == "shards":
+        (out / name).write_text("not a folder")
+    else:
+        (out / name).mkdir()
+    (tmp_path / "p.txt").write_text("one\ntwo\n", encoding="utf-8")
+    argv = ["trace", "--model", "native:tiny", "--prompts", str(tmp_path / "p.txt")]
+    code, err = cli_error([*argv, "--out", str(out), "--quiet", "--no-html"], capsys)
+    assert code == 2 and str(out / name) in err and err.count("\n") == 1
+    record("bad input (a run-folder entry of the wrong kind)", "one line naming it, exit 2")
+
+
 def test_links_inside_the_shards_folder_are_removed_not_followed(model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     clean = finished_run(model, out)
@@ -755,6 +772,10 @@ def cli_error(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def _args(case) -> list[str]:
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
 TRACE_BAD = [
     (["--model", "no-such-model"], "no-such-model"),
     (["--prompts", "MISSING"], "No prompt file at"),
@@ -780,7 +801,11 @@ TRACE_BAD = [
     (["--batch-size", "-3"], "--batch-size must be at least 1"),
     (["--device", "tpu"], "--device='tpu' is not a device torch knows"),
     (["--device", "cuda:99"], "--device='cuda:99'"),
-    (["--device", "cuda"], "--device='cuda'"),
+    pytest.param(
+        ["--device", "cuda"],
+        "--device='cuda' is not available",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+    ),
     (["--device", "meta"], "--device='meta'"),
     (["--option", "steps"], "--option takes KEY=VALUE"),
     (["--option", "=3"], "no KEY"),
@@ -817,7 +842,9 @@ def _fill(argv: list[str], tmp_path: Path) -> list[str]:
     return [names.get(a, a) for a in argv]
 
 
-@pytest.mark.parametrize(("extra", "message"), TRACE_BAD, ids=[" ".join(a) for a, _ in TRACE_BAD])
+@pytest.mark.parametrize(
+    ("extra", "message"), TRACE_BAD, ids=[" ".join(_args(a)) for a in TRACE_BAD]
+)
 def test_every_trace_flag_with_a_bad_value_exits_2_with_one_line(
     tmp_path, capsys, monkeypatch, extra, message
 ):
@@ -943,7 +970,7 @@ API_BAD = [
     (dict(seed="0"), TypeError, "seed must be an integer"),
     (dict(batch_size=0), ValueError, "batch_size must be at least 1"),
     (dict(device="tpu"), ValueError, "device='tpu' is not a device torch knows"),
-    (dict(device="cuda:7"), ValueError, "device='cuda:7'"),
+    (dict(device="cuda:99"), ValueError, "device='cuda:99'"),
     (dict(targets="x"), TypeError, "targets must be a list of strings"),
     (dict(targets=[1, 2]), TypeError, "Target 0 is a int"),
     (dict(targets=["", " a"]), ValueError, "Target 0 is empty"),
