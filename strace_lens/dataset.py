@@ -5,14 +5,21 @@ A run folder looks like this::
     out_dir/
       manifest.json            what the run is: options, model, prompt hashes, chunking
       ablation.safetensors     the mean ablation shared by every chunk (mean ablation only)
-      shards/00000/            one TraceResult (result.safetensors + result.json) per chunk
+      shards/00000/            one TraceResult (result.safetensors + result.json) per chunk,
+                               + run.json (the run's identity hash, result.json's checksum)
       shards/00001/ ...
 
 Every file is written under a temporary name and renamed into place, so a reader (or a
 resumed run) sees either a whole shard or none. A shard folder is trusted only when
-``TraceResult.load`` accepts it (its tensors match the checksum in its JSON) and it holds
-exactly the prompts of its chunk; anything else (a half-written temporary folder left by a
-kill, a truncated file) is deleted and traced again.
+``TraceResult.load`` accepts it (its tensors match the checksum in its JSON), it holds
+exactly the prompts of its chunk, and its ``run.json`` names this very run (options with
+defaults filled in, model, weights, prompts, targets, chunking and the ablation's tensors)
+with an unchanged ``result.json``; anything else (a half-written temporary folder left by a
+kill, a truncated file, a shard of another run after ``manifest.json`` was lost) is deleted
+and traced again. A damaged manifest is rebuilt by the same call; the mean ablation is
+checked by its tensors, not its file bytes. Nothing outside the folder is ever written or
+deleted: a symbolic link where the run keeps a file is refused, and links inside
+``shards/`` are removed, never followed.
 
 Rerunning with the same arguments skips finished shards, and the result equals
 (``TraceResult.equals``) what an uninterrupted run gives. Rerunning with different prompts,
@@ -171,8 +178,6 @@ def trace_dataset(
     batch_size = as_int(batch_size, "batch_size", minimum=1, allow_none=True)
     if "prompts" in trace_options or "targets" in trace_options:
         raise TypeError("Pass prompts and targets as trace_dataset's own arguments.")
-    if "progress" in trace_options:
-        raise TypeError("progress is trace_dataset's own argument; pass it once.")
     trace_options = _plain_options(trace_options)
     per = trace_options.get("per", "input")
     if per == "dataset":
@@ -934,6 +939,8 @@ def _name_bad_prompts(message: str, prompts: list[str], lo: int, hi: int) -> str
 
 __all__ = [
     "IncompleteRunError",
+    "ManifestDamagedError",
+    "RunFolderError",
     "RunInUseError",
     "RunMismatchError",
     "TraceOutOfMemoryError",
