@@ -10,9 +10,9 @@ longer than every reference prompt falls back to the all-position mean beyond th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from strace_lens.atomic import normal_mode, temp_file
 from strace_lens.graph import NodeGraph
 from strace_lens.hygiene import check_hook_points, model_untouched
 from strace_lens.inputs import Prompts, TokenBatch, tokenize
@@ -269,6 +270,28 @@ class MeanAblation(Ablation):
             "n_tokens": self.n_tokens,
         }
 
+    def tensor_sha256(self) -> str:
+        """SHA-256 of the tensors (names, dtypes, shapes and bytes), not of any file.
+
+        A ``.safetensors`` file's bytes are no fingerprint: safetensors writes the metadata
+        keys in an order that changes from process to process, so the same tensors saved
+        twice give two file hashes. This hash is the same whenever the tensors are.
+        """
+        digest = hashlib.sha256()
+        tables = (
+            ("attn", self.attn),
+            ("mlp", self.mlp),
+            ("attn_by_pos", self.attn_by_pos),
+            ("mlp_by_pos", self.mlp_by_pos),
+        )
+        for name, t in tables:
+            if t is None:
+                continue
+            flat = t.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{flat.dtype}:{tuple(flat.shape)};".encode())
+            digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to a ``.safetensors`` file (atomically); metadata goes in its header."""
@@ -285,10 +308,10 @@ class MeanAblation(Ablation):
             "model": json.dumps(self.model_info),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
+        tmp = temp_file(path.parent, prefix=f".{path.name}.")
         try:
             save_file(tensors, tmp, metadata=meta)
+            normal_mode(tmp)  # save_file makes it 0600
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

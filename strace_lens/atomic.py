@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +26,56 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic read (briefly sets it)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: str | os.PathLike[str]) -> None:
+    """Give a file the mode a new file gets (0666 less the umask): writers such as
+    safetensors' ``save_file`` create theirs readable by the owner only."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def temp_file(folder: str | os.PathLike[str], prefix: str, suffix: str = ".tmp") -> Path:
+    """Create an empty file with a fresh random name in ``folder``, with normal permissions.
+
+    Unlike ``tempfile.mkstemp`` (always 0600), the file gets the mode any new file gets
+    (0666 less the umask), so results can be shared like other files. Created with
+    ``O_EXCL | O_NOFOLLOW``: it never follows a link planted under the chosen name.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(path, flags, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"Could not create a temporary file in {folder}.")
+
+
+def temp_folder(folder: str | os.PathLike[str], prefix: str, suffix: str = ".tmp") -> Path:
+    """Create an empty folder with a fresh random name in ``folder`` (mode 0777 less umask)."""
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"Could not create a temporary folder in {folder}.")
+
+
 @contextmanager
 def replaced_folder(target: Path, prefix: str) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``target``; if the body succeeds it replaces
@@ -35,10 +85,12 @@ def replaced_folder(target: Path, prefix: str) -> Iterator[Path]:
     process can be recognised and cleaned.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
+    tmp = temp_folder(target.parent, prefix)
     try:
         yield tmp
-        if target.exists():
+        if target.is_symlink():
+            target.unlink()  # the link only, never what it points to
+        elif target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
@@ -56,11 +108,14 @@ def read_versioned_json(
     """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path} is corrupted ({err}){corrupted_fix}") from err
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise ValueError(f"{path} is not a strace-lens {kind}.")
-    if int(data.get("version", -1)) > version:
+    found = data.get("version", -1)
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise ValueError(f"{path} is corrupted (its version is {found!r}){corrupted_fix}")
+    if found > version:
         raise ValueError(
             f"{path.parent} was written by a newer strace-lens ({version_label} "
             f"{data['version']}); upgrade strace-lens to read it."

@@ -20,7 +20,9 @@ Set ``STRACE_LENS_DEBUG=1`` to see the traceback of an error.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import re
 import shlex
@@ -41,27 +43,55 @@ class BadInput(ValueError):
     """An error in what the user gave the command."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2), like every
+    other bad input."""
+
+    def error(self, message: str) -> Any:
+        self.exit(
+            EXIT_BAD_INPUT,
+            f"strace-lens: error: {_one_line(message)} (see `{self.prog} --help`)\n",
+        )
+
+
 # -- argument parsing --------------------------------------------------------------------------
 def _parse_sizes(tokens: Sequence[str] | None) -> list[int] | list[float] | None:
     if not tokens:
         return None
     values: list[str] = [v for t in tokens for v in t.replace(",", " ").split()]
+    if not values:
+        raise BadInput(
+            "--sizes needs at least one value: node counts (1 4 16) or relative "
+            "sizes (0.01 0.1 1.0)."
+        )
+    is_int = [v.lstrip("+-").isdigit() for v in values]
     try:
-        if all(v.lstrip("+-").isdigit() for v in values):
+        if all(is_int):
             return [int(v) for v in values]
-        return [float(v) for v in values]
+        floats = [float(v) for v in values]
     except ValueError:
         raise BadInput(
             f"--sizes takes node counts (1 4 16) or relative sizes (0.01 0.1 1.0), got {values}."
         ) from None
+    if any(is_int):
+        raise BadInput(
+            f"--sizes mixes node counts and relative sizes ({' '.join(values)}): give all "
+            "integers (node counts, e.g. 1 4 16) or all fractions (e.g. 0.25 0.5 1.0)."
+        )
+    bad = [v for v, f in zip(values, floats) if not math.isfinite(f)]
+    if bad:
+        raise BadInput(f"--sizes must be finite numbers, got {' '.join(bad)}.")
+    return floats
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, got {text!r}.")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, got {text!r} (no KEY).")
     try:
-        value: Any = json.loads(raw)
+        value: Any = json.loads(raw, parse_constant=lambda c: float(c))
     except json.JSONDecodeError:
         value = raw
     return key.strip(), value
@@ -71,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     from strace_lens.models import DEFAULT_MODEL, EMBEDDED_MODELS
     from strace_lens.types import ABLATIONS, METHODS, PER
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="strace-lens",
         description="s-Trace on TransformerLens: the smallest subgraphs of attention heads and "
         "MLPs that reproduce a model's next-token distribution, at every size.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     tr = sub.add_parser(
         "trace",
@@ -100,17 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="node counts (1 4 16) or relative sizes (0.01 0.1 1.0); default: a log grid",
     )
     # the names come from strace_lens.types (the method registry's names, checked by a test);
-    # they are validated with the trace configuration, whose errors name the bad value
-    tr.add_argument("--method", default="mask", metavar="{" + ",".join(METHODS) + "}",
-                    help="search method (default: %(default)s)")
-    tr.add_argument("--per", default="input", metavar="{" + ",".join(PER) + "}",
-                    help="a subgraph per input or one per dataset (default: %(default)s)")
-    tr.add_argument("--ablation", default="mean", metavar="{" + ",".join(ABLATIONS) + "}",
-                    help="what replaces a removed node (default: %(default)s)")
+    # they are checked before any work, one line and exit 2 (_check_arguments)
+    tr.add_argument(
+        "--method",
+        default="mask",
+        metavar="{" + ",".join(METHODS) + "}",
+        help="search method (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--per",
+        default="input",
+        metavar="{" + ",".join(PER) + "}",
+        help="a subgraph per input or one per dataset (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--ablation",
+        default="mean",
+        metavar="{" + ",".join(ABLATIONS) + "}",
+        help="what replaces a removed node (default: %(default)s)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
-    tr.add_argument("--batch-size", type=int, default=None,
-                    help="rows per forward pass (lower it after an out-of-memory error)")
+    tr.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per forward pass (lower it after an out-of-memory error)",
+    )
     tr.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     tr.add_argument(
         "--option",
@@ -130,34 +176,67 @@ def build_parser() -> argparse.ArgumentParser:
         "masks and a random baseline (resumable), run every analysis, and write report.md and "
         "the tables as CSV into --out. Give --model twice for the cross-model agreement.",
     )
-    rp.add_argument("--model", action="append", default=None,
-                    help=f"model to trace (repeat for two models; default: {DEFAULT_MODEL})")
+    rp.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help=f"model to trace (repeat for two models; default: {DEFAULT_MODEL})",
+    )
     rp.add_argument("--prompts", required=True, type=Path, help="prompt file: text or TSV")
     rp.add_argument("--n", type=int, default=200, help="first N prompts (default 200)")
     rp.add_argument("--out", required=True, type=Path, help="output folder (created; resumed)")
-    rp.add_argument("--sizes", nargs="+", default=None,
-                    help="node counts or relative sizes; default: a log grid")
+    rp.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        help="node counts or relative sizes; default: a log grid",
+    )
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--ablation", default="mean", metavar="{" + ",".join(ABLATIONS) + "}",
                     help="what replaces a removed node (default: %(default)s)")
     rp.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
     rp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
-    rp.add_argument("--random-draws", type=int, default=5,
-                    help="random subgraphs per (prompt, size) for the baseline (default 5)")
-    rp.add_argument("--corpus", type=Path, default=None,
-                    help="text file for unigram frequencies (default: the prompts' tokens)")
+    rp.add_argument(
+        "--random-draws",
+        type=int,
+        default=5,
+        help="random subgraphs per (prompt, size) for the baseline (default 5)",
+    )
+    rp.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="text file for unigram frequencies (default: the prompts' tokens)",
+    )
     rp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    rp.add_argument("--option", action="append", type=_parse_option, default=[],
-                    metavar="KEY=VALUE", help="a mask-search option, e.g. --option steps=48")
-    rp.add_argument("--core-nucleus", type=float, default=1.0,
-                    help="phase rule: the core is the smallest subgraph whose shared nucleus "
-                    "reaches this %% (default 1: it gives the top-1 token)")
-    rp.add_argument("--refined-nucleus", type=float, default=90.0,
-                    help="phase rule: the refinement ends at the smallest subgraph reaching "
-                    "this %% (default 90)")
-    rp.add_argument("--small-core", type=float, default=0.1,
-                    help="claim 1a calls a core small below this fraction of the nodes "
-                    "(default 0.1)")
+    rp.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a mask-search option, e.g. --option steps=48",
+    )
+    rp.add_argument(
+        "--core-nucleus",
+        type=float,
+        default=1.0,
+        help="phase rule: the core is the smallest subgraph whose shared nucleus "
+        "reaches this %% (default 1: it gives the top-1 token)",
+    )
+    rp.add_argument(
+        "--refined-nucleus",
+        type=float,
+        default=90.0,
+        help="phase rule: the refinement ends at the smallest subgraph reaching "
+        "this %% (default 90)",
+    )
+    rp.add_argument(
+        "--small-core",
+        type=float,
+        default=0.1,
+        help="claim 1a calls a core small below this fraction of the nodes (default 0.1)",
+    )
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -174,9 +253,7 @@ def _load(name: str, device: str | None) -> Any:
 
 def summary_table(result: Any) -> str:
     """Median KL, TV and shared nucleus over prompts, one line per size."""
-    lines = [
-        f"{'size':>6} {'relative':>9} {'median KL':>10} {'median TV':>10} {'nucleus %':>10}"
-    ]
+    lines = [f"{'size':>6} {'relative':>9} {'median KL':>10} {'median TV':>10} {'nucleus %':>10}"]
     rel = result.relative_sizes.tolist()
     for j, size in enumerate(result.sizes.tolist()):
         kl = float(result.metrics["kl"][:, j].median())
@@ -194,10 +271,10 @@ def _with_file_line(message: str, prompt_file: Any) -> str:
     return f"{message} (line {prompt_file.lines[int(found.group(1))]} of {prompt_file.path})"
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
-    from strace_lens.dataset import trace_dataset
-    from strace_lens.prompts import read_prompts
-    from strace_lens.types import ABLATIONS
+def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") -> None:
+    """Check every flag before any work (loading a model takes time): one line, exit 2."""
+    from strace_lens.types import ABLATIONS, METHODS, PER
+    from strace_lens.validate import check_device, check_method_options
 
     if args.n is not None and args.n < 1:
         raise BadInput(f"--n must be at least 1, got {args.n}.")
@@ -205,8 +282,34 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise BadInput(f"--chunk-size must be at least 1, got {args.chunk_size}.")
     if args.batch_size is not None and args.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if not 0 <= args.seed < 2**63:
+        raise BadInput(f"--seed must be between 0 and 2**63 - 1, got {args.seed}.")
     if args.ablation not in ABLATIONS:
         raise BadInput(f"Unknown ablation {args.ablation!r}: use mean or zero.")
+    if method not in METHODS:
+        raise BadInput(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if per not in PER:
+        raise BadInput(f"Unknown per={per!r}; choose one of {', '.join(PER)}.")
+    if args.out.exists() and not args.out.is_dir():
+        raise BadInput(f"--out {args.out} is a file: give a folder (it is created).")
+    if not args.prompts.exists():
+        raise BadInput(f"No prompt file at {args.prompts}.")
+    keys = [key for key, _ in args.option]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise BadInput(f"--option {', '.join(repeated)} is given more than once: give it once.")
+    try:
+        check_device(args.device, "--device")
+        check_method_options(method, dict(args.option))
+    except (ValueError, TypeError) as err:
+        raise BadInput(str(err).replace("option ", "--option ", 1)) from err
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from strace_lens.dataset import trace_dataset
+    from strace_lens.prompts import read_prompts
+
+    _check_arguments(args, args.method, args.per)
     sizes = _parse_sizes(args.sizes)
     prompt_file = read_prompts(args.prompts, n=args.n)
     model = _load(args.model, args.device)
@@ -257,8 +360,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     models = args.model or [DEFAULT_REPRODUCE_MODEL]
     if len(models) > 2:
         raise BadInput(f"reproduce takes one or two --model, got {len(models)}.")
-    if args.n < 1:
-        raise BadInput(f"--n must be at least 1, got {args.n}.")
+    _check_arguments(args, "mask")
+    if args.random_draws < 1:
+        raise BadInput(f"--random-draws must be at least 1, got {args.random_draws}.")
+    for flag, value, high in (
+        ("--core-nucleus", args.core_nucleus, 100.0),
+        ("--refined-nucleus", args.refined_nucleus, 100.0),
+        ("--small-core", args.small_core, 1.0),
+    ):
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise BadInput(f"{flag} must be in (0, {high:g}], got {value}.")
+    if args.corpus is not None and not args.corpus.is_file():
+        raise BadInput(f"--corpus {args.corpus}: no such file.")
     sizes = _parse_sizes(args.sizes)
     # the command as a user would retype it, every setting explicit
     argv = ["strace-lens", "reproduce"]
@@ -271,8 +384,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     argv += ["--chunk-size", str(args.chunk_size), "--random-draws", str(args.random_draws)]
     if args.corpus is not None:
         argv += ["--corpus", str(args.corpus)]
-    argv += ["--core-nucleus", f"{args.core_nucleus:g}", "--refined-nucleus",
-             f"{args.refined_nucleus:g}", "--small-core", f"{args.small_core:g}"]
+    argv += [
+        "--core-nucleus",
+        f"{args.core_nucleus:g}",
+        "--refined-nucleus",
+        f"{args.refined_nucleus:g}",
+        "--small-core",
+        f"{args.small_core:g}",
+    ]
     for key, value in args.option:
         argv += ["--option", f"{key}={json.dumps(value)}"]
     repro = reproduce(
@@ -330,13 +449,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"strace-lens: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILED
-    except (ValueError, TypeError, KeyError, IndexError, FileNotFoundError, ModuleNotFoundError,
-            IsADirectoryError, NotADirectoryError, PermissionError) as err:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        FileNotFoundError,
+        ModuleNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        FileExistsError,
+    ) as err:
         if debug:
             raise
         text = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"strace-lens: error: {_one_line(text)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:
+        if debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(
+                f"strace-lens: error: the disk is full{where}: free some space and run the same "
+                "command again; finished shards are kept and the run resumes.",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            print(
+                f"strace-lens: error: cannot write or read{where}: {err.strerror}. Give --out a "
+                "folder you can write to and a readable --prompts file (finished shards are "
+                "kept: the same command resumes).",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        print(f"strace-lens: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

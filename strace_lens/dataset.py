@@ -5,14 +5,21 @@ A run folder looks like this::
     out_dir/
       manifest.json            what the run is: options, model, prompt hashes, chunking
       ablation.safetensors     the mean ablation shared by every chunk (mean ablation only)
-      shards/00000/            one TraceResult (result.safetensors + result.json) per chunk
+      shards/00000/            one TraceResult (result.safetensors + result.json) per chunk,
+                               + run.json (the run's identity hash, result.json's checksum)
       shards/00001/ ...
 
 Every file is written under a temporary name and renamed into place, so a reader (or a
 resumed run) sees either a whole shard or none. A shard folder is trusted only when
-``TraceResult.load`` accepts it (its tensors match the checksum in its JSON) and it holds
-exactly the prompts of its chunk; anything else (a half-written temporary folder left by a
-kill, a truncated file) is deleted and traced again.
+``TraceResult.load`` accepts it (its tensors match the checksum in its JSON), it holds
+exactly the prompts of its chunk, and its ``run.json`` names this very run (options with
+defaults filled in, model, weights, prompts, targets, chunking and the ablation's tensors)
+with an unchanged ``result.json``; anything else (a half-written temporary folder left by a
+kill, a truncated file, a shard of another run after ``manifest.json`` was lost) is deleted
+and traced again. A damaged manifest is rebuilt by the same call; the mean ablation is
+checked by its tensors, not its file bytes. Nothing outside the folder is ever written or
+deleted: a symbolic link where the run keeps a file is refused, and links inside
+``shards/`` are removed, never followed.
 
 Rerunning with the same arguments skips finished shards, and the result equals
 (``TraceResult.equals``) what an uninterrupted run gives. Rerunning with different prompts,
@@ -51,8 +58,7 @@ import os
 import re
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,8 +68,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
-from strace_lens.atomic import read_versioned_json, replaced_folder, sha256_file
-from strace_lens.config import TraceConfig
+from strace_lens.atomic import read_versioned_json, replaced_folder, sha256_file, temp_file
+from strace_lens.config import IDENTITY_FIELDS, TraceConfig
+from strace_lens.config import RUNTIME_OPTIONS as CONFIG_RUNTIME_OPTIONS
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch, tokenize
@@ -72,12 +79,24 @@ from strace_lens.models import model_identity
 from strace_lens.prompts import PromptFile
 from strace_lens.result import VOLATILE_OPTIONS, TraceResult
 from strace_lens.types import ABLATIONS
+from strace_lens.validate import (
+    as_int,
+    caller_state_kept,
+    check_prompt_texts,
+    check_targets,
+    check_trace_arguments,
+    method_defaults,
+    without_defaults,
+)
 
 MANIFEST_FILE = "manifest.json"
 ABLATION_FILE = "ablation.safetensors"
 SHARDS_DIR = "shards"
 TIMING_FILE = "timing.json"
 LOCK_FILE = ".lock"
+RUN_ID_FILE = "run.json"
+#: every name strace-lens writes or cleans directly inside a run folder (report.html: the CLI)
+RUN_FOLDER_NAMES = (MANIFEST_FILE, ABLATION_FILE, SHARDS_DIR, LOCK_FILE, "report.html")
 RUN_FORMAT = "strace-lens/dataset-run"
 RUN_FORMAT_VERSION = 1
 #: Trace arguments that do not change what a run computes, so a resume may change them.
@@ -98,6 +117,16 @@ class RunInUseError(ValueError):
 
 class TraceOutOfMemoryError(RuntimeError):
     """Tracing a chunk ran out of memory; the message says what to lower."""
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as it is (a link where a file belongs, a damaged or
+    crafted manifest); the message names the file and the fix."""
+
+
+class ManifestDamagedError(RunFolderError):
+    """``manifest.json`` is unreadable or malformed. Every shard records its run's identity,
+    so rerunning the same command rebuilds the manifest and keeps the shards of that run."""
 
 
 # -- public API -----------------------------------------------------------------------------
@@ -146,20 +175,20 @@ def trace_dataset(
             targets = prompts.targets
         prompts = prompts.prompts
     prompts = _check_prompt_list(prompts)
-    if targets is not None:
-        targets = [str(t) for t in targets]
-        if len(targets) != len(prompts):
-            raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts: give one each.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    targets = check_targets(targets, len(prompts))
+    chunk_size = as_int(chunk_size, "chunk_size", minimum=1)  # type: ignore[assignment]
+    batch_size = as_int(batch_size, "batch_size", minimum=1, allow_none=True)
     if "prompts" in trace_options or "targets" in trace_options:
         raise TypeError("Pass prompts and targets as trace_dataset's own arguments.")
+    trace_options = _plain_options(trace_options)
     per = trace_options.get("per", "input")
     if per == "dataset":
         chunk_size = len(prompts)  # one shard: a shared subgraph cannot be split by chunks
     folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(
+            f"out_dir {folder} is a file, not a folder: choose a folder path (it is created)."
+        )
     if (folder / "result.json").exists():
         raise RunMismatchError(
             f"{folder} holds a single saved TraceResult, not a dataset run: choose another "
@@ -172,18 +201,28 @@ def trace_dataset(
     _check_options(model, trace_options)
     batch = tokenize(model, prompts)
 
-    with model_untouched(model):
+    with model_untouched(model), caller_state_kept():
         identity = _run_identity(model, prompts, targets, chunk_size, trace_options)
         created = not folder.exists()
+        _check_no_links(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with _exclusive(folder):
             return _run(
-                model, prompts, targets, folder, created, identity, chunk_size, show, batch_size,
-                batch, trace_options,
+                model,
+                prompts,
+                targets,
+                folder,
+                created,
+                identity,
+                chunk_size,
+                show,
+                batch_size,
+                batch,
+                trace_options,
             )
 
 
-def _run(
+def _run(  # noqa: C901  (a flat sequence of run-folder checks; split with the lease work)
     model: Any,
     prompts: list[str],
     targets: list[str] | None,
@@ -197,7 +236,14 @@ def _run(
     trace_options: dict[str, Any],
 ) -> TraceResult:
     """The body of :func:`trace_dataset`, run while holding the folder's lock."""
-    existing = _read_manifest(folder) if (folder / MANIFEST_FILE).exists() else None
+    existing = None
+    if (folder / MANIFEST_FILE).exists():
+        try:
+            existing = _read_manifest(folder)
+        except ManifestDamagedError:
+            # Every shard records its run's identity, so a damaged manifest is rebuilt and
+            # only the shards of this very run are kept (the others are traced again).
+            existing = None
     if existing is not None:
         _check_same_run(folder, existing, identity)
     _remove_root_temporaries(folder)
@@ -213,6 +259,7 @@ def _run(
             ablation, ablation_sha = _shared_ablation(
                 model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
             )
+            run_id = _run_sha256(identity, ablation_sha)
         except (RuntimeError, MemoryError) as err:
             if not _is_out_of_memory(err):
                 raise
@@ -224,6 +271,7 @@ def _run(
             manifest = {
                 **identity,
                 "ablation_sha256": ablation_sha,
+                "run_sha256": run_id,
                 "n_shards": len(chunks),
                 "runtime": {
                     "batch_size": batch_size,
@@ -231,13 +279,20 @@ def _run(
                 },
             }
             _write_json_atomic(folder / MANIFEST_FILE, manifest)
+        elif existing.get("run_sha256") != run_id:
+            # a run from before shards recorded their run (or one whose manifest was lost):
+            # record it now; shards without the same record are traced again
+            _write_json_atomic(
+                folder / MANIFEST_FILE,
+                {**existing, "ablation_sha256": ablation_sha, "run_sha256": run_id},
+            )
         shards = folder / SHARDS_DIR
         shards.mkdir(exist_ok=True)
         _remove_temporaries(shards)
         done = {
             k
             for k, (lo, hi) in enumerate(chunks)
-            if _shard_is_valid(shards / _shard_name(k), prompts[lo:hi])
+            if _shard_is_valid(shards / _shard_name(k), prompts[lo:hi], run_id)
         }
         options = {k: v for k, v in trace_options.items() if k != "ablation"}
         if batch_size is not None:
@@ -254,10 +309,18 @@ def _run(
                 if k in done:
                     continue
                 result = _trace_chunk(
-                    model, prompts, targets, lo, hi, k, ablation, options, batch_size,
+                    model,
+                    prompts,
+                    targets,
+                    lo,
+                    hi,
+                    k,
+                    ablation,
+                    options,
+                    batch_size,
                     chunk_size,
                 )
-                _write_shard(shards, k, result)
+                _write_shard(shards, k, result, run_id)
                 written += 1
                 bar.update(hi - lo)
     except BaseException:
@@ -280,7 +343,11 @@ def load_run(folder: str | os.PathLike[str]) -> TraceResult:
     manifest = _read_manifest(folder)
     chunks = _chunks(int(manifest["n_prompts"]), int(manifest["chunk_size"]))
     hashes = manifest["prompt_sha256"]
-    missing = [k for k in range(len(chunks)) if not (folder / SHARDS_DIR / _shard_name(k)).is_dir()]
+    run_id = manifest.get("run_sha256")
+    shards = folder / SHARDS_DIR
+    # list the folder once (not one stat per shard), so a crafted count fails fast
+    present = {p.name for p in shards.iterdir()} if shards.is_dir() else set()
+    missing = [k for k in range(len(chunks)) if _shard_name(k) not in present]
     if missing:
         raise IncompleteRunError(
             f"{folder} is an unfinished run: {len(chunks) - len(missing)} of {len(chunks)} "
@@ -290,20 +357,40 @@ def load_run(folder: str | os.PathLike[str]) -> TraceResult:
     parts = []
     for k, (lo, hi) in enumerate(chunks):
         path = folder / SHARDS_DIR / _shard_name(k)
+        if run_id is not None and _shard_run_id(path) != run_id:
+            raise ValueError(
+                f"Shard {path} cannot be read as part of this run: its {RUN_ID_FILE} is missing "
+                "or damaged, its result.json was changed, or it was traced by another run than "
+                f"the one {folder / MANIFEST_FILE} describes. Rerun the same command: it traces "
+                "that shard again."
+            )
         try:
             part = TraceResult.load(path)
-        except (ValueError, FileNotFoundError, OSError) as err:
+        except Exception as err:  # any damage: a wrong type or key in its JSON, too
             raise ValueError(
-                f"Shard {path} cannot be read ({err}). Rerun the same command: a resumed run "
-                "traces broken shards again."
+                f"Shard {path} cannot be read ({type(err).__name__}: {err}). Rerun the same "
+                "command: a resumed run traces broken shards again."
             ) from err
         if [_sha256_text(p) for p in part.prompts] != hashes[lo:hi]:
             raise ValueError(
-                f"Shard {path} holds other prompts than the manifest lists for it: the folder "
-                "was edited by hand; trace into a fresh folder."
+                f"Shard {path} holds other prompts than the manifest lists for it. Rerun the "
+                "same command: it traces that shard again."
             )
         parts.append(part)
     return parts[0] if len(parts) == 1 else TraceResult.concat(parts)
+
+
+def _plain_options(trace_options: dict[str, Any]) -> dict[str, Any]:
+    """The trace options checked, as plain Python values, without method options given at
+    their default (so that ``steps=24`` and no ``steps`` are the same run)."""
+    # trace()'s named parameters; every other keyword is a method option
+    params = {*IDENTITY_FIELDS, *CONFIG_RUNTIME_OPTIONS, "targets"}
+    named = {k: v for k, v in trace_options.items() if k in params}
+    extra = {k: v for k, v in trace_options.items() if k not in named}
+    checked = check_trace_arguments({**named, "options": extra})
+    method = checked.get("method", "mask")
+    options = without_defaults(method, checked.pop("options"))
+    return {**checked, **options}
 
 
 def _check_options(model: Any, trace_options: dict[str, Any]) -> None:
@@ -322,12 +409,17 @@ def _check_prompt_list(prompts: Any) -> list[str]:
             "trace_dataset needs a list of prompt strings (or a PromptFile from read_prompts); "
             "for a single prompt or token ids, use strace_lens.trace."
         )
+    if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
+        raise TypeError(
+            f"prompts must be a list of strings (or a PromptFile), got {type(prompts).__name__}."
+        )
     prompts = list(prompts)
     if not prompts:
         raise ValueError("The prompt list is empty: pass at least one non-empty string.")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"Prompt {i} is a {type(p).__name__}, not a string.")
+    check_prompt_texts(prompts)
     return prompts
 
 
@@ -401,7 +493,11 @@ def _run_identity(
 
     # Record the trace's defaults too, so that "method not given" and method="mask" (the
     # default) count as the same run, and a difference names both values.
-    given = {**_trace_defaults(), **trace_options}
+    given = {
+        **_trace_defaults(),
+        **method_defaults(trace_options.get("method", "mask")),
+        **trace_options,
+    }
     options = {k: _jsonable(v, k) for k, v in sorted(given.items()) if k not in RUNTIME_OPTIONS}
     ablation = trace_options.get("ablation")
     if ablation is None or isinstance(ablation, str):
@@ -431,18 +527,67 @@ def _run_identity(
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, checked field by field, so that a damaged or crafted one fails fast and
+    by name (:class:`ManifestDamagedError`) instead of somewhere later."""
     path = folder / MANIFEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"{folder} holds no dataset run ({MANIFEST_FILE} is missing).")
-    manifest = read_versioned_json(
-        path,
-        RUN_FORMAT,
-        RUN_FORMAT_VERSION,
-        "dataset-run manifest",
-        ". Delete the folder and trace again.",
-        "run format",
+    if path.is_symlink():
+        raise RunFolderError(_link_message(path))
+    fix = (
+        ". Rerun the same trace_dataset call or `strace-lens trace` command: it rebuilds the "
+        "manifest and keeps every shard of that run."
     )
+    try:
+        manifest = read_versioned_json(
+            path, RUN_FORMAT, RUN_FORMAT_VERSION, "dataset-run manifest", fix, "run format"
+        )
+    except ValueError as err:
+        if "is corrupted" in str(err):
+            raise ManifestDamagedError(str(err)) from err
+        if "is not a strace-lens" in str(err):
+            if (folder / SHARDS_DIR).is_dir():  # our layout: our manifest, overwritten
+                damaged = f"{path} is corrupted (not a run manifest){fix}"
+                raise ManifestDamagedError(damaged) from err
+            raise RunFolderError(
+                f"{path} is not a strace-lens run manifest: the folder holds something else. "
+                "Choose another output folder."
+            ) from err
+        raise
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise ManifestDamagedError(f"{path} is corrupted ({problem}){fix}")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields, or None."""
+
+    def hashes(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(h, str) and len(h) == 64 for h in v)
+
+    n = m.get("n_prompts")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"n_prompts is {n!r}, not a positive integer"
+    chunk = m.get("chunk_size")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        return f"chunk_size is {chunk!r}, not a positive integer"
+    if not hashes(m.get("prompt_sha256")) or len(m["prompt_sha256"]) != n:
+        return f"prompt_sha256 is not a list of {n} SHA-256 hashes"
+    targets = m.get("target_sha256")
+    if targets is not None and (not hashes(targets) or len(targets) != n):
+        return f"target_sha256 is not null or a list of {n} SHA-256 hashes"
+    if not isinstance(m.get("options"), dict):
+        return "options is not a JSON object"
+    if m.get("n_shards") != -(-n // chunk):
+        return (
+            f"n_shards is {m.get('n_shards')!r}, but {n} prompts in chunks of {chunk} "
+            f"make {-(-n // chunk)}"
+        )
+    for key in ("ablation_sha256", "run_sha256", "weights_sha256", "strace_lens_version"):
+        if m.get(key) is not None and not isinstance(m.get(key), str):
+            return f"{key} is {m.get(key)!r}, not a string"
+    return None
 
 
 def _check_same_run(folder: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -458,6 +603,8 @@ def _check_same_run(folder: Path, old: dict[str, Any], new: dict[str, Any]) -> N
     elif old.get("weights_sha256") != new["weights_sha256"]:
         diffs.append("the model's weights differ (same architecture, other checkpoint or dtype)")
     old_opts, new_opts = old.get("options", {}), new["options"]
+    if isinstance(old_opts, dict):  # a manifest written before method defaults were recorded
+        old_opts = {**method_defaults(old_opts.get("method", "mask")), **old_opts}
     for key in sorted(set(old_opts) | set(new_opts)):
         if old_opts.get(key, "<not given>") != new_opts.get(key, "<not given>"):
             diffs.append(
@@ -504,17 +651,25 @@ def _shared_ablation(
         return ZeroAblation(), None
     path = folder / ABLATION_FILE
     recorded = existing.get("ablation_sha256") if existing is not None else None
-    if recorded and path.exists() and sha256_file(path) == recorded:
-        return MeanAblation.load(path), recorded
+    if recorded and path.is_file() and not path.is_symlink():
+        try:
+            saved: MeanAblation | None = MeanAblation.load(path)
+        except (ValueError, KeyError, OSError):
+            saved = None  # damaged: computed again below
+        # by tensor contents (a run made before 0.x recorded the file's hash)
+        if saved is not None and recorded in (saved.tensor_sha256(), sha256_file(path)):
+            return saved, saved.tensor_sha256()
     mean = MeanAblation.from_prompts(model, prompts, batch_size=batch_size or 16, progress=show)
-    mean.save(path)
-    digest = sha256_file(path)
-    if existing is not None and recorded != digest:
+    digest = mean.tensor_sha256()
+    if existing is not None and existing.get("run_sha256") and recorded != digest:
         raise RunMismatchError(
-            f"{path} was missing or damaged, and the mean ablation computed again differs from "
-            "the one the finished shards used (another device or library version?). Delete "
-            f"{folder} and trace again."
+            f"{path} is missing or damaged, and the mean ablation computed again from the "
+            "prompts differs from the one the finished shards used (recorded in "
+            f"{folder / MANIFEST_FILE}): resume on the device and with the torch version the "
+            "run started with (the shards are kept), or restore the file. To trace every "
+            f"shard again with the new mean instead, delete {folder / MANIFEST_FILE}."
         )
+    mean.save(path)
     return mean, digest
 
 
@@ -527,32 +682,66 @@ def _shard_name(k: int) -> str:
     return f"{k:05d}"
 
 
+def _remove(entry: Path) -> None:
+    """Delete a file or folder inside the run; a symbolic link is removed, never followed."""
+    if entry.is_symlink() or not entry.is_dir():
+        entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)  # rmtree itself never follows links inside
+
+
 def _remove_temporaries(shards: Path) -> None:
     """Delete half-written shard folders a killed run left behind (never trusted anyway)."""
+    if shards.is_symlink():  # checked before; never clean what a link points to
+        raise RunFolderError(_link_message(shards))
     for entry in shards.iterdir():
-        if entry.name.startswith("."):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+        if entry.name.startswith(".") or entry.is_symlink():
+            _remove(entry)
 
 
-def _shard_is_valid(path: Path, prompts: list[str]) -> bool:
-    if not path.exists():
+def _shard_run_id(path: Path) -> str | None:
+    """The run a shard was traced by, from its ``run.json``; None when that file is missing,
+    damaged, or its ``result.json`` was changed after writing (its checksum is there too)."""
+    try:
+        data = json.loads((path / RUN_ID_FILE).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            return None
+        if data.get("result_json_sha256") != sha256_file(path / "result.json"):
+            return None
+        run_id = data.get("run_sha256")
+        return run_id if isinstance(run_id, str) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _shard_is_valid(path: Path, prompts: list[str], run_id: str) -> bool:
+    """A shard is reused only when it loads, holds its chunk's prompts and was traced by this
+    very run (same options, model, prompts, targets and ablation tensors)."""
+    if not path.exists() and not path.is_symlink():
         return False
     try:
-        shard = TraceResult.load(path)
-        ok = shard.prompts == prompts
-    except (ValueError, FileNotFoundError, OSError, KeyError):
+        ok = (
+            not path.is_symlink()
+            and path.is_dir()
+            and not any(p.is_symlink() for p in path.iterdir())
+            and _shard_run_id(path) == run_id
+            and TraceResult.load(path).prompts == prompts
+        )
+    except Exception:  # any damage (a wrong type or key in its JSON, too): trace it again
         ok = False
     if not ok:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
     return ok
 
 
-def _write_shard(shards: Path, k: int, result: TraceResult) -> None:
+def _write_shard(shards: Path, k: int, result: TraceResult, run_id: str) -> None:
     """Save a chunk's result into a temporary folder, then rename it to its shard name."""
     timing = {key: result.options.pop(key) for key in VOLATILE_OPTIONS if key in result.options}
     with replaced_folder(shards / _shard_name(k), prefix=f".{_shard_name(k)}.") as tmp:
         result.save(tmp)
         (tmp / TIMING_FILE).write_text(json.dumps(timing), encoding="utf-8")
+        record = {"run_sha256": run_id, "result_json_sha256": sha256_file(tmp / "result.json")}
+        (tmp / RUN_ID_FILE).write_text(json.dumps(record), encoding="utf-8")
 
 
 @contextmanager
@@ -567,7 +756,14 @@ def _exclusive(folder: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock
         yield
         return
-    with open(folder / LOCK_FILE, "a+") as handle:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(folder / LOCK_FILE, flags, 0o666)
+    except OSError as err:
+        if (folder / LOCK_FILE).is_symlink():
+            raise RunFolderError(_link_message(folder / LOCK_FILE)) from err
+        raise
+    with os.fdopen(fd, "a+") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -579,6 +775,38 @@ def _exclusive(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _link_message(path: Path) -> str:
+    return (
+        f"{path} is a symbolic link: strace-lens writes and cleans only real files inside "
+        f"the run folder, never what a link points to. Remove the link (rm {path}) or choose "
+        "another output folder."
+    )
+
+
+def _check_no_links(folder: Path) -> None:
+    """Refuse a run folder where a name strace-lens writes or cleans is a symbolic link."""
+    if not folder.is_dir():
+        return
+    for name in RUN_FOLDER_NAMES:
+        path = folder / name
+        if path.is_symlink():
+            raise RunFolderError(_link_message(path))
+        wrong = "a file" if name == SHARDS_DIR else "a folder"
+        if path.exists() and (path.is_dir() != (name == SHARDS_DIR)):
+            raise RunFolderError(
+                f"{path} is {wrong}, where strace-lens keeps its "
+                f"{'shard folders' if name == SHARDS_DIR else name}: the run folder was edited. "
+                "Move it away, or choose another output folder."
+            )
+
+
+def _run_sha256(identity: dict[str, Any], ablation_sha: str | None) -> str:
+    """The run's identity as one hash, recorded in the manifest and in every shard."""
+    record = {**identity, "ablation_tensors_sha256": ablation_sha}
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _remove_root_temporaries(folder: Path) -> None:
@@ -601,10 +829,10 @@ def _forget_fresh_run(folder: Path, created: bool) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -700,6 +928,8 @@ def _name_bad_prompts(message: str, prompts: list[str], lo: int, hi: int) -> str
 
 __all__ = [
     "IncompleteRunError",
+    "ManifestDamagedError",
+    "RunFolderError",
     "RunInUseError",
     "RunMismatchError",
     "TraceOutOfMemoryError",

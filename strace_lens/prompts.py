@@ -4,10 +4,12 @@ Format rules, chosen so that a mistake in the file is reported rather than trace
 
 - The file must be UTF-8 (a leading byte-order mark is ignored). Any other byte sequence is
   an error that names the line and the byte offset of the first undecodable byte.
-- Line endings may be LF or CRLF; the line ending is not part of the prompt.
+- Line endings may be LF (Unix), CRLF (Windows) or CR (old Mac), even mixed in one file;
+  the line ending is not part of the prompt.
 - **Empty lines are skipped** (they separate prompts, or end the file). A line holding only
   spaces or tabs is **not** skipped: it is an error naming the line, because a prompt made of
-  whitespace has nothing to predict from and usually means the file was mangled.
+  whitespace has nothing to predict from and usually means the file was mangled. So is a
+  line of only invisible characters (a zero-width space, a stray byte-order mark).
 - Otherwise a plain-text line is one prompt, kept exactly as written (leading and trailing
   spaces included: they change the tokens).
 - TSV (a ``.tsv`` file, or any file whose first non-empty line holds a tab): every non-empty
@@ -19,9 +21,12 @@ Format rules, chosen so that a mistake in the file is reported rather than trace
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from strace_lens.validate import is_blank
 
 #: Number of tab-separated columns in a prompt TSV (prompt, last word, POS, next word, POS,
 #: next token).
@@ -103,12 +108,10 @@ def read_prompts(
     prompts: list[str] = []
     targets: list[str] = []
     lines: list[int] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(re.split(rb"\r\n|\r|\n", data), start=1):
         if n is not None and len(prompts) >= n:
             break
         line = _decode_line(raw, number, path)
-        if line.endswith("\r"):
-            line = line[:-1]
         if line == "":
             continue
         if kind is None:
@@ -129,10 +132,11 @@ def read_prompts(
                 )
         else:
             prompt, target = line, ""
-        if not prompt.strip():
+        if is_blank(prompt):
             raise PromptFileError(
-                f"{path}, line {number}: the prompt is whitespace only. Remove the line or "
-                "give it some text (empty lines are skipped, whitespace-only ones are not)."
+                f"{path}, line {number}: the prompt is whitespace only (or invisible "
+                f"characters: {prompt!r}). Remove the line or give it some text (empty lines "
+                "are skipped, whitespace-only ones are not)."
             )
         prompts.append(prompt)
         targets.append(target)

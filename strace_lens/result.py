@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import read_versioned_json, sha256_file
+from strace_lens.atomic import normal_mode, read_versioned_json, sha256_file, temp_file
 from strace_lens.config import TraceConfig
 from strace_lens.graph import NodeGraph
 
@@ -189,6 +188,7 @@ class TraceResult:
         folder.mkdir(parents=True, exist_ok=True)
         tensors_tmp = _temp_path(folder, TENSORS_FILE)
         save_file(self._tensors(), str(tensors_tmp))
+        normal_mode(tensors_tmp)  # save_file makes it 0600
         digest = sha256_file(tensors_tmp)
         meta = {
             "format": FORMAT,
@@ -313,6 +313,4 @@ class TraceResult:
 
 
 def _temp_path(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
+    return temp_file(folder, prefix=f".{name}.")

@@ -28,6 +28,7 @@ from strace_lens.result import TraceResult
 from strace_lens.search.grouping import RowGrouping
 from strace_lens.search.objective import SubgraphObjective
 from strace_lens.types import METHODS, PER
+from strace_lens.validate import guarded
 
 DEFAULT_GRID_POINTS = 12
 
@@ -110,6 +111,7 @@ def _target_logprobs(model: Any, logp_full: Tensor, targets: Sequence[str] | Non
     return logp_full.gather(-1, idx[:, None])[:, 0].cpu()
 
 
+@guarded  # checks the arguments; keeps the caller's RNG state and grad mode
 def trace(
     model: Any,
     prompts: Prompts,

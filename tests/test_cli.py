@@ -31,8 +31,21 @@ def tsv(tmp_path):
 
 def trace_args(prompts, out, *extra):
     return [
-        "trace", "--model", "native:tiny", "--prompts", str(prompts), "--out", str(out),
-        "--sizes", "1", "4", "15", "--option", "steps=2", "--quiet", *extra,
+        "trace",
+        "--model",
+        "native:tiny",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--sizes",
+        "1",
+        "4",
+        "15",
+        "--option",
+        "steps=2",
+        "--quiet",
+        *extra,
     ]
 
 

@@ -45,7 +45,9 @@ def count_traces(monkeypatch) -> list[int]:
 def test_chunks_equal_tracing_each_chunk_with_the_shared_mean(model, tmp_path):
     run = trace_dataset(model, PROMPTS, tmp_path / "run", chunk_size=2, **FAST)
     assert sorted(p.name for p in (tmp_path / "run" / "shards").iterdir()) == [
-        "00000", "00001", "00002"
+        "00000",
+        "00001",
+        "00002",
     ]
     mean = MeanAblation.from_prompts(model, PROMPTS, progress=False)
     parts = [
@@ -133,9 +135,7 @@ def test_per_dataset_is_one_shard(model, tmp_path):
 
 
 def test_tsv_targets_are_recorded(model, tmp_path):
-    rows = [
-        "\t".join([p, "w", "NOUN", "next", "NOUN", " next"]) for p in PROMPTS[:3]
-    ]
+    rows = ["\t".join([p, "w", "NOUN", "next", "NOUN", " next"]) for p in PROMPTS[:3]]
     path = tmp_path / "p.tsv"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     run = trace_dataset(model, read_prompts(path), tmp_path / "run", chunk_size=2, **FAST)

@@ -94,3 +94,32 @@ def test_missing_file_and_folder(tmp_path):
         read_prompts(tmp_path / "nope.txt")
     with pytest.raises(PromptFileError, match="is a folder"):
         read_prompts(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "prompts", "lines"),
+    [
+        (b"one\ntwo\n", ["one", "two"], [1, 2]),  # LF (Unix)
+        (b"one\r\ntwo\r\n", ["one", "two"], [1, 2]),  # CRLF (Windows)
+        (b"one\rtwo\r", ["one", "two"], [1, 2]),  # CR (classic Mac)
+        (b"one\r\ntwo\rthree\nfour", ["one", "two", "three", "four"], [1, 2, 3, 4]),  # mixed
+        (b"one\r\r\ntwo", ["one", "two"], [1, 3]),  # an empty line between, CR then CRLF
+    ],
+)
+def test_every_common_line_ending_convention(tmp_path, data, prompts, lines):
+    got = read_prompts(write(tmp_path, "p.txt", data))
+    assert got.prompts == prompts and got.lines == lines
+    assert not any("\r" in p for p in got.prompts)
+
+
+@pytest.mark.parametrize("blank", ["\u200b", "\ufeff", "\u200b \u200d", "\x00", " \u00a0\t"])
+def test_a_prompt_empty_after_normalisation_is_an_error_naming_the_line(tmp_path, blank):
+    path = write(tmp_path, "p.txt", f"fine\n{blank}\n".encode())
+    with pytest.raises(PromptFileError, match="line 2: the prompt is whitespace only"):
+        read_prompts(path)
+
+
+def test_a_tsv_with_classic_mac_line_endings(tmp_path):
+    row = "\t".join(["a prompt", "w", "NOUN", "next", "NOUN", " next"])
+    got = read_prompts(write(tmp_path, "p.tsv", f"{row}\r{row}\r".encode()))
+    assert got.prompts == ["a prompt", "a prompt"] and got.targets == [" next", " next"]
