@@ -27,7 +27,7 @@ from strace_lens.metrics import (
     tv_distance,
 )
 from strace_lens.models import EMBEDDED_MODELS, load_model
-from strace_lens.prompts import read_prompts
+from strace_lens.prompts import prompt_sets, read_prompts
 from strace_lens.result import TraceResult
 from strace_lens.trace import trace
 
@@ -49,6 +49,7 @@ __all__ = [
     "kl_divergence",
     "load_model",
     "load_run",
+    "prompt_sets",
     "read_prompts",
     "run_with_mask",
     "shared_nucleus",
