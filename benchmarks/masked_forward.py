@@ -33,7 +33,7 @@ import strace_lens as sl
 from strace_lens.hygiene import model_untouched
 from strace_lens.masked_forward import check_mask, forward_logprobs, node_hooks
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
+DATA = Path(__file__).resolve().parents[1] / "strace_lens" / "data" / "wikitext_40_dev.tsv"
 
 
 def sync(device: torch.device) -> None:

@@ -35,7 +35,7 @@ from strace_lens.search.baselines import exhaustive_table
 from strace_lens.search.objective import SubgraphObjective
 from strace_lens.trace import resolve_candidates
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
+DATA = Path(__file__).resolve().parents[1] / "strace_lens" / "data" / "wikitext_40_dev.tsv"
 
 
 def dev_prompts(n: int, words: int | None) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 
 import strace_lens as sl
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
+DATA = Path(__file__).resolve().parents[1] / "strace_lens" / "data" / "wikitext_40_dev.tsv"
 
 
 def bare_fwd_bwd(model: object, batch: sl.TokenBatch) -> float:

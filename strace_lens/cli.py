@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"embedded model ({', '.join(sorted(EMBEDDED_MODELS))}), a local Hugging Face "
         "folder, or native:tiny (a tiny random test model) (default: %(default)s)",
     )
-    tr.add_argument("--prompts", required=True, type=Path, help="prompt file: text or TSV")
+    tr.add_argument("--prompts", required=True, type=Path, help="file (text/TSV) or set: wikitext")
     tr.add_argument("--n", type=int, default=None, help="trace the first N prompts (default: all)")
     tr.add_argument("--out", required=True, type=Path, help="run folder (created; resumed)")
     tr.add_argument(
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"model to trace (repeat for two models; default: {DEFAULT_MODEL})",
     )
-    rp.add_argument("--prompts", required=True, type=Path, help="prompt file: text or TSV")
+    rp.add_argument("--prompts", required=True, type=Path, help="file (text/TSV) or set: wikitext")
     rp.add_argument("--n", type=int, default=200, help="first N prompts (default 200)")
     rp.add_argument("--out", required=True, type=Path, help="output folder (created; resumed)")
     rp.add_argument(

@@ -13,7 +13,7 @@ Format rules, chosen so that a mistake in the file is reported rather than trace
 - Otherwise a plain-text line is one prompt, kept exactly as written (leading and trailing
   spaces included: they change the tokens).
 - TSV (a ``.tsv`` file, or any file whose first non-empty line holds a tab): every non-empty
-  line must have exactly 6 tab-separated columns (see ``shared/data/README.md``). Column 1 is
+  line must have exactly 6 tab-separated columns (see ``strace_lens/data/README.md``). Column 1 is
   the prompt; column 6, the true next token as the model sees it (e.g. ``" his"``), is
   returned as the prompt's target so a trace can record the full model's log-prob of it.
 """
@@ -81,7 +81,8 @@ def read_prompts(
     """Read the first ``n`` prompts (all when ``n`` is None) of a prompt file.
 
     Args:
-        path: a plain-text file (one prompt a line) or a 6-column TSV (see module docstring).
+        path: a plain-text file (one prompt a line) or a 6-column TSV (see module docstring),
+            or the name of a prompt set shipped with the package (see :func:`prompt_sets`).
         n: how many prompts to take from the top of the file; the file must hold that many.
             Lines after the n-th prompt are not read (nor checked).
         kind: ``"text"`` or ``"tsv"`` to override the detection (by ``.tsv`` suffix, or a tab
@@ -98,8 +99,7 @@ def read_prompts(
         raise PromptFileError(f"The number of prompts must be a positive integer, got {n!r}.")
     if kind not in (None, "text", "tsv"):
         raise PromptFileError(f"Unknown prompt file kind {kind!r}: use 'text' or 'tsv'.")
-    if not path.exists():
-        raise FileNotFoundError(f"No prompt file at {path}.")
+    path = resolve_prompt_source(path)  # the path itself, or a shipped prompt set's file
     if path.is_dir():
         raise PromptFileError(f"{path} is a folder, not a prompt file.")
     data = path.read_bytes()
@@ -158,4 +158,60 @@ def read_prompts(
     )
 
 
-__all__ = ["PromptFile", "PromptFileError", "read_prompts"]
+# --- Prompt sets shipped inside the package (strace_lens/data/) --------------------------------
+
+#: name -> (file in strace_lens/data/, one-line description); data/README.md gives each file's
+#: columns, source and licence.
+PROMPT_SETS: dict[str, tuple[str, str]] = {
+    "wikitext": (
+        "wikitext_40_dev.tsv",
+        "600 WikiText-103 passage prefixes with their next token (6-column TSV; CC BY-SA 3.0, "
+        "Merity et al. 2016, as prepared in CorentinKervadec/llm-strace)",
+    ),
+}
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def prompt_sets() -> dict[str, str]:
+    """The prompt sets shipped with the package: name -> description.
+
+    Pass a name wherever a prompt file is asked for: ``read_prompts("wikitext")``,
+    ``strace-lens trace --prompts wikitext``.
+    """
+    return {name: description for name, (_, description) in PROMPT_SETS.items()}
+
+
+def resolve_prompt_source(source: str | os.PathLike[str]) -> Path:
+    """The file that ``source`` names: an existing path as given, else a shipped set's file.
+
+    An existing file or folder always wins, so a file that happens to be called ``wikitext``
+    in the working directory is read as that file.
+
+    Raises:
+        FileNotFoundError: neither an existing path nor a set name (the message lists the
+            names), or a set whose file the installation lacks.
+    """
+    path = Path(source)
+    if path.exists():
+        return path
+    entry = PROMPT_SETS.get(str(source))
+    if entry is not None:
+        packaged = DATA_DIR / entry[0]
+        if not packaged.is_file():
+            raise FileNotFoundError(
+                f"The prompt set {str(source)!r} should be at {packaged}, which is missing: "
+                "the package was installed without its data files. Reinstall strace-lens."
+            )
+        return packaged
+    names = ", ".join(repr(name) for name in PROMPT_SETS)
+    raise FileNotFoundError(f"No prompt file at {path}, nor a prompt set of that name ({names}).")
+
+
+__all__ = [
+    "PROMPT_SETS",
+    "PromptFile",
+    "PromptFileError",
+    "prompt_sets",
+    "read_prompts",
+    "resolve_prompt_source",
+]

@@ -9,7 +9,8 @@ import torch
 
 from strace_lens.tiny_model import TINY_CONFIG as TINY_MODEL_CONFIG
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext_40_dev.tsv"
+#: the WikiText prompt set shipped in the package (strace_lens/data/, CC BY-SA 3.0)
+DATA = Path(__file__).resolve().parents[1] / "strace_lens" / "data" / "wikitext_40_dev.tsv"
 
 # the package's own test model (strace_lens/tiny_model.py), with a smaller vocabulary so tests
 # can draw token ids with torch.randint(0, 50, ...)

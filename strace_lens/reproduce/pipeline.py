@@ -261,7 +261,7 @@ def reproduce(
             for r in runs
         ),
         "prompts": f"first {len(prompts)} prompts of `{prompts_file}` (lines "
-        f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {sha256_file(Path(prompts_file))[:16]}...)"
+        f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {sha256_file(pfile.path)[:16]}...)"
         + ("; loss uses the TSV's next-token column" if targets else "; no targets: no loss"),
         "ablation": json.dumps(first.options.get("ablation", ablation), default=str),
         "search": "learned masks per input, nested across sizes; options "
