@@ -76,6 +76,53 @@ def temp_folder(folder: str | os.PathLike[str], prefix: str, suffix: str = ".tmp
     raise FileExistsError(f"Could not create a temporary folder in {folder}.")
 
 
+class LinkInFolderError(ValueError):
+    """A path the tool would write through is a symbolic link inside the folder the user
+    named: refused, so that nothing outside that folder is ever created or replaced."""
+
+
+def refuse_links(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Raise :class:`LinkInFolderError` if any existing component of ``path`` below ``root``
+    (``path`` itself included) is a symbolic link. ``root`` itself, which the user named, may
+    be one."""
+    root, path = Path(root), Path(path)
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise ValueError(f"{path} is not inside {root}.") from None
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise LinkInFolderError(
+                f"{current} is a symbolic link: strace-lens never writes through links inside "
+                f"{root}. Remove the link (or name another folder) and rerun."
+            )
+
+
+def write_text(
+    path: str | os.PathLike[str], text: str, root: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write ``text`` (UTF-8) at ``path`` atomically, with normal permissions.
+
+    The text goes into a fresh temporary sibling (:func:`temp_file`) renamed over ``path``, so
+    a reader sees the old file or the new one, never half of one. With ``root`` (the folder
+    the user named), links inside it are refused first (:func:`refuse_links`).
+    """
+    path = Path(path)
+    if root is not None:
+        refuse_links(root, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_file(path.parent, prefix=f".{path.name}.")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 @contextmanager
 def replaced_folder(target: Path, prefix: str) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``target``; if the body succeeds it replaces

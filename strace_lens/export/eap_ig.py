@@ -30,13 +30,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from strace_lens.atomic import write_text
 from strace_lens.graph import NodeGraph
 from strace_lens.result import TraceResult
 
@@ -209,17 +209,7 @@ def eap_ig_graph(
 
 def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as JSON at ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(data))
 
 
 def to_eap_ig(

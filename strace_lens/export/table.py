@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from strace_lens.atomic import temp_file
 from strace_lens.result import TraceResult
 
 TABLE_COLUMNS = (
@@ -101,14 +102,17 @@ def save_table(table: TraceResult | Any, path: str | os.PathLike[str]) -> Path:
         )
         path, suffix = csv, ".csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_file(path.parent, prefix=f".{path.name}.")  # never a planted link
     if suffix == ".parquet":
         frame.to_parquet(tmp, index=False)
     elif suffix in ARROW_SUFFIXES:
         frame.to_feather(tmp)
     else:
         frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -4,9 +4,7 @@ rules that give the verdicts, and the supporting tables."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,20 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from strace_lens.atomic import write_text
 from strace_lens.reproduce.claims import ModelRun, Reproduction
 
 
 # -- writing ---------------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def write_text_atomic(path: Path, text: str, root: Path | None = None) -> None:
+    """Atomic, normal permissions, and no link inside ``root`` followed (atomic.write_text)."""
+    write_text(path, text, root)
 
 
 # -- tracing (resumable) ---------------------------------------------------------------------
@@ -317,7 +309,7 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
         "",
     ]
     path = repro.out_dir / "report.md"
-    write_text_atomic(path, "\n".join(lines))
+    write_text_atomic(path, "\n".join(lines), repro.out_dir)
     return path
 
 

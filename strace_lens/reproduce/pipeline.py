@@ -14,7 +14,7 @@ import pandas as pd
 
 from strace_lens import analysis as an
 from strace_lens.ablation import MeanAblation
-from strace_lens.atomic import sha256_file
+from strace_lens.atomic import refuse_links, sha256_file
 from strace_lens.models import model_identity
 from strace_lens.reproduce.claims import (
     MIN_PROMPTS,
@@ -186,6 +186,8 @@ def reproduce(
         if any(slug_of(r.name) == slug for r in runs):
             name, slug = f"{name} (2)", f"{slug}-2"  # the same model twice: keep both runs
         run_dir = out / "runs" / slug
+        for sub in ("mask", "random"):  # before hours of tracing: no link inside `out`
+            refuse_links(out, run_dir / sub)
         common = {"sizes": list(sizes) if sizes is not None else None, "seed": seed, "per": "input"}
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -230,7 +232,7 @@ def reproduce(
         tables = analyse(mask, random, counts, core_nucleus, refined_nucleus, n_boot, seed)
         claims = claims_of(mask, tables, counts, str(name), n_boot, seed, min_prompts, small_core)
         for key, frame in tables.items():
-            write_text_atomic(out / "tables" / slug / f"{key}.csv", frame.to_csv(index=False))
+            write_text_atomic(out / "tables" / slug / f"{key}.csv", frame.to_csv(index=False), out)
         runs.append(ModelRun(str(name), identity, mask, random, tables, claims, seconds))
 
     agreement = None
@@ -250,8 +252,8 @@ def reproduce(
             f"{runs[0].name} vs {runs[1].name}",
         )
         all_claims = pd.concat([all_claims, pd.DataFrame([extra])], ignore_index=True)
-        write_text_atomic(out / "tables" / "agreement.csv", agreement.to_csv(index=False))
-    write_text_atomic(out / "claims.csv", all_claims.to_csv(index=False))
+        write_text_atomic(out / "tables" / "agreement.csv", agreement.to_csv(index=False), out)
+    write_text_atomic(out / "claims.csv", all_claims.to_csv(index=False), out)
 
     first = runs[0].mask
     commit = git_commit()
