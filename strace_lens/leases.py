@@ -11,10 +11,11 @@ system; ``flock`` does not always), holding the worker's id, host, pid and start
 - **Stale.** A lease is stale when its mtime is older than ``timeout`` seconds (clocks of the
   hosts sharing the folder must agree to well within the timeout), or at once when it names
   this host and a process id that no longer exists (a worker killed on this machine).
-- **Take-over.** A stale lease is renamed to a unique name (a rename is atomic: of several
-  takers only one moves it), checked to be the stale one, deleted, and a fresh lease is then
-  created exclusively: only one taker wins. A taker that moved a lease that turned out to be
-  fresh (another taker's new one) puts it back.
+- **Take-over.** A taker first creates ``leases/.<name>.takeover`` exclusively (of several
+  takers one goes on, the others try again later), checks again that the lease is stale,
+  renames it to a unique name (atomic), checks that what moved is the stale one, deletes it,
+  and creates a fresh lease exclusively: only one taker wins. A take-over file older than
+  the timeout (its taker died mid-take-over) is removed.
 - **Fencing.** Before committing its work the holder checks that the lease file still holds
   its own token (:meth:`Lease.still_held`); a holder whose lease was taken over (it was paused
   for longer than the timeout) drops its work instead of committing it.
@@ -143,22 +144,39 @@ def try_acquire(folder: Path, name: str, worker: str, timeout: float) -> Lease |
     lease = _create(path, worker, timeout)
     if lease is not None or not is_stale(path, timeout):
         return lease
-    # stale: move it aside (atomic; one taker wins), check what was moved, take a fresh one
-    aside = leases / f".{name}.taken.{secrets.token_hex(6)}"
+    # stale: only the holder of the take-over file may replace it (created exclusively, so
+    # of several takers one goes on; the others try again on their next round)
+    guard = leases / f".{name}.takeover"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return None  # another taker moved it first
-    if not is_stale(aside, timeout):
-        # we moved a fresh lease (another taker's new one): put it back unless replaced
-        try:
-            os.link(aside, path)
-        except OSError:
+        os.close(os.open(guard, flags, 0o666))
+    except FileExistsError:
+        try:  # left by a taker that died in the middle of a take-over
+            if time.time() - os.lstat(guard).st_mtime > timeout:
+                guard.unlink(missing_ok=True)
+        except FileNotFoundError:
             pass
-        aside.unlink(missing_ok=True)
         return None
-    aside.unlink(missing_ok=True)
-    return _create(path, worker, timeout)
+    try:
+        if not is_stale(path, timeout):
+            return None  # released, or taken over, since we looked
+        # move it aside (atomic), and check that what moved is the stale one
+        aside = leases / f".{name}.taken.{secrets.token_hex(6)}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return _create(path, worker, timeout)
+        if not is_stale(aside, timeout):  # a fresh one slipped in: put it back
+            try:
+                os.link(aside, path)
+            except OSError:
+                pass
+            aside.unlink(missing_ok=True)
+            return None
+        aside.unlink(missing_ok=True)
+        return _create(path, worker, timeout)
+    finally:
+        guard.unlink(missing_ok=True)
 
 
 def held_by_others(folder: Path) -> list[str]:
