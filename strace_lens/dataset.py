@@ -8,6 +8,13 @@ A run folder looks like this::
       shards/00000/            one TraceResult (result.safetensors + result.json) per chunk,
                                + run.json (the run's identity hash, result.json's checksum)
       shards/00001/ ...
+      leases/                  one lease file per shard (or stage) a worker is busy with
+
+Many workers may run the same call on one folder (any number, on hosts sharing it over NFS,
+or a static split with ``num_workers``/``worker_index``): each shard is traced once, under a
+lease with a heartbeat that another worker takes over when it goes stale
+(:mod:`strace_lens.leases`); the manifest and mean ablation are made once, under the
+``setup`` lease.
 
 Every file is written under a temporary name and renamed into place, so a reader (or a
 resumed run) sees either a whole shard or none. A shard folder is trusted only when
