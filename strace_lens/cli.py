@@ -8,6 +8,11 @@ resumes when the same command is run again; prints the median KL / TV / shared n
 size; and writes an HTML page with the circuit diagram and figures when the installed
 ``strace_lens.plot`` provides a page writer.
 
+Any number of copies of the same ``trace`` command may run on one ``--out`` folder (each shard
+is traced once, under a lease; ``--lease-timeout``), or a static split with ``--num-workers N
+--worker-index I`` (SLURM array variables are read when set); ``strace-lens merge DIR``
+prints the summary and writes the page of a finished folder.
+
 ``--model native:tiny`` selects a tiny randomly initialised test model (see
 ``strace_lens/tiny_model.py``): it exercises the whole command in seconds, its results mean
 nothing.
