@@ -216,7 +216,7 @@ def test_workers_started_together_equal_a_single_process_run(reference, tmp_path
     assert load_run(out).equals(reference)  # masks, metrics, options: identical
     assert not list((out / "leases").iterdir())  # every lease released
     workers = {pid for pid, e in events if e.startswith("done")}
-    print(f"{n_workers} workers: {seconds:.1f} s; shards per worker traced by {len(workers)}")
+    print(f"{n_workers} workers: {seconds:.1f} s; shards traced by {len(workers)} distinct workers")
 
 
 def test_a_killed_worker_s_shard_is_traced_once_its_lease_is_stale(reference, tmp_path):
