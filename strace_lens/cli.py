@@ -8,6 +8,11 @@ resumes when the same command is run again; prints the median KL / TV / shared n
 size; and writes an HTML page with the circuit diagram and figures when the installed
 ``strace_lens.plot`` provides a page writer.
 
+Any number of copies of the same ``trace`` command may run on one ``--out`` folder (each shard
+is traced once, under a lease; ``--lease-timeout``), or a static split with ``--num-workers N
+--worker-index I`` (SLURM array variables are read when set); ``strace-lens merge DIR``
+prints the summary and writes the page of a finished folder.
+
 ``--model native:tiny`` selects a tiny randomly initialised test model (see
 ``strace_lens/tiny_model.py``): it exercises the whole command in seconds, its results mean
 nothing.
@@ -168,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--no-html", action="store_true", help="do not write the HTML page")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_worker_arguments(tr)
+
+    mg = sub.add_parser(
+        "merge",
+        help="merge a finished run's shards: print the summary, write the HTML page",
+        description="Read every shard of a run folder (all workers done) as one result, print "
+        "the summary table and write report.html.",
+    )
+    mg.add_argument("out", type=Path, help="the run folder")
+    mg.add_argument("--no-html", action="store_true", help="do not write the HTML page")
 
     rp = sub.add_parser(
         "reproduce",
@@ -241,6 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_worker_arguments(tr: argparse.ArgumentParser) -> None:
+    tr.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="a static split into N workers (default: SLURM_ARRAY_TASK_COUNT when set); "
+        "without it, any number of copies of the same command share the folder",
+    )
+    tr.add_argument(
+        "--worker-index",
+        type=int,
+        default=None,
+        help="this worker's index in [0, N) (default: SLURM_ARRAY_TASK_ID when set)",
+    )
+    tr.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=None,
+        help="seconds without a heartbeat before another worker takes over a dead worker's "
+        "shard (default 120)",
+    )
+
+
 # -- commands ----------------------------------------------------------------------------------
 def _load(name: str, device: str | None) -> Any:
     from strace_lens.models import load_model
@@ -305,17 +343,41 @@ def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") 
         raise BadInput(str(err).replace("option ", "--option ", 1)) from err
 
 
+def _check_worker_arguments(args: argparse.Namespace) -> None:
+    from strace_lens.leases import static_share
+
+    if (args.num_workers is None) != (args.worker_index is None):
+        raise BadInput("--num-workers and --worker-index go together: give both or neither.")
+    try:
+        static_share(args.num_workers, args.worker_index)
+    except ValueError as err:
+        raise BadInput(
+            str(err)
+            .replace("num_workers", "--num-workers", 1)
+            .replace("worker_index", "--worker-index", 1)
+        ) from err
+    if args.lease_timeout is not None and not (
+        math.isfinite(args.lease_timeout) and args.lease_timeout > 0
+    ):
+        raise BadInput(
+            f"--lease-timeout must be a positive number of seconds, got {args.lease_timeout}."
+        )
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
-    from strace_lens.dataset import trace_dataset
+    from strace_lens.dataset import WorkerShareDone, trace_dataset
     from strace_lens.prompts import read_prompts
 
     _check_arguments(args, args.method, args.per)
+    _check_worker_arguments(args)
     sizes = _parse_sizes(args.sizes)
     prompt_file = read_prompts(args.prompts, n=args.n)
     model = _load(args.model, args.device)
     options: dict[str, Any] = dict(args.option)
     if args.device is not None:
         options["device"] = args.device
+    if args.lease_timeout is not None:
+        options["lease_timeout"] = args.lease_timeout
     try:
         result = trace_dataset(
             model,
@@ -329,28 +391,60 @@ def cmd_trace(args: argparse.Namespace) -> int:
             per=args.per,
             ablation=args.ablation,
             seed=args.seed,
+            num_workers=args.num_workers,
+            worker_index=args.worker_index,
             **options,
         )
+    except WorkerShareDone as err:
+        print(f"strace-lens: {_one_line(err)}")
+        return EXIT_OK
     except ValueError as err:
         located = _with_file_line(str(err), prompt_file)
         if located == str(err):
             raise
         raise BadInput(located) from err
+    _finish(result, args, f"strace-lens trace: {args.model}, {result.n_prompts} prompts")
+    return EXIT_OK
+
+
+def _finish(result: Any, args: argparse.Namespace, title: str) -> None:
+    """Print the summary and write the HTML page (one worker at a time, under a lease)."""
     print(
         f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
         f"method={result.method}, per={result.per}; run folder: {args.out}"
     )
     print(summary_table(result))
-    if not args.no_html:
-        from strace_lens.plot import report_html  # plotly is slow to import: only when needed
+    if args.no_html:
+        return
+    from strace_lens.leases import DEFAULT_LEASE_TIMEOUT, try_acquire, worker_id
+    from strace_lens.plot import report_html  # plotly is slow to import: only when needed
 
+    timeout = getattr(args, "lease_timeout", None) or DEFAULT_LEASE_TIMEOUT
+    lease = try_acquire(args.out, "report", worker_id(), timeout)
+    if lease is None:  # another worker is writing the same page right now
+        print(f"HTML page: {args.out / HTML_PAGE} (written by another worker)")
+        return
+    with lease:
         page = report_html(
             result,
             args.out / HTML_PAGE,
-            title=f"strace-lens trace: {args.model}, {result.n_prompts} prompts",
+            title=title,
             notes=shlex.join(["strace-lens", *getattr(args, "argv", [])]),
         )
-        print(f"HTML page: {page}")
+    print(f"HTML page: {page}")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from strace_lens.dataset import IncompleteRunError, load_run
+
+    if not args.out.is_dir():
+        raise BadInput(f"No run folder at {args.out}.")
+    try:
+        result = load_run(args.out)
+    except IncompleteRunError as err:
+        print(f"strace-lens: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    _finish(result, args, f"strace-lens run {args.out.name}: {result.n_prompts} prompts")
     return EXIT_OK
 
 
@@ -431,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    command = {"trace": cmd_trace, "reproduce": cmd_reproduce}[args.command]
+    command = {"trace": cmd_trace, "reproduce": cmd_reproduce, "merge": cmd_merge}[args.command]
     debug = os.environ.get("STRACE_LENS_DEBUG") == "1"
     from strace_lens.dataset import TraceOutOfMemoryError
 

@@ -8,6 +8,13 @@ A run folder looks like this::
       shards/00000/            one TraceResult (result.safetensors + result.json) per chunk,
                                + run.json (the run's identity hash, result.json's checksum)
       shards/00001/ ...
+      leases/                  one lease file per shard (or stage) a worker is busy with
+
+Many workers may run the same call on one folder (any number, on hosts sharing it over NFS,
+or a static split with ``num_workers``/``worker_index``): each shard is traced once, under a
+lease with a heartbeat that another worker takes over when it goes stale
+(:mod:`strace_lens.leases`); the manifest and mean ablation are made once, under the
+``setup`` lease.
 
 Every file is written under a temporary name and renamed into place, so a reader (or a
 resumed run) sees either a whole shard or none. A shard folder is trusted only when
@@ -58,8 +65,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +81,15 @@ from strace_lens.config import RUNTIME_OPTIONS as CONFIG_RUNTIME_OPTIONS
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch, tokenize
+from strace_lens.leases import (
+    DEFAULT_LEASE_TIMEOUT,
+    LEASES_DIR,
+    Lease,
+    held_by_others,
+    static_share,
+    try_acquire,
+    worker_id,
+)
 from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
 from strace_lens.prompts import PromptFile
@@ -96,7 +112,11 @@ TIMING_FILE = "timing.json"
 LOCK_FILE = ".lock"
 RUN_ID_FILE = "run.json"
 #: every name strace-lens writes or cleans directly inside a run folder (report.html: the CLI)
-RUN_FOLDER_NAMES = (MANIFEST_FILE, ABLATION_FILE, SHARDS_DIR, LOCK_FILE, "report.html")
+RUN_FOLDER_NAMES = (MANIFEST_FILE, ABLATION_FILE, SHARDS_DIR, LOCK_FILE, "report.html", LEASES_DIR)
+#: the names above that are folders
+RUN_FOLDER_DIRS = (SHARDS_DIR, LEASES_DIR)
+#: the lease of the run's first stage (manifest, full-output check, mean ablation)
+SETUP_LEASE = "setup"
 RUN_FORMAT = "strace-lens/dataset-run"
 RUN_FORMAT_VERSION = 1
 #: Trace arguments that do not change what a run computes, so a resume may change them.
@@ -113,6 +133,12 @@ class IncompleteRunError(RuntimeError):
 
 class RunInUseError(ValueError):
     """Another process is tracing into the same output folder."""
+
+
+class WorkerShareDone(IncompleteRunError):
+    """This worker of a static split (``num_workers`` > 1) finished its shards while other
+    workers' shards are still missing: the last worker to finish returns the merged run, or
+    ``load_run`` / ``strace-lens merge DIR`` does once every shard is there."""
 
 
 class TraceOutOfMemoryError(RuntimeError):
@@ -138,6 +164,9 @@ def trace_dataset(
     progress: bool | None = None,
     batch_size: int | None = None,
     targets: Sequence[str] | None = None,
+    num_workers: int | None = None,
+    worker_index: int | None = None,
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     **trace_options: Any,
 ) -> TraceResult:
     """Trace many prompts in chunks, each saved as a shard, resuming where a run stopped.
@@ -154,6 +183,13 @@ def trace_dataset(
             2048 tokens per pass). Lower it after an out-of-memory error: unlike
             ``chunk_size``, it may change when a run resumes.
         targets: the true next token of each prompt, to record its full-model log-prob.
+        num_workers, worker_index: a static split: this worker traces only the shards k with
+            ``k % num_workers == worker_index`` (default: SLURM_ARRAY_TASK_COUNT /
+            SLURM_ARRAY_TASK_ID when set, else every shard). Without a split, any number of
+            workers may run the same call on one folder: each shard is traced once, under a
+            lease (see :mod:`strace_lens.leases` and docs/dataset-runs.md).
+        lease_timeout: seconds without a heartbeat after which another worker takes over a
+            shard (or the first stage) whose worker died. Not part of the run's identity.
         **trace_options: everything else :func:`strace_lens.trace` takes (``sizes``,
             ``ablation``, ``per``, ``method``, ``keep``, ``candidates``, ``seed``, ``device``,
             method options).
@@ -164,6 +200,7 @@ def trace_dataset(
 
     Raises:
         RunMismatchError: ``out_dir`` holds a run with other prompts, options or model.
+        WorkerShareDone: (static split only) this worker's shards are done, others' are not.
         TraceOutOfMemoryError: a chunk did not fit in memory (finished shards are kept).
         ValueError / FloatingPointError: bad prompts or options; NaN/inf in the model's
             output, naming the prompt.
@@ -178,6 +215,13 @@ def trace_dataset(
     targets = check_targets(targets, len(prompts))
     chunk_size = as_int(chunk_size, "chunk_size", minimum=1)  # type: ignore[assignment]
     batch_size = as_int(batch_size, "batch_size", minimum=1, allow_none=True)
+    share = static_share(num_workers, worker_index)
+    if isinstance(lease_timeout, bool) or not isinstance(lease_timeout, (int, float)):
+        raise TypeError(f"lease_timeout must be a number of seconds, got {lease_timeout!r}.")
+    if not 0 < lease_timeout < float("inf"):
+        raise ValueError(
+            f"lease_timeout must be a positive number of seconds, got {lease_timeout}."
+        )
     if "prompts" in trace_options or "targets" in trace_options:
         raise TypeError("Pass prompts and targets as trace_dataset's own arguments.")
     trace_options = _plain_options(trace_options)
@@ -206,20 +250,21 @@ def trace_dataset(
         created = not folder.exists()
         _check_no_links(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with _exclusive(folder):
-            return _run(
-                model,
-                prompts,
-                targets,
-                folder,
-                created,
-                identity,
-                chunk_size,
-                show,
-                batch_size,
-                batch,
-                trace_options,
-            )
+        return _run(
+            model,
+            prompts,
+            targets,
+            folder,
+            created,
+            identity,
+            chunk_size,
+            show,
+            batch_size,
+            batch,
+            trace_options,
+            share,
+            float(lease_timeout),
+        )
 
 
 def _run(  # noqa: C901  (a flat sequence of run-folder checks; split with the lease work)
@@ -234,8 +279,187 @@ def _run(  # noqa: C901  (a flat sequence of run-folder checks; split with the l
     batch_size: int | None,
     batch: TokenBatch,
     trace_options: dict[str, Any],
+    share: tuple[int, int] = (1, 0),
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
 ) -> TraceResult:
-    """The body of :func:`trace_dataset`, run while holding the folder's lock."""
+    """The body of :func:`trace_dataset`: the first stage under the setup lease, then every
+    shard of this worker's share under its own lease."""
+    worker = worker_id()
+    fresh = False  # known to be a new run (so a failure may remove what it wrote)
+    poll = min(1.0, max(0.05, lease_timeout / 8))
+    chunks = _chunks(len(prompts), chunk_size)
+    written = 0
+    existing = None
+    try:
+        with _wait_for_lease(folder, SETUP_LEASE, worker, lease_timeout, poll):
+            existing = _existing_run(folder, identity)
+            fresh = existing is None
+            ablation, run_id = _setup(
+                model,
+                prompts,
+                folder,
+                existing,
+                identity,
+                chunk_size,
+                show,
+                batch_size,
+                batch,
+                trace_options,
+                chunks,
+            )
+        shards = folder / SHARDS_DIR
+        options = {k: v for k, v in trace_options.items() if k != "ablation"}
+        if batch_size is not None:
+            options["batch_size"] = batch_size
+        n_workers, index = share
+        mine = [k for k in range(len(chunks)) if k % n_workers == index]
+        pending = [
+            k
+            for k in mine
+            if not _shard_is_valid(
+                shards / _shard_name(k), prompts[slice(*chunks[k])], run_id, clean=False
+            )
+        ]
+        for k in sorted(set(mine) - set(pending)):  # finished: clean what a kill left
+            if any(e.name.startswith(f".{_shard_name(k)}.") for e in shards.iterdir()):
+                lease = try_acquire(folder, _shard_name(k), worker, lease_timeout)
+                if lease is not None:
+                    with lease:
+                        _remove_shard_temporaries(shards, k)
+        with tqdm(
+            total=sum(hi - lo for k, (lo, hi) in enumerate(chunks) if k in mine),
+            initial=sum(hi - lo for k, (lo, hi) in enumerate(chunks) if k in mine)
+            - sum(chunks[k][1] - chunks[k][0] for k in pending),
+            desc="tracing",
+            unit="prompt",
+            disable=not show,
+            dynamic_ncols=True,
+        ) as bar:
+            while pending:
+                for k in list(pending):
+                    lo, hi = chunks[k]
+                    lease = try_acquire(folder, _shard_name(k), worker, lease_timeout)
+                    if lease is None:
+                        continue  # another worker holds it: look again later
+                    with lease:
+                        _remove_shard_temporaries(shards, k)
+                        if not _shard_is_valid(shards / _shard_name(k), prompts[lo:hi], run_id):
+                            result = _trace_chunk(
+                                model,
+                                prompts,
+                                targets,
+                                lo,
+                                hi,
+                                k,
+                                ablation,
+                                options,
+                                batch_size,
+                                chunk_size,
+                            )
+                            if not lease.still_held():
+                                continue  # taken over (we were paused too long): drop it
+                            _write_shard(shards, k, result, run_id)
+                            written += 1
+                    pending.remove(k)
+                    bar.update(hi - lo)
+                if pending:
+                    time.sleep(poll)
+    except BaseException:
+        # A new run that failed before any shard was finished (by any worker) leaves nothing
+        # behind, so the user can fix the arguments and run again into the same folder.
+        if fresh and written == 0 and _nothing_started(folder):
+            _forget_fresh_run(folder, created)
+        raise
+    if n_workers > 1:
+        present = {p.name for p in shards.iterdir()}
+        missing = [k for k in range(len(chunks)) if _shard_name(k) not in present]
+        if missing:
+            raise WorkerShareDone(
+                f"Worker {index} of {n_workers} finished its shards in {folder}; "
+                f"{len(chunks) - len(missing)} of {len(chunks)} shards are done. The last "
+                "worker to finish returns the merged run; or run `strace-lens merge "
+                f"{folder}` once every worker is done."
+            )
+    return load_run(folder)
+
+
+def _wait_for_lease(folder: Path, name: str, worker: str, timeout: float, poll: float) -> Lease:
+    """Take the lease ``name``, waiting while another worker holds a fresh one."""
+    while True:
+        lease = try_acquire(folder, name, worker, timeout)
+        if lease is not None:
+            return lease
+        time.sleep(poll)
+
+
+def _nothing_started(folder: Path) -> bool:
+    """No shard finished and no other worker holding a lease: the run can be forgotten."""
+    shards = folder / SHARDS_DIR
+    finished = shards.is_dir() and any(not p.name.startswith(".") for p in shards.iterdir())
+    return not finished and not held_by_others(folder)
+
+
+def _setup(
+    model: Any,
+    prompts: list[str],
+    folder: Path,
+    existing: dict[str, Any] | None,
+    identity: dict[str, Any],
+    chunk_size: int,
+    show: bool,
+    batch_size: int | None,
+    batch: TokenBatch,
+    trace_options: dict[str, Any],
+    chunks: list[tuple[int, int]],
+) -> tuple[Ablation, str]:
+    """The run's first stage, done by one worker at a time under the setup lease (the first
+    computes the mean ablation; the others read it back): the shared ablation and the run's
+    identity hash."""
+    _remove_root_temporaries(folder)
+    # NaN/inf in the full model's output would poison the shared mean ablation and
+    # every chunk's metrics: find such prompts first, and name them. (A resumed run
+    # has the same prompts and weights as the run that passed this check.)
+    try:
+        if existing is None:
+            _check_full_outputs(model, batch, prompts, batch_size or 16)
+        ablation, ablation_sha = _shared_ablation(
+            model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
+        )
+        run_id = _run_sha256(identity, ablation_sha)
+    except (RuntimeError, MemoryError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        raise TraceOutOfMemoryError(
+            "Out of memory in the first pass over the prompts (full-model outputs and mean "
+            f"activations, {batch_size or 16} prompts per forward pass): lower batch_size."
+        ) from err
+    if existing is None:
+        manifest = {
+            **identity,
+            "ablation_sha256": ablation_sha,
+            "run_sha256": run_id,
+            "n_shards": len(chunks),
+            "runtime": {
+                "batch_size": batch_size,
+                "device": str(trace_options.get("device")),
+            },
+        }
+        _write_json_atomic(folder / MANIFEST_FILE, manifest)
+    elif existing.get("run_sha256") != run_id:
+        # a run from before shards recorded their run (or one whose manifest was lost):
+        # record it now; shards without the same record are traced again
+        _write_json_atomic(
+            folder / MANIFEST_FILE,
+            {**existing, "ablation_sha256": ablation_sha, "run_sha256": run_id},
+        )
+    shards = folder / SHARDS_DIR
+    shards.mkdir(exist_ok=True)
+    _remove_strays(shards)
+    return ablation, run_id
+
+
+def _existing_run(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The run the folder holds (checked to be this one), or None for a new run."""
     existing = None
     if (folder / MANIFEST_FILE).exists():
         try:
@@ -246,90 +470,7 @@ def _run(  # noqa: C901  (a flat sequence of run-folder checks; split with the l
             existing = None
     if existing is not None:
         _check_same_run(folder, existing, identity)
-    _remove_root_temporaries(folder)
-    chunks = _chunks(len(prompts), chunk_size)
-    written = 0
-    try:
-        # NaN/inf in the full model's output would poison the shared mean ablation and
-        # every chunk's metrics: find such prompts first, and name them. (A resumed run
-        # has the same prompts and weights as the run that passed this check.)
-        try:
-            if existing is None:
-                _check_full_outputs(model, batch, prompts, batch_size or 16)
-            ablation, ablation_sha = _shared_ablation(
-                model, prompts, folder, trace_options.get("ablation"), existing, show, batch_size
-            )
-            run_id = _run_sha256(identity, ablation_sha)
-        except (RuntimeError, MemoryError) as err:
-            if not _is_out_of_memory(err):
-                raise
-            raise TraceOutOfMemoryError(
-                "Out of memory in the first pass over the prompts (full-model outputs and mean "
-                f"activations, {batch_size or 16} prompts per forward pass): lower batch_size."
-            ) from err
-        if existing is None:
-            manifest = {
-                **identity,
-                "ablation_sha256": ablation_sha,
-                "run_sha256": run_id,
-                "n_shards": len(chunks),
-                "runtime": {
-                    "batch_size": batch_size,
-                    "device": str(trace_options.get("device")),
-                },
-            }
-            _write_json_atomic(folder / MANIFEST_FILE, manifest)
-        elif existing.get("run_sha256") != run_id:
-            # a run from before shards recorded their run (or one whose manifest was lost):
-            # record it now; shards without the same record are traced again
-            _write_json_atomic(
-                folder / MANIFEST_FILE,
-                {**existing, "ablation_sha256": ablation_sha, "run_sha256": run_id},
-            )
-        shards = folder / SHARDS_DIR
-        shards.mkdir(exist_ok=True)
-        _remove_temporaries(shards)
-        done = {
-            k
-            for k, (lo, hi) in enumerate(chunks)
-            if _shard_is_valid(shards / _shard_name(k), prompts[lo:hi], run_id)
-        }
-        options = {k: v for k, v in trace_options.items() if k != "ablation"}
-        if batch_size is not None:
-            options["batch_size"] = batch_size
-        with tqdm(
-            total=len(prompts),
-            initial=sum(hi - lo for k, (lo, hi) in enumerate(chunks) if k in done),
-            desc="tracing",
-            unit="prompt",
-            disable=not show,
-            dynamic_ncols=True,
-        ) as bar:
-            for k, (lo, hi) in enumerate(chunks):
-                if k in done:
-                    continue
-                result = _trace_chunk(
-                    model,
-                    prompts,
-                    targets,
-                    lo,
-                    hi,
-                    k,
-                    ablation,
-                    options,
-                    batch_size,
-                    chunk_size,
-                )
-                _write_shard(shards, k, result, run_id)
-                written += 1
-                bar.update(hi - lo)
-    except BaseException:
-        # A new run that failed before finishing any shard leaves nothing behind, so the
-        # user can fix the arguments and run again into the same folder.
-        if existing is None and written == 0:
-            _forget_fresh_run(folder, created)
-        raise
-    return load_run(folder)
+    return existing
 
 
 def load_run(folder: str | os.PathLike[str]) -> TraceResult:
@@ -699,6 +840,25 @@ def _remove_temporaries(shards: Path) -> None:
             _remove(entry)
 
 
+def _remove_strays(shards: Path) -> None:
+    """Delete links in ``shards/`` and hidden entries that are no shard's temporary folder
+    (those belong to whichever worker holds that shard's lease)."""
+    if shards.is_symlink():  # checked before; never clean what a link points to
+        raise RunFolderError(_link_message(shards))
+    for entry in shards.iterdir():
+        if entry.is_symlink() or (
+            entry.name.startswith(".") and not re.match(r"\.\d{5,}\.", entry.name)
+        ):
+            _remove(entry)
+
+
+def _remove_shard_temporaries(shards: Path, k: int) -> None:
+    """Delete what a killed worker left half-written for shard k (we hold its lease)."""
+    for entry in shards.iterdir():
+        if entry.name.startswith(f".{_shard_name(k)}."):
+            _remove(entry)
+
+
 def _shard_run_id(path: Path) -> str | None:
     """The run a shard was traced by, from its ``run.json``; None when that file is missing,
     damaged, or its ``result.json`` was changed after writing (its checksum is there too)."""
@@ -714,9 +874,10 @@ def _shard_run_id(path: Path) -> str | None:
         return None
 
 
-def _shard_is_valid(path: Path, prompts: list[str], run_id: str) -> bool:
+def _shard_is_valid(path: Path, prompts: list[str], run_id: str, clean: bool = True) -> bool:
     """A shard is reused only when it loads, holds its chunk's prompts and was traced by this
-    very run (same options, model, prompts, targets and ablation tensors)."""
+    very run (same options, model, prompts, targets and ablation tensors). An invalid one is
+    deleted when ``clean`` (only by the holder of its lease)."""
     if not path.exists() and not path.is_symlink():
         return False
     try:
@@ -729,7 +890,7 @@ def _shard_is_valid(path: Path, prompts: list[str], run_id: str) -> bool:
         )
     except Exception:  # any damage (a wrong type or key in its JSON, too): trace it again
         ok = False
-    if not ok:
+    if not ok and clean:
         _remove(path)
     return ok
 
@@ -742,39 +903,6 @@ def _write_shard(shards: Path, k: int, result: TraceResult, run_id: str) -> None
         (tmp / TIMING_FILE).write_text(json.dumps(timing), encoding="utf-8")
         record = {"run_sha256": run_id, "result_json_sha256": sha256_file(tmp / "result.json")}
         (tmp / RUN_ID_FILE).write_text(json.dumps(record), encoding="utf-8")
-
-
-@contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder (POSIX ``flock``; released even by kill -9).
-
-    Two processes tracing into one folder would overwrite each other's shards; the second
-    is refused instead.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(folder / LOCK_FILE, flags, 0o666)
-    except OSError as err:
-        if (folder / LOCK_FILE).is_symlink():
-            raise RunFolderError(_link_message(folder / LOCK_FILE)) from err
-        raise
-    with os.fdopen(fd, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunInUseError(
-                f"Another strace-lens run is writing into {folder} right now: wait for it to "
-                "finish, or choose another output folder."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _link_message(path: Path) -> str:
@@ -793,11 +921,12 @@ def _check_no_links(folder: Path) -> None:
         path = folder / name
         if path.is_symlink():
             raise RunFolderError(_link_message(path))
-        wrong = "a file" if name == SHARDS_DIR else "a folder"
-        if path.exists() and (path.is_dir() != (name == SHARDS_DIR)):
+        wrong = "a file" if name in RUN_FOLDER_DIRS else "a folder"
+        if path.exists() and (path.is_dir() != (name in RUN_FOLDER_DIRS)):
+            what = {SHARDS_DIR: "shard folders", LEASES_DIR: "worker leases"}.get(name, name)
             raise RunFolderError(
                 f"{path} is {wrong}, where strace-lens keeps its "
-                f"{'shard folders' if name == SHARDS_DIR else name}: the run folder was edited. "
+                f"{what}: the run folder was edited. "
                 "Move it away, or choose another output folder."
             )
 
@@ -819,6 +948,13 @@ def _remove_root_temporaries(folder: Path) -> None:
 def _forget_fresh_run(folder: Path, created: bool) -> None:
     for name in (MANIFEST_FILE, ABLATION_FILE, LOCK_FILE):
         (folder / name).unlink(missing_ok=True)
+    leases = folder / LEASES_DIR
+    if leases.is_dir() and not leases.is_symlink():
+        for entry in leases.iterdir():
+            if entry.name.startswith("."):
+                entry.unlink(missing_ok=True)  # a stale lease moved aside by a take-over
+        if not any(leases.iterdir()):
+            leases.rmdir()
     shards = folder / SHARDS_DIR
     if shards.is_dir():
         _remove_temporaries(shards)
@@ -933,6 +1069,7 @@ __all__ = [
     "RunInUseError",
     "RunMismatchError",
     "TraceOutOfMemoryError",
+    "WorkerShareDone",
     "load_run",
     "trace_dataset",
 ]

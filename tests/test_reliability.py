@@ -525,7 +525,7 @@ def tree(folder: Path) -> dict[str, bytes | None]:
 
 # -- 1. nothing outside the run folder is created, changed or removed --------------------------
 @pytest.mark.parametrize(
-    "name", ["shards", ".lock", "manifest.json", "ablation.safetensors", "report.html"]
+    "name", ["shards", "leases", ".lock", "manifest.json", "ablation.safetensors", "report.html"]
 )
 @pytest.mark.parametrize("target", ["folder", "file", "missing"])
 def test_a_link_in_a_new_run_folder_is_refused_and_never_followed(model, tmp_path, name, target):
@@ -575,12 +575,12 @@ def test_a_shards_link_on_resume_deletes_nothing_outside(model, tmp_path, capsys
 
 
 @pytest.mark.parametrize(
-    "name", ["shards", ".lock", "manifest.json", "ablation.safetensors", "report.html"]
+    "name", ["shards", "leases", ".lock", "manifest.json", "ablation.safetensors", "report.html"]
 )
 def test_a_run_folder_entry_of_the_wrong_kind_is_named(model, tmp_path, capsys, name):
     out = tmp_path / "run"
     out.mkdir()
-    if name == "shards":
+    if name in ("shards", "leases"):
         (out / name).write_text("not a folder")
     else:
         (out / name).mkdir()
