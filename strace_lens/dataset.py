@@ -267,7 +267,7 @@ def trace_dataset(
         )
 
 
-def _run(  # noqa: C901  (a flat sequence of run-folder checks; split with the lease work)
+def _run(  # noqa: C901  (a flat sequence of run-folder checks)
     model: Any,
     prompts: list[str],
     targets: list[str] | None,
