@@ -102,6 +102,12 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _version() -> str:
+    from strace_lens import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from strace_lens.models import DEFAULT_MODEL, EMBEDDED_MODELS
     from strace_lens.types import ABLATIONS, METHODS, PER
@@ -110,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="strace-lens",
         description="s-Trace on TransformerLens: the smallest subgraphs of attention heads and "
         "MLPs that reproduce a model's next-token distribution, at every size.",
+        epilog="Exit status: 0 success; 2 bad input (one line on stderr, nothing written); 1 the "
+        "run failed (out of memory, NaN, disk full: rerunning the same command resumes it); "
+        "130 interrupted. Set STRACE_LENS_DEBUG=1 to see the traceback of an error.",
     )
+    parser.add_argument("--version", action="version", version=f"strace-lens {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     tr = sub.add_parser(
@@ -311,6 +321,7 @@ def _with_file_line(message: str, prompt_file: Any) -> str:
 
 def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") -> None:
     """Check every flag before any work (loading a model takes time): one line, exit 2."""
+    from strace_lens.prompts import resolve_prompt_source
     from strace_lens.types import ABLATIONS, METHODS, PER
     from strace_lens.validate import check_device, check_method_options
 
@@ -330,8 +341,10 @@ def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") 
         raise BadInput(f"Unknown per={per!r}; choose one of {', '.join(PER)}.")
     if args.out.exists() and not args.out.is_dir():
         raise BadInput(f"--out {args.out} is a file: give a folder (it is created).")
-    if not args.prompts.exists():
-        raise BadInput(f"No prompt file at {args.prompts}.")
+    try:
+        resolve_prompt_source(args.prompts)  # a file, or a shipped set's name ("wikitext")
+    except FileNotFoundError as err:
+        raise BadInput(str(err)) from err
     keys = [key for key, _ in args.option]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:

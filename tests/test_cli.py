@@ -60,6 +60,19 @@ def test_help_from_the_installed_console_script():
     assert done.returncode == 0 and "--chunk-size" in done.stdout and "native:tiny" in done.stdout
 
 
+def test_version_and_exit_codes_in_help(capsys):
+    import strace_lens
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"strace-lens {strace_lens.__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 success; 2 bad input" in text and "STRACE_LENS_DEBUG=1" in text
+
+
 def test_no_command_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
