@@ -99,8 +99,8 @@ def compare_learned(
     print(f"\nlearned ranking (method='mask'): {search}")
     for label, ablate in (("ablated", True), ("kept", False)):
         start = time.perf_counter()
-        tv = {"greedy": [], "learned": []}
-        top1 = {"greedy": [], "learned": []}
+        tv: dict[str, list[torch.Tensor]] = {"greedy": [], "learned": []}
+        top1: dict[str, list[torch.Tensor]] = {"greedy": [], "learned": []}
         fits = []
         for p, (graph, order) in enumerate(zip(graphs, orders)):
             row = batch.select([p]).trimmed()

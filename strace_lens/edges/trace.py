@@ -145,7 +145,7 @@ def edge_trace(
         full_logps.append(logp_full.detach().cpu())
         sub_top.append(logp_sub.argmax(-1).cpu())
     full = torch.stack(full_logps)
-    options = {
+    options: dict[str, Any] = {
         "granularity": "edge",
         "method": method,
         "ablate_attention_edges": ablate_attention_edges,
