@@ -26,7 +26,7 @@ and the process's peak resident set.
 searched from the greedy's separately for each semantics: median TV of greedy and learned
 per size (sizes from ``--min-size`` up), the smallest size at which at least half of the
 prompts keep the full model's top-1 token, and the search's cost as a multiple of the bare
-forward. ``--steps`` and ``--budgets`` set the search.
+forward. ``--steps``, ``--lr`` and ``--budgets`` set the search.
 
     nice -n 10 python benchmarks/edge_greedy.py --model smollm2-135m --n 2 --learned
 """
@@ -248,13 +248,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="bare forward repeats")
     parser.add_argument("--learned", action="store_true", help="compare method='mask'")
     parser.add_argument("--steps", type=int, default=MaskSearch.steps)
+    parser.add_argument("--lr", type=float, default=MaskSearch.lr)
     parser.add_argument("--budgets", type=float, nargs="*", default=None)
     parser.add_argument("--min-size", type=float, default=1e-4)
     args = parser.parse_args()
     search = None
     if args.learned:
         budgets = tuple(args.budgets) if args.budgets else None
-        search = MaskSearch(steps=args.steps, budgets=budgets)
+        search = MaskSearch(steps=args.steps, lr=args.lr, budgets=budgets)
     torch.manual_seed(0)
     prompts = read_prompts(args.prompts, args.n)
     print(
