@@ -179,3 +179,21 @@ def test_learned_against_greedy_and_exhaustive_optimum(ablate):
         f"learned worse than greedy at {worse} of {len(gaps_g)} (prompt, size) pairs"
     )
     assert sum(gaps_l) < sum(gaps_g)
+
+
+def test_mask_result_saves_and_loads(tmp_path, mask_result):
+    from strace_lens.edges import EdgeTraceResult
+
+    back = EdgeTraceResult.load(mask_result.save(tmp_path / "mask"))
+    assert back.nested and torch.equal(back.ids, mask_result.ids.to(back.ids.dtype))
+    assert back.options["method"] == "mask"
+    assert len(back.options["mask_fits"]) == len(PROMPTS)
+
+
+def test_bad_search_options_raise():
+    with pytest.raises(ValueError, match="mask search"):
+        MaskSearch(steps=-1)
+    with pytest.raises(ValueError, match="Temperatures"):
+        MaskSearch(temperature=(1.0, 0.0))
+    with pytest.raises(ValueError, match="No trainable budget"):
+        pick_budgets([1.0], 10, MaskSearch())
