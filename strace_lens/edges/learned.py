@@ -34,7 +34,7 @@ SmolLM2-135M, 12 steps at lr 1.0 never beat step 0: the result there *is* the gr
 Known weakness: the gradient is taken at the hard masks, so an edge on a path whose other
 edges are all absent gets no gradient (a product of masks), and with attention edges
 ablated the greedy's small subgraphs are such dead ends; a relaxed (soft) forward in the
-first steps would reach them, at one more forward per measured step.
+first steps might reach them (untested), at one more forward per measured step.
 
 Cost: ``steps + 1`` forward and backward passes of ``len(budgets)`` rows, plus one greedy
 ranking (a heap pass over the edges) per step.
