@@ -34,7 +34,9 @@ SmolLM2-135M, 12 steps at lr 1.0 never beat step 0 (the result there *is* the gr
 6 steps at lr 0.3, attention edges ablated, kept step 3: median TV at s = 0.02 0.76 against
 the greedy's 0.99 (half the prompts keep top-1 from 0.02 instead of 0.2), but much worse
 from 0.08 to 0.4 (0.71 against 0.22 at 0.2): the mean log KL over the trained budgets
-trades large sizes for small ones. Not better than the greedy on SmolLM2 overall.
+trades large sizes for small ones. With attention edges kept (same run): better at
+0.003-0.004 (0.45 against 0.72 at 0.004), slightly worse at 0.0012-0.0014, equal elsewhere.
+Not better than the greedy on SmolLM2 overall.
 Known weakness: the gradient is taken at the hard masks, so an edge on a path whose other
 edges are all absent gets no gradient (a product of masks), and with attention edges
 ablated the greedy's small subgraphs are such dead ends; a relaxed (soft) forward in the
