@@ -21,6 +21,14 @@ the clean-run cache they are computed from, of the masks of one prompt's evaluat
 and the process's peak resident set.
 
     nice -n 10 python benchmarks/edge_greedy.py --model smollm2-135m --n 8
+
+``--learned`` adds the learned ranking (``method="mask"``, :mod:`strace_lens.edges.learned`),
+searched from the greedy's separately for each semantics: median TV of greedy and learned
+per size (sizes from ``--min-size`` up), the smallest size at which at least half of the
+prompts keep the full model's top-1 token, and the search's cost as a multiple of the bare
+forward. ``--steps``, ``--lr`` and ``--budgets`` set the search.
+
+    nice -n 10 python benchmarks/edge_greedy.py --model smollm2-135m --n 2 --learned
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from strace_lens.edges import (
     evaluate_subgraphs,
     greedy_order,
 )
+from strace_lens.edges.learned import MaskSearch, learn_order, pick_budgets
 from strace_lens.edges.weights import clean_cache, prompt_weights
 from strace_lens.masked_forward import forward_logprobs
 from strace_lens.metrics import tv_distance
@@ -70,7 +79,86 @@ def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.1f} MiB"
 
 
-def run_model(name: str, prompts: list[str], repeats: int) -> None:
+def half_top1_size(top1: torch.Tensor, grid: list[float]) -> str:
+    """The smallest size at which at least half of the prompts keep the top-1 token."""
+    ok = (top1.mean(0) >= 0.5).tolist()
+    return next((f"{s:g}" for s, good in zip(grid, ok) if good), "none")
+
+
+def compare_learned(
+    model: Any,
+    batch: sl.TokenBatch,
+    graphs: list[EdgeGraph],
+    orders: list[torch.Tensor],
+    search: MaskSearch,
+    min_size: float,
+    bare: float,
+) -> None:
+    """Greedy against learned rankings on the grid from ``min_size``, both semantics."""
+    grid = [s for s in PAPER_GRID if s >= min_size]
+    print(f"\nlearned ranking (method='mask'): {search}")
+    for label, ablate in (("ablated", True), ("kept", False)):
+        start = time.perf_counter()
+        tv: dict[str, list[torch.Tensor]] = {"greedy": [], "learned": []}
+        top1: dict[str, list[torch.Tensor]] = {"greedy": [], "learned": []}
+        fits = []
+        search_sec = 0.0
+        for p, (graph, order) in enumerate(zip(graphs, orders)):
+            row = batch.select([p]).trimmed()
+            budgets = pick_budgets(grid, graph.n_edges, search)
+            t_fit = time.perf_counter()
+            fit = learn_order(
+                model, row, graph, order, budgets, search=search, ablate_attention_edges=ablate
+            )
+            fits.append(fit)
+            search_sec += time.perf_counter() - t_fit
+            counts = edge_counts(grid, graph.n_edges)
+            for which, ranking in (("greedy", order), ("learned", fit.order)):
+                logp_sub, logp_full = evaluate_subgraphs(
+                    model,
+                    row,
+                    graph,
+                    [ranking[: int(k)] for k in counts],
+                    ablate_attention_edges=ablate,
+                    max_rows=len(grid) + 1,
+                )
+                tv[which].append(tv_distance(logp_full.expand_as(logp_sub), logp_sub))
+                top1[which].append((logp_sub.argmax(-1) == logp_full.argmax(-1)).float())
+        sec = time.perf_counter() - start
+        tv_g, tv_l = torch.stack(tv["greedy"]), torch.stack(tv["learned"])
+        top_g, top_l = torch.stack(top1["greedy"]), torch.stack(top1["learned"])
+        print(f"\n### attention edges {label}: median TV over {len(orders)} prompts")
+        print(f"{'s':>8} | {'greedy':>8} {'learned':>8} | {'top1 g':>6} {'top1 l':>6}")
+        for i, s in enumerate(grid):
+            print(
+                f"{'full' if s == 1.0 else f'{s:g}':>8} | {tv_g[:, i].median():8.4f} "
+                f"{tv_l[:, i].median():8.4f} | {top_g[:, i].mean():6.2f} {top_l[:, i].mean():6.2f}"
+            )
+        print(
+            f"half of the prompts keep top-1 from: greedy {half_top1_size(top_g, grid)}, "
+            f"learned {half_top1_size(top_l, grid)}"
+        )
+        print(
+            "trained budgets "
+            + "; ".join(str(f.budgets.tolist()) for f in fits)
+            + "; best step "
+            + ", ".join(str(f.best_step) for f in fits)
+            + f"; {sum(f.passes for f in fits)} forward+backward passes"
+        )
+        print(
+            f"search alone, {label}: {search_sec:.1f} s = {search_sec / bare:.0f} x the bare "
+            f"forward of the {len(orders)}-prompt batch; with both evaluations {sec:.1f} s = "
+            f"{sec / bare:.0f} x"
+        )
+
+
+def run_model(
+    name: str,
+    prompts: list[str],
+    repeats: int,
+    search: MaskSearch | None = None,
+    min_size: float = 1e-4,
+) -> None:
     model = sl.load_model(name, device="cpu")
     batch = edge_tokenize(model, prompts)
     lengths = (batch.predict_pos + 1).tolist()
@@ -146,6 +234,8 @@ def run_model(name: str, prompts: list[str], repeats: int) -> None:
             f"  evaluation, {label:<8} ({len(PAPER_GRID) + 1} rows/prompt)  {sec:8.2f} s  "
             f"{sec / bare:7.1f} x   -> whole curve {total:.2f} s = {total / bare:.1f} x"
         )
+    if search is not None:
+        compare_learned(model, batch, graphs, orders, search, min_size, bare)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(
         f"memory: edge weights {mib(weight_bytes)} (float64, all prompts), clean-run cache "
@@ -160,7 +250,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=Path, default=DATA, help="TSV; first column")
     parser.add_argument("--n", type=int, default=30, help="number of prompts")
     parser.add_argument("--repeats", type=int, default=3, help="bare forward repeats")
+    parser.add_argument("--learned", action="store_true", help="compare method='mask'")
+    parser.add_argument("--steps", type=int, default=MaskSearch.steps)
+    parser.add_argument("--lr", type=float, default=MaskSearch.lr)
+    parser.add_argument("--budgets", type=float, nargs="*", default=None)
+    parser.add_argument("--min-size", type=float, default=1e-4)
     args = parser.parse_args()
+    search = None
+    if args.learned:
+        budgets = tuple(args.budgets) if args.budgets else None
+        search = MaskSearch(steps=args.steps, lr=args.lr, budgets=budgets)
     torch.manual_seed(0)
     prompts = read_prompts(args.prompts, args.n)
     print(
@@ -168,7 +267,7 @@ def main() -> None:
         f"{torch.get_num_threads()}"
     )
     for name in args.model:
-        run_model(name, prompts, args.repeats)
+        run_model(name, prompts, args.repeats, search, args.min_size)
 
 
 if __name__ == "__main__":

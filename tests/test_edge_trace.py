@@ -110,7 +110,7 @@ def test_save_load_round_trip_and_checksum(tmp_path, greedy_result):
 
 def test_bad_options_raise(byte_tiny):
     with pytest.raises(ValueError, match="method"):
-        edge_trace(byte_tiny, PROMPTS, method="mask")  # type: ignore[arg-type]
+        edge_trace(byte_tiny, PROMPTS, method="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ascending"):
         edge_trace(byte_tiny, PROMPTS, sizes=[0.5, 0.1])
     with pytest.raises(ValueError, match="convention"):

@@ -24,6 +24,7 @@ from torch import Tensor
 from strace_lens.edges.forward import EdgeMasks, run_with_edge_masks
 from strace_lens.edges.graph import EdgeGraph
 from strace_lens.edges.greedy import greedy_order, random_order
+from strace_lens.edges.learned import MaskSearch, learn_order, pick_budgets
 from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.edges.sizes import edge_counts, relative_sizes
 from strace_lens.edges.tokens import TokenConvention, edge_tokenize
@@ -31,7 +32,7 @@ from strace_lens.edges.weights import edge_weights
 from strace_lens.inputs import TokenBatch
 from strace_lens.metrics import entropy, fidelity
 
-EdgeMethod = Literal["greedy", "random"]
+EdgeMethod = Literal["greedy", "random", "mask"]
 RandomVariant = Literal["uniform", "resid_mlp_first"]
 
 
@@ -72,21 +73,25 @@ def edge_trace(
     random_variant: RandomVariant = "uniform",
     seed: int = 0,
     max_rows: int = 32,
+    mask_search: MaskSearch | None = None,
 ) -> EdgeTraceResult:
     """Trace each prompt at edge granularity (see module docstring).
 
     Args:
         method: ``"greedy"`` (the paper's best-first ranking; nested subgraphs) or
-            ``"random"`` (an independent draw per size; not nested).
+            ``"random"`` (an independent draw per size; not nested) or ``"mask"`` (learned
+            to be faithful, starting from the greedy; nested).
         sizes: ``"paper"`` or ascending relative sizes in (0, 1]; size s keeps int(s * E).
         ablate_attention_edges: False keeps every attention edge in the forward pass.
         tokens: ``"paper"`` (the original HF tokenizer's default), ``"hf"`` or
             ``"transformer_lens"`` (see :mod:`strace_lens.edges.tokens`).
         random_variant: ``"uniform"`` edge subsets, or ``"resid_mlp_first"``: residual and
             MLP edges drawn first, then attention edges (the released code's baseline).
+        mask_search: options of ``method="mask"`` (:mod:`strace_lens.edges.learned`: a
+            nested ranking learned from the greedy's, for this semantics).
     """
-    if method not in ("greedy", "random"):
-        raise ValueError(f"Unknown edge method {method!r}: 'greedy' or 'random'.")
+    if method not in ("greedy", "random", "mask"):
+        raise ValueError(f"Unknown edge method {method!r}: 'greedy', 'random' or 'mask'.")
     if random_variant not in ("uniform", "resid_mlp_first"):
         raise ValueError(f"Unknown random variant {random_variant!r}.")
     grid = relative_sizes(sizes)
@@ -94,7 +99,9 @@ def edge_trace(
     batch = edge_tokenize(model, prompt_list, tokens)
     lengths = (batch.predict_pos + 1).tolist()
     started = time.perf_counter()
-    weights = edge_weights(model, batch)[0] if method == "greedy" else None
+    weights = edge_weights(model, batch)[0] if method != "random" else None
+    search = mask_search or MaskSearch()
+    learned: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(seed)
     counts, id_lists, offsets = [], [], [0]
     metric_rows: list[dict[str, Tensor]] = []
@@ -104,8 +111,16 @@ def edge_trace(
         graph = EdgeGraph.from_model(model, n_pos)
         count = edge_counts(grid, graph.n_edges)
         counts.append(count)
+        row = batch.select([p]).trimmed()
         if weights is not None:
             order = greedy_order(graph, weights[p])
+            if method == "mask":
+                budgets = pick_budgets(grid, graph.n_edges, search)
+                fit = learn_order(model, row, graph, order, budgets, search=search,
+                                  ablate_attention_edges=ablate_attention_edges)  # fmt: skip
+                order = fit.order
+                learned.append({"best_step": fit.best_step, "passes": fit.passes,
+                                "budgets": fit.budgets.tolist()})  # fmt: skip
             subgraphs = [order[: int(k)] for k in count]
             id_lists.append(order)
             offsets.append(offsets[-1] + len(order))
@@ -116,7 +131,6 @@ def edge_trace(
                 subgraphs.append(ranking[:k])
                 id_lists.append(ranking[:k])
                 offsets.append(offsets[-1] + k)
-        row = batch.select([p]).trimmed()
         logp_sub, logp_full = evaluate_subgraphs(
             model,
             row,
@@ -131,7 +145,7 @@ def edge_trace(
         full_logps.append(logp_full.detach().cpu())
         sub_top.append(logp_sub.argmax(-1).cpu())
     full = torch.stack(full_logps)
-    options = {
+    options: dict[str, Any] = {
         "granularity": "edge",
         "method": method,
         "ablate_attention_edges": ablate_attention_edges,
@@ -141,13 +155,16 @@ def edge_trace(
     }
     if method == "random":
         options["random_variant"] = random_variant
+    if method == "mask":
+        options["mask_search"] = {k: getattr(search, k) for k in search.__dataclass_fields__}
+        options["mask_fits"] = learned
     return EdgeTraceResult(
         n_layers=int(model.cfg.n_layers),
         n_heads=int(model.cfg.n_heads),
         grid=grid,
         n_pos=torch.tensor(lengths),
         counts=torch.stack(counts),
-        nested=method == "greedy",
+        nested=method != "random",
         ids=torch.cat(id_lists).to(torch.int32),
         offsets=torch.tensor(offsets),
         metrics={k: torch.stack([m[k] for m in metric_rows]) for k in metric_rows[0]},

@@ -1,0 +1,199 @@
+"""The learned edge ranking, ``method="mask"`` (strace_lens/edges/learned.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from strace_lens.edges import (
+    EdgeGraph,
+    EdgeMasks,
+    edge_tokenize,
+    edge_trace,
+    edge_weights,
+    greedy_order,
+    run_with_edge_masks,
+)
+from strace_lens.edges.learned import MaskSearch, learn_order, pick_budgets, rank_scores
+from strace_lens.inputs import tokenize
+from strace_lens.metrics import kl_divergence, tv_distance
+from strace_lens.tiny_model import tiny_model
+
+PROMPTS = ["The cat sat", "Paris is the"]
+GRID = [0.01, 0.05, 0.1, 0.3, 1.0]
+FAST = MaskSearch(steps=4)
+
+
+@pytest.fixture(scope="module")
+def byte_tiny():
+    return tiny_model(device="cpu", dtype=torch.float64)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["ablated", "kept"])
+def mask_result(request, byte_tiny):
+    return edge_trace(
+        byte_tiny,
+        PROMPTS,
+        method="mask",
+        sizes=GRID,
+        mask_search=FAST,
+        ablate_attention_edges=request.param,
+    )
+
+
+def test_rank_scores_reproduce_the_greedy():
+    model = make_tiny(torch.float64)
+    tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    (w,), _ = edge_weights(model, tokenize(model, tokens))
+    graph = EdgeGraph.from_model(model, 6)
+    order = greedy_order(graph, w)
+    assert torch.equal(greedy_order(graph, rank_scores(order)), order)
+
+
+def test_exact_sizes_and_nesting(mask_result):
+    r = mask_result
+    assert r.nested and r.options["method"] == "mask"
+    for p in range(r.n_prompts):
+        e = r.n_edges(p)
+        assert r.counts[p].tolist() == [int(s * e) for s in GRID]
+        assert sorted(r.subgraph(p, len(GRID) - 1).tolist()) == list(range(e))
+        for i in range(len(GRID) - 1):
+            small, big = set(r.subgraph(p, i).tolist()), set(r.subgraph(p, i + 1).tolist())
+            assert len(small) == int(r.counts[p, i]) and small <= big
+    assert r.metrics["tv"][:, -1].abs().max() == 0
+
+
+def test_every_prefix_is_connected_to_the_output(mask_result):
+    r = mask_result
+    graph = r.graph(0)
+    order = r.subgraph(0, len(GRID) - 1)
+    source, target = graph.edge_fields["source_node"], graph.edge_fields["target_node"]
+    reached = {graph.output_node}
+    for e in order.tolist():
+        assert int(target[e]) in reached
+        reached.add(int(source[e]))
+
+
+def test_hard_metrics_equal_an_independent_masked_run(byte_tiny, mask_result):
+    r = mask_result
+    ablate = r.options["ablate_attention_edges"]
+    p, i = 1, 2
+    graph = r.graph(p)
+    batch = edge_tokenize(byte_tiny, PROMPTS[p])
+    keep = graph.keep_mask(r.subgraph(p, i))[None].double()
+    logp = run_with_edge_masks(
+        byte_tiny, batch, EdgeMasks.from_edges(graph, keep), ablate_attention_edges=ablate
+    )
+    full = byte_tiny(batch.tokens)[0, -1].double().log_softmax(-1)[None]
+    assert abs(float(tv_distance(full, logp)[0]) - float(r.metrics["tv"][p, i])) <= 1e-6
+    assert abs(float(kl_divergence(full, logp)[0]) - float(r.metrics["kl"][p, i])) <= 1e-6
+
+
+def test_same_seed_same_ranking(byte_tiny):
+    noisy = MaskSearch(steps=3, noise=1.0, seed=5)
+    a = edge_trace(byte_tiny, PROMPTS[:1], method="mask", sizes=GRID, mask_search=noisy)
+    b = edge_trace(byte_tiny, PROMPTS[:1], method="mask", sizes=GRID, mask_search=noisy)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.metrics["kl"], b.metrics["kl"])
+
+
+def test_step_zero_is_the_greedy_and_selection_is_never_worse(byte_tiny):
+    batch = edge_tokenize(byte_tiny, PROMPTS[0])
+    graph = EdgeGraph.from_model(byte_tiny, batch.tokens.shape[1])
+    (w,), _ = edge_weights(byte_tiny, batch)
+    order = greedy_order(graph, w)
+    budgets = pick_budgets(GRID, graph.n_edges, FAST)
+    fit = learn_order(byte_tiny, batch, graph, order, budgets, search=FAST)
+    keep = torch.zeros(len(budgets), graph.n_edges, dtype=torch.float64)
+    for b, k in enumerate(budgets.tolist()):
+        keep[b, order[:k].long()] = 1
+    logp = run_with_edge_masks(byte_tiny, batch, EdgeMasks.from_edges(graph, keep))
+    full = byte_tiny(batch.tokens)[0, -1].double().log_softmax(-1)[None]
+    greedy_kl = kl_divergence(full.expand_as(logp), logp)
+    assert torch.allclose(fit.kl[0], greedy_kl, atol=1e-9)
+    assert fit.kl.shape == (FAST.steps + 1, len(budgets)) and fit.passes == FAST.steps + 1
+    # the kept step's hard subgraphs are the learned order's prefixes, and no worse on average
+    best = fit.kl[fit.best_step]
+    assert float((best + 1e-12).log().mean()) <= float((greedy_kl + 1e-12).log().mean()) + 1e-9
+    for b, k in enumerate(budgets.tolist()):
+        keep[b] = 0
+        keep[b, fit.order[:k].long()] = 1
+    logp = run_with_edge_masks(byte_tiny, batch, EdgeMasks.from_edges(graph, keep))
+    assert torch.allclose(kl_divergence(full.expand_as(logp), logp), best, atol=1e-9)
+
+
+def exhaustive_case(seed: int, ablate: bool) -> tuple[list[float], list[float], list[float]]:
+    """KL per size k = 1..E-1 of greedy, learned and the best of all subsets (1 layer,
+    2 heads, 3 tokens: E = 9, 511 subsets)."""
+    model = make_tiny(torch.float64, n_layers=1, n_heads=2, n_key_value_heads=2)
+    tokens = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(seed))
+    batch = tokenize(model, tokens)
+    (w,), _ = edge_weights(model, batch)
+    graph = EdgeGraph.from_model(model, 3)
+    n = graph.n_edges
+    order = greedy_order(graph, w)
+    search = MaskSearch(steps=30)
+    fit = learn_order(
+        model, batch, graph, order, torch.arange(1, n), search=search, ablate_attention_edges=ablate
+    )
+    subsets = [c for k in range(1, n) for c in itertools.combinations(range(n), k)]
+    keep = torch.zeros(len(subsets) + 1, n, dtype=torch.float64)
+    for i, c in enumerate(subsets):
+        keep[i, list(c)] = 1
+    keep[-1] = 1
+    logp = run_with_edge_masks(
+        model, batch, EdgeMasks.from_edges(graph, keep), ablate_attention_edges=ablate
+    )
+    kl = kl_divergence(logp[-1:].expand_as(logp[:-1]), logp[:-1])
+    where = {c: i for i, c in enumerate(subsets)}
+
+    def curve(ranking: torch.Tensor) -> list[float]:
+        return [float(kl[where[tuple(sorted(ranking[:k].tolist()))]]) for k in range(1, n)]
+
+    sizes = torch.tensor([len(c) for c in subsets])
+    best = [float(kl[sizes == k].min()) for k in range(1, n)]
+    return curve(order), curve(fit.order), best
+
+
+@pytest.mark.parametrize("ablate", [True, False], ids=["ablated", "kept"])
+def test_learned_against_greedy_and_exhaustive_optimum(ablate):
+    """On 4 random prompts, every size: the exhaustive optimum bounds both; the learned
+    ranking beats the greedy on the sum of log KL of each prompt and closes part of the gap.
+    Per size it is not guaranteed (one order for all sizes); measured on these prompts:
+    see the report printed with ``pytest -s``."""
+    gaps_g, gaps_l, worse = [], [], 0
+    for seed in range(4):
+        g, learned, best = exhaustive_case(seed, ablate)
+        for a, b, c in zip(g, learned, best):
+            assert c <= a + 1e-12 and c <= b + 1e-12
+            gaps_g.append(a - c)
+            gaps_l.append(b - c)
+            worse += b > a + 1e-12
+        log = lambda xs: sum(torch.tensor(xs).add(1e-12).log().tolist())  # noqa: E731
+        assert log(learned) <= log(g) + 1e-3
+    print(
+        f"\nablate={ablate}: mean KL gap to the exhaustive optimum: greedy "
+        f"{sum(gaps_g) / len(gaps_g):.4f}, learned {sum(gaps_l) / len(gaps_l):.4f}; "
+        f"learned worse than greedy at {worse} of {len(gaps_g)} (prompt, size) pairs"
+    )
+    assert sum(gaps_l) < sum(gaps_g)
+
+
+def test_mask_result_saves_and_loads(tmp_path, mask_result):
+    from strace_lens.edges import EdgeTraceResult
+
+    back = EdgeTraceResult.load(mask_result.save(tmp_path / "mask"))
+    assert back.nested and torch.equal(back.ids, mask_result.ids.to(back.ids.dtype))
+    assert back.options["method"] == "mask"
+    assert len(back.options["mask_fits"]) == len(PROMPTS)
+
+
+def test_bad_search_options_raise():
+    with pytest.raises(ValueError, match="mask search"):
+        MaskSearch(steps=-1)
+    with pytest.raises(ValueError, match="Temperatures"):
+        MaskSearch(temperature=(1.0, 0.0))
+    with pytest.raises(ValueError, match="No trainable budget"):
+        pick_budgets([1.0], 10, MaskSearch())
