@@ -256,7 +256,7 @@ def check_method_options(method: Any, options: dict[str, Any]) -> dict[str, Any]
     """Method options with their values checked and made plain (unknown names are left for
     the method itself to refuse, listing the known ones)."""
     specs = method_option_specs(method) if isinstance(method, str) else {}
-    from strace_lens.trace import METHODS
+    from strace_lens.types import METHODS
 
     unknown = set(options) - set(specs)
     if method in METHODS and unknown:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -85,4 +87,4 @@ def test_token_graph_names_and_sizes(tiny):
     with pytest.raises(ValueError):
         graph_for(tiny, "edge")
     with pytest.raises(ValueError):
-        graph_for(tiny, "layer", 3)  # type: ignore[arg-type]
+        inspect.unwrap(graph_for)(tiny, "layer", 3)  # its own error, not the test checker's

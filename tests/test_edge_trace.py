@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -110,11 +112,11 @@ def test_save_load_round_trip_and_checksum(tmp_path, greedy_result):
 
 def test_bad_options_raise(byte_tiny):
     with pytest.raises(ValueError, match="method"):
-        edge_trace(byte_tiny, PROMPTS, method="bogus")  # type: ignore[arg-type]
+        inspect.unwrap(edge_trace)(byte_tiny, PROMPTS, method="bogus")
     with pytest.raises(ValueError, match="ascending"):
         edge_trace(byte_tiny, PROMPTS, sizes=[0.5, 0.1])
     with pytest.raises(ValueError, match="convention"):
-        edge_trace(byte_tiny, PROMPTS, tokens="bpe")  # type: ignore[arg-type]
+        inspect.unwrap(edge_trace)(byte_tiny, PROMPTS, tokens="bpe")
 
 
 def test_graph_of_stored_result_matches_prompt_length(byte_tiny, greedy_result):

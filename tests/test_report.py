@@ -220,6 +220,6 @@ def test_reproduce_refuses_a_bad_phase_rule_before_tracing(tmp_path, capsys):
     assert main([*base, "--core-nucleus", "95", "--refined-nucleus", "90"]) == 2
     assert "0 < core_nucleus <= refined_nucleus <= 100" in capsys.readouterr().err
     assert main([*base, "--small-core", "2"]) == 2
-    assert "small_core is a fraction" in capsys.readouterr().err
+    assert "--small-core must be in (0, 1]" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was traced or written
 

@@ -223,3 +223,26 @@ def test_annotations_are_checked_at_run_time():
 
     with pytest.raises(TypeError, match="row"):
         top_s(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))  # 2 rows of scores, 3 sizes
+
+
+#: the input boundary, left to check its own arguments (pyproject.toml, addopts)
+UNCHECKED_MODULES = {"dataset", "validate", "cli"}
+
+
+def test_run_time_checks_cover_every_module_but_the_input_boundary():
+    from pathlib import Path
+
+    import tomllib
+
+    import strace_lens
+
+    root = Path(strace_lens.__file__).parent
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    addopts = pyproject["tool"]["pytest"]["ini_options"]["addopts"]
+    listed = addopts.split("=", 1)[1].split(",")
+    assert listed[-1] == "typecheck.typechecker"
+    modules = {p.stem for p in root.glob("*.py") if not p.stem.startswith("__")}
+    packages = {p.parent.name for p in root.glob("*/__init__.py")}
+    assert {m.removeprefix("strace_lens.") for m in listed[:-1]} == (
+        modules | packages
+    ) - UNCHECKED_MODULES

@@ -92,6 +92,10 @@ def edge_trace(
     """
     if method not in ("greedy", "random", "mask"):
         raise ValueError(f"Unknown edge method {method!r}: 'greedy', 'random' or 'mask'.")
+    if tokens not in ("paper", "hf", "transformer_lens"):  # checked before any work
+        raise ValueError(
+            f"Unknown token convention tokens={tokens!r}: 'paper', 'hf' or 'transformer_lens'."
+        )
     if random_variant not in ("uniform", "resid_mlp_first"):
         raise ValueError(f"Unknown random variant {random_variant!r}.")
     grid = relative_sizes(sizes)
