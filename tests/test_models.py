@@ -24,8 +24,10 @@ from strace_lens.inputs import tokenize
 # masked_forward._gather_hook); before that fix, unembedding 1-3 rows with another BLAS kernel
 # moved log-probs of ~-40 by 2e-5 to 4e-5 (a relative 1e-6: fp32 rounding, not a leak between
 # rows). The exact version of this property is tested in float64 on the tiny model
-# (test_masked_forward.py), where any real leak between rows would show.
-BATCH_ATOL32 = 1e-4
+# (test_masked_forward.py), where any real leak between rows would show. On the 2-core Xeon of
+# a later session (another CPU), SmolLM2 with random masks, batched vs alone, differed by 2e-4
+# (log-probs near -15 to -20, a relative 1e-5, over 30 layers): the tolerance is 5e-4.
+BATCH_ATOL32 = 5e-4
 
 
 def test_unknown_model_name_lists_known_ones(monkeypatch):
