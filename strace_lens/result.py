@@ -126,10 +126,32 @@ class TraceResult:
         return out
 
     def nodes(self, prompt: int = 0, size: int | None = None) -> list[str]:
-        """Names of the nodes in the subgraph of ``size`` (default: the smallest) for a prompt."""
-        j = 0 if size is None else self.size_index(size)
+        """Names of the nodes in the subgraph of ``size`` (default: the smallest) for a prompt.
+
+        A size that was not traced is replaced by the nearest traced one (in node count; a
+        tie goes to the smaller), with a warning that names both: a subgraph of another size
+        was never searched for, so none is made up.
+        """
+        j = 0 if size is None else self.nearest_size_index(size)
         row = 0 if self.masks.shape[0] == 1 else prompt
         return self.graph.nodes_from_mask(self.masks[row, j])
+
+    def nearest_size_index(self, size: int) -> int:
+        """The grid index of ``size``, or of the nearest traced size (with a warning)."""
+        if int(size) in self.sizes.tolist():
+            return self.size_index(size)
+        if int(size) < 1:
+            raise ValueError(f"size must be a node count of at least 1, got {size}.")
+        gaps = (self.sizes - int(size)).abs()
+        tied = torch.nonzero(gaps == gaps.min()).flatten()
+        j = int(tied[self.sizes[tied].argmin()])  # a tie goes to the smaller size
+        warnings.warn(
+            f"Size {size} was not traced; using the nearest traced size, {int(self.sizes[j])} "
+            f"(traced sizes: {self.sizes.tolist()}).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return j
 
     def size_index(self, size: int) -> int:
         hits = torch.nonzero(self.sizes == int(size)).flatten()

@@ -204,3 +204,19 @@ def test_clear_errors(tiny, toks, kwargs, message):
         kwargs["max_subsets"] = 100
     with pytest.raises((ValueError, TypeError), match=message):
         sl.trace(tiny, toks, progress=False, **kwargs)
+
+
+def test_a_size_off_the_grid_gives_the_nearest_traced_subgraph_and_says_so(tiny, tiny_tokens):
+    result = sl.trace(tiny, tiny_tokens[:1], sizes=[1, 3, 6, 15], method="greedy", inverse=False)
+    assert result.nodes(0, 3) == result.graph.nodes_from_mask(result.masks[0, 1])
+    off_grid = r"Size 4 was not traced; using the nearest traced size, 3"
+    with pytest.warns(UserWarning, match=off_grid):
+        assert result.nodes(0, 4) == result.nodes(0, 3)  # |4-3| < |4-6|
+    with pytest.warns(UserWarning, match="nearest traced size, 6"):
+        assert result.nodes(0, 5) == result.nodes(0, 6)
+    with pytest.warns(UserWarning, match="nearest traced size, 1"):
+        result.nodes(0, 2)  # a tie between 1 and 3 goes to the smaller
+    with pytest.raises(ValueError, match="at least 1"):
+        result.nodes(0, 0)
+    with pytest.raises(KeyError, match="not in this result's sizes"):
+        result.size_index(4)  # the exact lookup stays strict
