@@ -73,6 +73,8 @@ class SearchMethod(ABC):
     name: ClassVar[str]
     options_type: ClassVar[type[Any]] = NoOptions
     granularities: ClassVar[tuple[Granularity, ...]] = ("node",)
+    #: whether every family it returns is nested across sizes, whatever its options
+    always_nested: ClassVar[bool] = False
 
     def parse_options(self, given: Mapping[str, Any], nested: bool) -> Any:
         """The method's frozen options from ``trace``'s keyword options (validated)."""
@@ -80,7 +82,7 @@ class SearchMethod(ABC):
 
     def nested(self, options: Any) -> bool:
         """Whether the masks it returns are nested across sizes (recorded in the result)."""
-        return False
+        return self.always_nested
 
     @abstractmethod
     def run(
@@ -185,9 +187,7 @@ class RandomMethod(SearchMethod):
 @register
 class GreedyMethod(SearchMethod):
     name = "greedy"
-
-    def nested(self, options: Any) -> bool:
-        return True
+    always_nested = True
 
     def run(
         self,
@@ -203,9 +203,7 @@ class GreedyMethod(SearchMethod):
 @register
 class AttributionMethod(SearchMethod):
     name = "attribution"
-
-    def nested(self, options: Any) -> bool:
-        return True
+    always_nested = True
 
     def run(
         self,
@@ -229,9 +227,7 @@ class ForwardOptions:
 class ForwardMethod(SearchMethod):
     name = "forward"
     options_type = ForwardOptions
-
-    def nested(self, options: Any) -> bool:
-        return True
+    always_nested = True
 
     def run(
         self,
