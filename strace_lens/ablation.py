@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from strace_lens.atomic import normal_mode, temp_file
+from strace_lens.atomic import written_file
 from strace_lens.graph import NodeGraph
 from strace_lens.hygiene import check_hook_points, model_untouched
 from strace_lens.inputs import Prompts, TokenBatch, tokenize
@@ -307,15 +307,8 @@ class MeanAblation(Ablation):
             "n_tokens": str(self.n_tokens),
             "model": json.dumps(self.model_info),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file(path.parent, prefix=f".{path.name}.")
-        try:
+        with written_file(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            normal_mode(tmp)  # save_file makes it 0600
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

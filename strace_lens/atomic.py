@@ -100,14 +100,19 @@ def refuse_links(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
             )
 
 
-def write_text(
-    path: str | os.PathLike[str], text: str, root: str | os.PathLike[str] | None = None
-) -> Path:
-    """Write ``text`` (UTF-8) at ``path`` atomically, with normal permissions.
+@contextmanager
+def written_file(
+    path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
+) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``path`` to write; if the body succeeds it gets the
+    normal mode of a new file and is renamed over ``path``. Whatever happens, no temporary is
+    left behind.
 
-    The text goes into a fresh temporary sibling (:func:`temp_file`) renamed over ``path``, so
-    a reader sees the old file or the new one, never half of one. With ``root`` (the folder
-    the user named), links inside it are refused first (:func:`refuse_links`).
+    The one atomic-write step of strace-lens: a reader sees the old file or the new one, never
+    half of one; the temporary is created with ``O_EXCL | O_NOFOLLOW`` (:func:`temp_file`), and
+    writers that create their files 0600 (safetensors, ``mkstemp``) still leave a file readable
+    like any other. With ``root`` (the folder the user named), links inside it are refused
+    first (:func:`refuse_links`).
     """
     path = Path(path)
     if root is not None:
@@ -115,12 +120,28 @@ def write_text(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
+        normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_text(
+    path: str | os.PathLike[str], text: str, root: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write ``text`` (UTF-8) at ``path`` atomically, with normal permissions
+    (:func:`written_file`)."""
+    with written_file(path, root) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` at ``path`` atomically, with normal permissions (:func:`written_file`)."""
+    with written_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 @contextmanager

@@ -75,7 +75,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
-from strace_lens.atomic import read_versioned_json, replaced_folder, sha256_file, temp_file
+from strace_lens.atomic import (
+    read_versioned_json,
+    replaced_folder,
+    sha256_file,
+    write_text,
+)
 from strace_lens.config import IDENTITY_FIELDS, TraceConfig
 from strace_lens.config import RUNTIME_OPTIONS as CONFIG_RUNTIME_OPTIONS
 from strace_lens.graph import Node, NodeGraph
@@ -965,14 +970,7 @@ def _forget_fresh_run(folder: Path, created: bool) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = temp_file(path.parent, prefix=f".{path.name}.")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 # -- tracing one chunk -----------------------------------------------------------------------

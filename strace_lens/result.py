@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import normal_mode, read_versioned_json, sha256_file, temp_file
+from strace_lens.atomic import read_versioned_json, sha256_file, write_text, written_file
 from strace_lens.config import TraceConfig
 from strace_lens.graph import NodeGraph
 
@@ -207,11 +207,9 @@ class TraceResult:
         from safetensors.torch import save_file
 
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors_tmp = _temp_path(folder, TENSORS_FILE)
-        save_file(self._tensors(), str(tensors_tmp))
-        normal_mode(tensors_tmp)  # save_file makes it 0600
-        digest = sha256_file(tensors_tmp)
+        with written_file(folder / TENSORS_FILE) as tensors_tmp:
+            save_file(self._tensors(), str(tensors_tmp))
+            digest = sha256_file(tensors_tmp)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -220,10 +218,8 @@ class TraceResult:
             "options": self.options,
             "tensors_sha256": digest,
         }
-        meta_tmp = _temp_path(folder, META_FILE)
-        meta_tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        os.replace(tensors_tmp, folder / TENSORS_FILE)
-        os.replace(meta_tmp, folder / META_FILE)
+        # Written last: until it names the new tensors' checksum, a reader refuses the pair.
+        write_text(folder / META_FILE, json.dumps(meta, indent=1, default=str))
         return folder
 
     @classmethod
@@ -332,7 +328,3 @@ class TraceResult:
             and self.graph == other.graph
             and stable(self.options) == stable(other.options)
         )
-
-
-def _temp_path(folder: Path, name: str) -> Path:
-    return temp_file(folder, prefix=f".{name}.")

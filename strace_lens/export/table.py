@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from strace_lens.atomic import temp_file
+from strace_lens.atomic import written_file
 from strace_lens.result import TraceResult
 
 TABLE_COLUMNS = (
@@ -101,18 +101,13 @@ def save_table(table: TraceResult | Any, path: str | os.PathLike[str]) -> Path:
             stacklevel=2,
         )
         path, suffix = csv, ".csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(path.parent, prefix=f".{path.name}.")  # never a planted link
-    if suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    elif suffix in ARROW_SUFFIXES:
-        frame.to_feather(tmp)
-    else:
-        frame.to_csv(tmp, index=False)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with written_file(path) as tmp:  # never through a planted link
+        if suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        elif suffix in ARROW_SUFFIXES:
+            frame.to_feather(tmp)
+        else:
+            frame.to_csv(tmp, index=False)
     return path
 
 

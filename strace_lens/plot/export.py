@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import plotly.graph_objects as go
+
+from strace_lens.atomic import write_bytes
 
 Preset = Literal["column", "page"]
 
@@ -56,8 +57,10 @@ def apply_preset(fig: go.Figure, preset: Preset) -> go.Figure:
         # Its height follows from the grid cell the width allows.
         from strace_lens.plot.circuit import relayout
 
-        out.update_layout(font=dict(size=font), title=dict(font=dict(size=spec["title_px"]),
-                          subtitle=dict(font=dict(size=font - 1))))
+        out.update_layout(
+            font=dict(size=font),
+            title=dict(font=dict(size=spec["title_px"]), subtitle=dict(font=dict(size=font - 1))),
+        )
         relayout(out, width=width, font_px=font)
         return out
 
@@ -93,8 +96,11 @@ def apply_preset(fig: go.Figure, preset: Preset) -> go.Figure:
         width=width,
         height=round(top + bottom + new_ph),
         font=dict(size=font),
-        title=dict(text=new_title, font=dict(size=spec["title_px"]),
-                   subtitle=dict(text=new_sub, font=dict(size=font - 1))),
+        title=dict(
+            text=new_title,
+            font=dict(size=spec["title_px"]),
+            subtitle=dict(text=new_sub, font=dict(size=font - 1)),
+        ),
         legend=dict(font=dict(size=font)),
         margin=dict(l=left, r=right, t=top, b=bottom),
     )
@@ -117,8 +123,11 @@ def _thin_log_ticks(fig: go.Figure, plot_w: float, font: float) -> None:
         label_w = max(len(t) for t in axis.ticktext) * 0.6 * font + 8
         if len(axis.tickvals) * label_w <= room:
             continue
-        kept = [(v, t) for v, t in zip(axis.tickvals, axis.ticktext)
-                if abs(math.log10(v) - round(math.log10(v))) < 1e-9]
+        kept = [
+            (v, t)
+            for v, t in zip(axis.tickvals, axis.ticktext)
+            if abs(math.log10(v) - round(math.log10(v))) < 1e-9
+        ]
         axis.tickvals = [v for v, _ in kept]
         axis.ticktext = [t for _, t in kept]
 
@@ -183,7 +192,7 @@ def save(
         data = fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
     else:
         data = to_image(fig, STATIC_FORMATS[suffix], scale=scale if suffix == ".png" else 1.0)
-    _atomic_write(target, data)
+    write_bytes(target, data)
     return target
 
 
@@ -233,19 +242,3 @@ def export_session() -> Iterator[None]:
     finally:
         if not already:
             kaleido.stop_sync_server(silence_warnings=True)
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates the file readable by its owner only; give it the usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
