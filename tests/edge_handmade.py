@@ -11,9 +11,13 @@ import torch
 from strace_lens.edges import EdgeGraph, EdgeTraceResult
 
 
-def ranking(graph: EdgeGraph, first: Sequence[str]) -> torch.Tensor:
-    """Compact ids: the named edges first (in the given order), then every other edge by id."""
-    head = torch.tensor([graph.index(n) for n in first], dtype=torch.long)
+def ranking(graph: EdgeGraph, first: Sequence[str] | torch.Tensor) -> torch.Tensor:
+    """Compact ids: the given edges first (names or ids, in the given order), then every other
+    edge by id."""
+    if isinstance(first, torch.Tensor):
+        head = first.long()
+    else:
+        head = torch.tensor([graph.index(n) for n in first], dtype=torch.long)
     rest = torch.ones(graph.n_edges, dtype=torch.bool)
     rest[head] = False
     return torch.cat([head, torch.nonzero(rest).flatten()]).to(torch.int32)
@@ -23,7 +27,7 @@ def handmade(
     n_layers: int,
     n_heads: int,
     n_pos: Sequence[int],
-    firsts: Sequence[Sequence[str]],
+    firsts: Sequence[Sequence[str] | torch.Tensor],
     counts: Sequence[Sequence[int]],
     grid: Sequence[float],
     tv: Sequence[Sequence[float]] | None = None,
