@@ -107,6 +107,7 @@ def test_drawing_rule_caps_the_edges(hand):
     # default: the largest grid subgraph with at most max_edges edges
     fig = sp.token_circuit(hand, max_edges=5)
     assert fig.layout.meta["size_index"] == 2 and fig.layout.meta["n_drawn"] == 4
+    assert "s = 0.04 (the largest with ≤ 5 edges): 4 of 114" in fig.layout.title.subtitle.text
     assert sorted(drawn(fig)) == sorted(FIRST[:4])
     # a larger subgraph asked for: its max_edges earliest-entering edges, and the title says
     fig = sp.token_circuit(hand, size=4, max_edges=10)

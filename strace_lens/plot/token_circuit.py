@@ -180,7 +180,7 @@ def token_circuit(
                 _add_group(fig, phase, kind_name, members, f, names, labels, entry_s, w)
     _add_output(fig, graph.n_layers, graph.n_pos, labels)
     _layout(fig, result, prompt, labels, graph.n_layers, j, len(subgraph), len(drawn),
-            int(is_core.sum()), edge_core, core, max_edges)  # fmt: skip
+            int(is_core.sum()), edge_core, core, max_edges, size is None)  # fmt: skip
     return fig
 
 
@@ -283,17 +283,20 @@ def _layout(
     edge_core: float,
     core: float | str,
     max_edges: int,
+    chosen: bool,
 ) -> None:
     n_pos = len(labels)
     s = result.grid[j]
     cut = f", the first {n_drawn} drawn (at most {max_edges})" if n_drawn < n_subgraph else ""
+    # the drawing rule, stated on the figure when it chose the subgraph
+    rule = f" (the largest with ≤ {max_edges} edges)" if chosen and n_drawn == n_subgraph else ""
     if np.isnan(edge_core):
         core_text = "no grid size predicts the full model's top-1 token: no core"
     else:
         why = "top-1 first agrees" if core == "top1" else "core size"
         core_text = f"core = edges entering at s ≤ {edge_core:g} ({why}): {n_core}"
     subtitle = (
-        f"subgraph s = {s:g}: {n_subgraph} of {result.n_edges(prompt)} edges{cut}; "
+        f"subgraph s = {s:g}{rule}: {n_subgraph} of {result.n_edges(prompt)} edges{cut}; "
         f"{core_text}, refinement: {n_drawn - n_core}"
     )
     ticks = _y_ticks(n_layers)
