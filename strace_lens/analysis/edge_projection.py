@@ -68,8 +68,8 @@ def projection_curves(
     grid = check_log_grid(log_grid)
     table = edge_projection(result) if table is None else table
     n_sizes = len(result.grid)
-    values = table[list(BAND_QUANTITIES)].to_numpy(dtype=float)
-    values = values.reshape(result.n_prompts, n_sizes, len(BAND_QUANTITIES))
+    flat = table[list(BAND_QUANTITIES)].to_numpy(dtype=float)
+    values = flat.reshape(result.n_prompts, n_sizes, len(BAND_QUANTITIES))
     relative = table["relative_size"].to_numpy(dtype=float).reshape(result.n_prompts, n_sizes)
     return grid, on_common_grid(relative, values, grid, along)
 

@@ -42,7 +42,7 @@ SIDE = 0.14  # horizontal offset of the vertical edges from the token's column
 KIND_NAMES = ("attention", "MLP", "residual")
 # kind code (0 attn, 1 resid_attn, 2 mlp, 3 resid_mlp) -> drawn group
 GROUP_OF_KIND = (0, 2, 1, 2)
-LINE_STYLE = {
+LINE_STYLE: dict[str, dict[str, Any]] = {
     "attention": dict(width=1.1),
     "MLP": dict(width=3.2),
     "residual": dict(width=1.4, dash="dot"),
