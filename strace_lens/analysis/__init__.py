@@ -11,12 +11,30 @@ docstring).
 - :func:`uncertainty`, :func:`agreement`: density versus entropy / loss; across two models.
 - :func:`unigram`, :func:`token_counts`: frequency rank of the tokens subgraphs predict.
 - :func:`baselines`, :func:`baseline_gap`: inverse and random curves next to the trace.
+
+Edge granularity (``strace_lens.edges.EdgeTraceResult``), in the paper's units:
+
+- :func:`edge_composition`: edge shares by target-block quartile and by kind (attention,
+  MLP, residual) on a common log grid; ``.bands()`` reads them in the phase bands
+  (:data:`CONSTRUCTION_BAND`, :data:`REFINEMENT_BAND`, :data:`MINIMAL_CORE_SIZE`).
+- :func:`edge_density`: AUC of TV against log10 s (TV x decades) and per decade.
+- :func:`edge_projection`, :func:`projection_bands`: the components the same subgraphs touch.
 """
 
 from strace_lens.analysis._stats import gini, lorenz_points, mean_ci, median_ci, spearman_ci
 from strace_lens.analysis.baselines import baseline_gap, baselines
 from strace_lens.analysis.composition import composition
 from strace_lens.analysis.density import density, density_curve, interpolate_curves
+from strace_lens.analysis.edge_bands import (
+    CONSTRUCTION_BAND,
+    MINIMAL_CORE_SIZE,
+    PHASE_BANDS,
+    REFINEMENT_BAND,
+    band_summary,
+)
+from strace_lens.analysis.edge_composition import EdgeComposition, edge_composition
+from strace_lens.analysis.edge_density import edge_density
+from strace_lens.analysis.edge_projection import edge_projection, projection_bands
 from strace_lens.analysis.phases import phases, split_core, split_refinement
 from strace_lens.analysis.recovery import RECOVERY_LEVELS, nucleus_recovery, recovery_sizes
 from strace_lens.analysis.uncertainty import agreement, uncertainty
@@ -24,13 +42,22 @@ from strace_lens.analysis.unigram import frequency_ranks, token_counts, unigram
 from strace_lens.analysis.usage import gini_by_size, lorenz, usage
 
 __all__ = [
+    "CONSTRUCTION_BAND",
+    "MINIMAL_CORE_SIZE",
+    "PHASE_BANDS",
     "RECOVERY_LEVELS",
+    "REFINEMENT_BAND",
+    "EdgeComposition",
     "agreement",
+    "band_summary",
     "baseline_gap",
     "baselines",
     "composition",
     "density",
     "density_curve",
+    "edge_composition",
+    "edge_density",
+    "edge_projection",
     "frequency_ranks",
     "gini",
     "gini_by_size",
@@ -41,6 +68,7 @@ __all__ = [
     "median_ci",
     "nucleus_recovery",
     "phases",
+    "projection_bands",
     "recovery_sizes",
     "spearman_ci",
     "split_core",

@@ -60,16 +60,23 @@ def interpolate_curves(
     """
     x, order = log_sizes(result)
     y = _metric(result, metric)[:, order.numpy()]
-    grid = (
-        np.linspace(x[0], x[-1], 50) if log_grid is None else np.asarray(log_grid, dtype=float)
-    )
+    grid = np.linspace(x[0], x[-1], 50) if log_grid is None else np.asarray(log_grid, dtype=float)
+    return grid, interpolate_rows(x, y, grid)
+
+
+def interpolate_rows(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Rows ``y [R, S]`` known at increasing ``x [S]``, linear in x, on ``grid [G]``.
+
+    NaN where the grid leaves ``[x[0], x[-1]]`` (never extrapolated); with one point, only
+    a grid point at that x gets its value. Shared by the node and edge analyses.
+    """
+    y = np.atleast_2d(y)
     if len(x) == 1:
-        values = np.where(np.isclose(grid, x[0]), y[:, :1], np.nan)
-        return grid, values
+        return np.where(np.isclose(grid, x[0])[None, :], y[:, :1], np.nan)
     values = np.stack([np.interp(grid, x, row) for row in y])
     outside = (grid < x[0] - 1e-12) | (grid > x[-1] + 1e-12)
     values[:, outside] = np.nan
-    return grid, values
+    return values
 
 
 def density(
@@ -152,4 +159,3 @@ def density_curve(
             "method": result.method,
         }
     )
-

@@ -42,6 +42,19 @@ class EdgeComponents:
                 names.append(f"m{layer}@{t}")
         return names
 
+    def counts(self) -> dict[str, int]:
+        """How many components the subgraph touches: ``heads`` and ``mlps`` (node level: used
+        at any position), ``head_positions`` and ``mlp_positions`` (token level: (head, query
+        position) and (MLP, position) pairs), ``components`` = heads + mlps."""
+        heads, mlps = int(self.heads.any(-1).sum()), int(self.mlps.any(-1).sum())
+        return {
+            "heads": heads,
+            "mlps": mlps,
+            "components": heads + mlps,
+            "head_positions": int(self.heads.sum()),
+            "mlp_positions": int(self.mlps.sum()),
+        }
+
     def node_names(self) -> list[str]:
         """``a{l}.h{h}`` and ``m{l}`` used at any position, in the node graph's order."""
         names = []

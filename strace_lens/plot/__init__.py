@@ -6,6 +6,10 @@
   inverse subgraph (paper figures 1 and 6).
 - :func:`nucleus_recovery` (figure 2), :func:`composition` (figures 3 and 4),
   :func:`usage` (figure 5), :func:`density_vs_entropy` (figure 7).
+- :func:`token_circuit`: one prompt's edge subgraph (``strace_lens.edges``) over its tokens
+  and graph layers, core and refinement edges coloured; :func:`edge_composition`: the
+  composition figure in edge units (quartile and attention / MLP / residual shares, the
+  paper's phase bands shaded).
 - :func:`save`: .html / .png / .svg / .pdf by suffix, paper presets; :func:`report_html`:
   one self-contained HTML page with all of them.
 
@@ -17,9 +21,11 @@ from strace_lens.plot.circuit import circuit
 from strace_lens.plot.composition import composition, usage
 from strace_lens.plot.curves import fidelity, nucleus_recovery
 from strace_lens.plot.density import density_vs_entropy
+from strace_lens.plot.edge_composition import edge_composition
 from strace_lens.plot.export import PRESETS, apply_preset, export_session, save, to_image
 from strace_lens.plot.html_report import paper_figures, report_html
 from strace_lens.plot.style import OKABE_ITO, TEMPLATE
+from strace_lens.plot.token_circuit import token_circuit
 
 __all__ = [
     "OKABE_ITO",
@@ -29,6 +35,7 @@ __all__ = [
     "circuit",
     "composition",
     "density_vs_entropy",
+    "edge_composition",
     "export_session",
     "fidelity",
     "nucleus_recovery",
@@ -36,5 +43,6 @@ __all__ = [
     "report_html",
     "save",
     "to_image",
+    "token_circuit",
     "usage",
 ]

@@ -40,6 +40,8 @@ REFINEMENT_BAND = "rgba(0, 114, 178, 0.07)"
 QUARTILE_COLORS = [OKABE_ITO[k] for k in ("yellow", "orange", "vermillion", "purple")]
 ATTN_COLOR = OKABE_ITO["blue"]
 MLP_COLOR = OKABE_ITO["green"]
+# Residual (skip) edges of the edge graph: no component, a neutral grey.
+RESID_COLOR = "#9A9A9A"
 
 FONT_FAMILY = "Arial, Helvetica, sans-serif"
 RELATIVE_SIZE_TITLE = "relative size s/N (fraction of nodes kept)"
@@ -71,8 +73,16 @@ def _build_template() -> go.layout.Template:
             margin=dict(l=70, r=30, t=80, b=60),
             # Title and subtitle at the top of the margin, left-aligned (a subtitle carries
             # the rule or the statistic a figure states).
-            title=dict(x=0.02, xanchor="left", yref="container", y=1, yanchor="top",
-                       pad=dict(t=8), font=dict(size=15), subtitle=dict(font=dict(size=12))),
+            title=dict(
+                x=0.02,
+                xanchor="left",
+                yref="container",
+                y=1,
+                yanchor="top",
+                pad=dict(t=8),
+                font=dict(size=15),
+                subtitle=dict(font=dict(size=12)),
+            ),
         )
     )
 
