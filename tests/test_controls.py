@@ -28,6 +28,8 @@ from strace_lens.reproduce.claims import (
     INCONCLUSIVE,
     REFERENCE,
     UNDETERMINED,
+    ModelRun,
+    agreement_claims,
     analyse,
     claims_of,
     sign_test,
@@ -355,3 +357,38 @@ def test_cross_model_agreement_controls_remove_a_shared_prompt_effect():
     expected = partial_spearman_ci(dens[0], dens[2], np.stack([dens[1], dens[3]], 1), n_boot=400)
     assert line.loc["partial", "rho"] == pytest.approx(expected["rho"])
     assert line.loc["partial", "p_value"] == pytest.approx(expected["p_value"])
+
+
+def test_agreement_claims_rows_and_one_holm_family_over_the_report():
+    rng = np.random.default_rng(5)
+    n = 30
+    h = rng.uniform(0, 1, n)
+    counts = torch.ones(20)
+    runs = []
+    for name, slope in (("A", 0.3), ("B", 0.5)):
+        mask = _flat(slope * h + 0.03 * rng.normal(size=n))
+        random = _flat(0.5 + 0.4 * h + 0.001 * rng.normal(size=n), method="random")
+        tables = analyse(mask, random, counts, n_boot=100)
+        claims = claims_of(mask, tables, counts, name, n_boot=100, random=random)
+        runs.append(ModelRun(name, {}, mask, random, tables, claims, {}))
+    table, controls, rows = agreement_claims(runs, n_boot=100)
+    assert [r["id"] for r in rows] == ["2c", "2c.random", "2c.partial"]
+    assert rows[0]["estimate"] == table["rho"].item() and rows[0]["model"] == "A vs B"
+    line = controls.set_index("statistic")
+    assert rows[2]["estimate"] == line.loc["partial", "rho"] and rows[1]["role"] == REFERENCE
+    assert (controls["model_a"] == "A").all() and line.loc["partial", "n"] == n
+    # the report's family: both models' judged rows and 2c's, adjusted together
+    report = with_multiplicity(
+        pd.concat([runs[0].claims, runs[1].claims, pd.DataFrame(rows)], ignore_index=True)
+    )
+    judged = report["role"] != REFERENCE
+    assert report.loc[judged, "p_holm"].to_numpy() == pytest.approx(
+        holm(report.loc[judged, "p_value"]), nan_ok=True
+    )
+    one_model = runs[0].claims.set_index("id")["p_holm"]
+    in_report = report[report["model"] == "A"].set_index("id").loc["S1", "p_holm"]
+    assert np.isfinite(one_model["S1"]) and in_report > one_model["S1"]  # a larger family
+    with pytest.raises(ValueError, match="share 0 prompt"):
+        other = _flat(h[:5])
+        other.prompts = [f"q{i}" for i in range(5)]
+        agreement_controls(runs[0].mask, runs[0].random, other, other)

@@ -89,10 +89,10 @@ def agreement_controls(
         for r in (result_a, random_a, result_b, random_b)
     ]
     common = [t for t in per_text[0].index if t in per_text[2].index]
-    if len(common) < 4:
+    if len(common) < 3:
         raise ValueError(
-            f"The two models share {len(common)} prompt(s) (matched by text): the controlled "
-            "agreement needs at least 4. Trace the same prompts with both models."
+            f"The two models share {len(common)} prompt(s) (matched by text): agreement needs "
+            "at least 3 (the partial line, 5). Trace the same prompts with both models."
         )
     da, ra, db, rb = (np.asarray(s.loc[common], dtype=float) for s in per_text)
     rows = []

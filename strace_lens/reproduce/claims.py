@@ -17,7 +17,7 @@ is not below ``ALPHA`` to *inconclusive*.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,10 @@ COLUMNS = [
     "verdict",
     "verdict_holm",
 ]
+
+
+#: A claim row to build: (id, role, claim, figure, stats, estimate key, predicted, null).
+Spec = tuple[str, str, str, str, Mapping[Any, Any], str, str, float]
 
 
 # -- verdicts ------------------------------------------------------------------------------
@@ -250,7 +254,7 @@ def sign_test(lower: np.ndarray, upper: np.ndarray, threshold: float) -> float:
 
 
 def _rows(
-    specs: list[tuple[str, str, str, str, Mapping[Any, Any], str, str, float]],
+    specs: Sequence[Spec],
     min_n: int,
     model: str,
 ) -> list[dict[str, Any]]:
@@ -319,7 +323,7 @@ def _phase_claims(
     def by_kind(kind: str) -> dict[str, float]:
         return mean(kinds[kinds["kind"] == kind]["depth_gap"].to_numpy())
 
-    specs = [
+    specs: list[Spec] = [
         ("1b", CLAIM, "1b. Two phases: the core is made of early-layer nodes",
          "mean over prompts of (mean depth of all candidates - mean depth of the core); "
          "depth 0 = first layer, 1 = last",
@@ -354,7 +358,7 @@ def _uncertainty_claims(
     (random density partialled out)."""
     unc = tables["uncertainty"].set_index("against")
     controls = tables.get("uncertainty_controls")
-    specs: list[tuple[str, str, str, str, Mapping[Any, Any], str, str, float]] = []
+    specs: list[Spec] = []
     for key, against, text, what in (
         ("2a", "entropy",
          "2a. Density follows uncertainty: density rises with the full model's entropy",
@@ -405,7 +409,7 @@ def _frequency_claims(
         sizes = [int(uni["size"].min())]
     ranks = an.frequency_ranks(counts)
     diffs = _sparse_rank_diffs(mask, ranks, sizes)
-    specs: list[tuple[str, str, str, str, Mapping[Any, Any], str, str, float]] = [
+    specs: list[Spec] = [
         ("3", CLAIM, "3. Sparse subgraphs favour frequent tokens",
          "mean over prompts of log10 frequency rank of the sparse subgraphs' top-1 token "
          f"minus the full model's (sizes {sizes}; < 0: more frequent)",
@@ -438,7 +442,7 @@ def _sanity_claims(
     model: str,
 ) -> list[dict[str, Any]]:
     """S1-S2: sanity checks of the search itself."""
-    specs: list[tuple[str, str, str, str, Mapping[Any, Any], str, str, float]] = []
+    specs: list[Spec] = []
     if "baseline_gap" in tables:
         gap = tables["baseline_gap"].iloc[0].to_dict()
         gap["mean"] = gap["gap"]
@@ -500,7 +504,7 @@ def agreement_claims(
     controls.insert(0, "model_b", b.name)
     controls.insert(0, "model_a", a.name)
     line = controls.set_index("statistic")
-    specs: list[tuple[str, str, str, str, Mapping[Any, Any], str, str, float]] = [
+    specs: list[Spec] = [
         ("2c", CLAIM, "2c. Per-input density is correlated across models",
          "Spearman rho of per-prompt density, model A vs model B",
          agreement.iloc[0].to_dict(), "rho", "greater", 0.0),
