@@ -7,6 +7,7 @@ from strace_lens.reproduce import (
     INCONCLUSIVE,
     MIN_PROMPTS,
     SMALL_CORE,
+    UNDETERMINED,
     ModelRun,
     Reproduction,
     analyse,
@@ -15,6 +16,7 @@ from strace_lens.reproduce import (
     markdown_table,
     reproduce,
     verdict,
+    with_multiplicity,
     write_report,
 )
 from strace_lens.reproduce.markdown import model_section as _model_section
@@ -25,6 +27,7 @@ __all__ = [
     "INCONCLUSIVE",
     "MIN_PROMPTS",
     "SMALL_CORE",
+    "UNDETERMINED",
     "ModelRun",
     "Reproduction",
     "_model_section",
@@ -34,5 +37,6 @@ __all__ = [
     "markdown_table",
     "reproduce",
     "verdict",
+    "with_multiplicity",
     "write_report",
 ]

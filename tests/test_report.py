@@ -196,8 +196,14 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
     assert set(repro.claims["verdict"]) <= {HOLDS, FAILS, INCONCLUSIVE}
     claims_csv = pd.read_csv(tmp_path / "out" / "claims.csv")
     assert len(claims_csv) == len(repro.claims) >= 8
+    # the controls and the multiplicity correction reach the CSV and the report
+    for control in ("1b.mlp", "1d.base", "2a.random", "2a.partial", "2b.partial", "3.control"):
+        assert control in set(claims_csv["id"]), control
+    assert {"role", "p_holm", "verdict_holm"} <= set(claims_csv.columns)
+    assert "| p_holm |" in report and "Holm-Bonferroni" in report and "2a.partial" in report
     for table in ("density", "recovery", "phases", "composition", "gini", "unigram", "curves",
-                  "uncertainty", "baseline_gap"):
+                  "uncertainty", "baseline_gap", "uncertainty_controls", "core_depth_by_kind",
+                  "refinement_base_rate"):
         assert (tmp_path / "out" / "tables" / "native_tiny" / f"{table}.csv").exists(), table
     density = pd.read_csv(tmp_path / "out" / "tables" / "native_tiny" / "density.csv")
     assert len(density) == 12 and density["loss"].notna().all()

@@ -11,6 +11,9 @@ docstring).
 - :func:`uncertainty`, :func:`agreement`: density versus entropy / loss; across two models.
 - :func:`unigram`, :func:`token_counts`: frequency rank of the tokens subgraphs predict.
 - :func:`baselines`, :func:`baseline_gap`: inverse and random curves next to the trace.
+- :func:`uncertainty_controls`, :func:`agreement_controls`, :func:`core_depth_by_kind`,
+  :func:`refinement_base_rate`: the claims' controls (random subgraphs, partial correlation,
+  per-kind depth, base rates); :func:`partial_spearman_ci`, :func:`holm`: their statistics.
 
 Edge granularity (``strace_lens.edges.EdgeTraceResult``), in the paper's units:
 
@@ -21,9 +24,23 @@ Edge granularity (``strace_lens.edges.EdgeTraceResult``), in the paper's units:
 - :func:`edge_projection`, :func:`projection_bands`: the components the same subgraphs touch.
 """
 
-from strace_lens.analysis._stats import gini, lorenz_points, mean_ci, median_ci, spearman_ci
+from strace_lens.analysis._stats import (
+    gini,
+    holm,
+    lorenz_points,
+    mean_ci,
+    median_ci,
+    partial_spearman_ci,
+    spearman_ci,
+)
 from strace_lens.analysis.baselines import baseline_gap, baselines
 from strace_lens.analysis.composition import composition
+from strace_lens.analysis.controls import (
+    agreement_controls,
+    core_depth_by_kind,
+    refinement_base_rate,
+    uncertainty_controls,
+)
 from strace_lens.analysis.density import density, density_curve, interpolate_curves
 from strace_lens.analysis.edge_bands import (
     CONSTRUCTION_BAND,
@@ -49,10 +66,12 @@ __all__ = [
     "REFINEMENT_BAND",
     "EdgeComposition",
     "agreement",
+    "agreement_controls",
     "band_summary",
     "baseline_gap",
     "baselines",
     "composition",
+    "core_depth_by_kind",
     "density",
     "density_curve",
     "edge_composition",
@@ -61,20 +80,24 @@ __all__ = [
     "frequency_ranks",
     "gini",
     "gini_by_size",
+    "holm",
     "interpolate_curves",
     "lorenz",
     "lorenz_points",
     "mean_ci",
     "median_ci",
     "nucleus_recovery",
+    "partial_spearman_ci",
     "phases",
     "projection_bands",
     "recovery_sizes",
+    "refinement_base_rate",
     "spearman_ci",
     "split_core",
     "split_refinement",
     "token_counts",
     "uncertainty",
+    "uncertainty_controls",
     "unigram",
     "usage",
 ]

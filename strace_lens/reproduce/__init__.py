@@ -15,7 +15,10 @@ What it does, per model:
 Verdicts come only from the numbers, by the rule printed in the report (see
 :func:`verdict`): a claim *holds* when its whole confidence interval lies on the side the
 paper predicts, *does not hold* when the whole interval lies on the other side (or on the
-null value), and is *inconclusive* otherwise or when too few prompts contribute.
+null value), and is *inconclusive* otherwise or when too few prompts contribute; 1a is
+*undetermined* when an end of its interval is exactly on its threshold. Each claim comes with
+its controls (random subgraphs of equal size, partial correlations, per-kind depth, base
+rates) and every p-value with its Holm-adjusted value (see :mod:`strace_lens.reproduce.claims`).
 """
 
 from strace_lens.reproduce.claims import (
@@ -24,11 +27,13 @@ from strace_lens.reproduce.claims import (
     INCONCLUSIVE,
     MIN_PROMPTS,
     SMALL_CORE,
+    UNDETERMINED,
     ModelRun,
     Reproduction,
     analyse,
     claims_of,
     verdict,
+    with_multiplicity,
 )
 from strace_lens.reproduce.markdown import markdown_table, write_report
 from strace_lens.reproduce.pipeline import cli_command, reproduce
@@ -39,6 +44,7 @@ __all__ = [
     "INCONCLUSIVE",
     "MIN_PROMPTS",
     "SMALL_CORE",
+    "UNDETERMINED",
     "ModelRun",
     "Reproduction",
     "analyse",
@@ -47,5 +53,6 @@ __all__ = [
     "markdown_table",
     "reproduce",
     "verdict",
+    "with_multiplicity",
     "write_report",
 ]

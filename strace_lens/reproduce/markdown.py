@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from strace_lens.atomic import write_text
-from strace_lens.reproduce.claims import ModelRun, Reproduction
+from strace_lens.reproduce.claims import ALPHA, ModelRun, Reproduction
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -103,8 +103,43 @@ bound of the median of the traced sizes: a median core whose grid step contains 
 threshold is inconclusive, not decided by where the grid happens to fall. Claim 3 uses
 every traced size up to that same fraction. Frequency ranks are over the reference corpus
 (rank 1 = most frequent; unseen tokens rank just below the rarest seen one). Correlation
-p-values: SciPy's `spearmanr`; mean differences: one-sample t-test against 0 (shown for
-information; verdicts use the intervals only).
+p-values: SciPy's `spearmanr`; mean differences: one-sample t-test against 0; 1a: two-sided
+sign test of the cores below against above the threshold (cores whose grid step reaches it
+are ties, dropped).
+
+**Undetermined** (1a only): the interval has an end exactly on the threshold (e.g. a lower
+bound of 9/90 = 0.1 against "< 0.1"): a core on the threshold is neither small nor clearly
+not, so the claim is neither held nor refuted.
+
+**Controls** (rows "Control of ..."; column `role`). *control* rows re-test a claim against
+what it would show without the effect it names and are judged like a claim; *reference*
+rows give the control's own figure, judged by the same rule for information only.
+
+- 2a, 2b (and 2c with two models): beside the traced rho, the same rho for equal-size random
+  subgraphs (the random baseline's per-prompt density; *reference*), and the partial
+  Spearman rho with random density partialled out (*control*): the Pearson correlation of
+  the ranks of density and entropy (or loss) after each is regressed, by least squares with
+  an intercept, on the ranks of random density (for 2c, on both models' random densities);
+  with one control this is (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)). p-value:
+  t-test with n - 2 - k degrees of freedom (k controls); interval: percentile bootstrap over
+  prompts, ranks recomputed in every resample. A density effect that is only a prompt
+  effect (any subgraph finds the prompt hard) vanishes under it.
+- 1b per node kind: the core's MLPs against all candidate MLPs, its heads against all
+  candidate heads (mean depth of the kind minus mean depth of the core's nodes of that kind,
+  over prompts whose core has that kind).
+- 1d against its base rate: the refinement's attention share minus the attention share of
+  the candidates outside the core (the pool it was drawn from); a refinement that is the
+  whole pool scores exactly 0.
+- 3 against random subgraphs: the same log10-rank difference for the random baseline's
+  subgraph of each sparse size (one draw: the one whose top tokens the baseline records;
+  *reference*), and per prompt traced minus random (*control*; < 0: traced sparse subgraphs
+  favour frequent tokens more than random ones of the same sizes).
+
+**Multiplicity**: the p-values of every judged row (claims, controls and sanity checks, of
+every model in this report) are Holm-Bonferroni adjusted as one family (`p_holm`; reference
+rows are outside it). `verdict_holm` is the verdict after the correction: a *holds* whose
+adjusted p-value is not below {alpha:g} becomes *inconclusive*; the other verdicts are kept
+(the correction guards against false positives only).
 """
 
 
@@ -144,6 +179,19 @@ def model_section(run: ModelRun) -> list[str]:
         "",
         markdown_table(t["uncertainty"], ["against", "rho", "ci_low", "ci_high", "p_value", "n"]),
         "",
+    ]
+    if "uncertainty_controls" in t:
+        lines += [
+            "Controls: the same rho for equal-size random subgraphs (`random`) and the traced "
+            "rho with random-subgraph density partialled out (`partial`):",
+            "",
+            markdown_table(
+                t["uncertainty_controls"],
+                ["against", "statistic", "rho", "ci_low", "ci_high", "p_value", "n"],
+            ),
+            "",
+        ]
+    lines += [
         "### Nucleus recovery (relative size needed; median and IQR over prompts)",
         "",
         markdown_table(
@@ -262,6 +310,8 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
             repro.claims,
             [
                 "model",
+                "id",
+                "role",
                 "claim",
                 "figure",
                 "estimate",
@@ -269,8 +319,10 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
                 "ci_high",
                 "n",
                 "p_value",
+                "p_holm",
                 "predicted",
                 "verdict",
+                "verdict_holm",
             ],
         ),
         "",
@@ -282,6 +334,7 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
             refined_nucleus=settings["refined_nucleus"],
             small_core=settings["small_core"],
             min_rel=", ".join(f"{float(r.mask.relative_sizes.min()):.2g}" for r in repro.runs),
+            alpha=ALPHA,
         ),
     ]
     if repro.agreement is not None:
@@ -290,6 +343,17 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
             "",
             markdown_table(
                 repro.agreement, ["model_a", "model_b", "rho", "ci_low", "ci_high", "p_value", "n"]
+            ),
+            "",
+        ]
+    if repro.agreement_controls is not None:
+        lines += [
+            "Controls: the same rho for equal-size random subgraphs (`random`) and the traced "
+            "rho with both models' random-subgraph density partialled out (`partial`):",
+            "",
+            markdown_table(
+                repro.agreement_controls,
+                ["statistic", "rho", "ci_low", "ci_high", "p_value", "n"],
             ),
             "",
         ]

@@ -21,9 +21,10 @@ from strace_lens.reproduce.claims import (
     SMALL_CORE,
     ModelRun,
     Reproduction,
+    agreement_claims,
     analyse,
-    claim,
     claims_of,
+    with_multiplicity,
 )
 from strace_lens.reproduce.markdown import git_commit, slug_of, write_report, write_text_atomic
 from strace_lens.result import TraceResult
@@ -230,29 +231,24 @@ def reproduce(
         seconds["random_shards"] = _shard_seconds(run_dir / "random")
         counts = an.token_counts(loaded, corpus, prompts)
         tables = analyse(mask, random, counts, core_nucleus, refined_nucleus, n_boot, seed)
-        claims = claims_of(mask, tables, counts, str(name), n_boot, seed, min_prompts, small_core)
+        claims = claims_of(
+            mask, tables, counts, str(name), n_boot, seed, min_prompts, small_core, random=random
+        )
         for key, frame in tables.items():
             write_text_atomic(out / "tables" / slug / f"{key}.csv", frame.to_csv(index=False), out)
         runs.append(ModelRun(str(name), identity, mask, random, tables, claims, seconds))
 
-    agreement = None
+    agreement = agreement_table = None
     all_claims = pd.concat([r.claims for r in runs], ignore_index=True)
     if len(runs) == 2:
-        agreement = an.agreement(runs[0].mask, runs[1].mask, n_boot=n_boot, seed=seed)
-        agreement["model_a"], agreement["model_b"] = runs[0].name, runs[1].name
-        row = agreement.iloc[0].to_dict()
-        extra = claim(
-            "2c. Per-input density is correlated across models",
-            "Spearman rho of per-prompt density, model A vs model B",
-            row,
-            "rho",
-            "greater",
-            0.0,
-            min_prompts,
-            f"{runs[0].name} vs {runs[1].name}",
-        )
-        all_claims = pd.concat([all_claims, pd.DataFrame([extra])], ignore_index=True)
+        agreement, agreement_table, extra = agreement_claims(runs, n_boot, seed, min_prompts)
+        all_claims = pd.concat([all_claims, pd.DataFrame(extra)], ignore_index=True)
         write_text_atomic(out / "tables" / "agreement.csv", agreement.to_csv(index=False), out)
+        write_text_atomic(
+            out / "tables" / "agreement_controls.csv", agreement_table.to_csv(index=False), out
+        )
+    # the multiplicity correction runs over every judged row of the report, both models' too
+    all_claims = with_multiplicity(all_claims)
     write_text_atomic(out / "claims.csv", all_claims.to_csv(index=False), out)
 
     first = runs[0].mask
@@ -287,7 +283,9 @@ def reproduce(
         "command": f"`{command}`",
         "wall time of this invocation": f"{time.perf_counter() - started:.0f} s",
     }
-    repro = Reproduction(out, out / "report.md", runs, all_claims, agreement, settings)
+    repro = Reproduction(
+        out, out / "report.md", runs, all_claims, agreement, settings, agreement_table
+    )
     write_report(repro, settings)
     return repro
 
