@@ -145,6 +145,11 @@ class LaunchSettings:
             raise ValueError(
                 "--num-workers/--worker-index are set by --executor for each worker: drop them."
             )
+        if args.executor == "slurm" and args.time is None:
+            raise ValueError(
+                "--executor slurm needs --time (each task's limit, e.g. 04:00:00; submitit's "
+                "default is 5 minutes): timed-out tasks are requeued and resume."
+            )
         if args.executor == "local":
             given = [n for n in SLURM_ONLY if getattr(args, n) not in (None, [], False)]
             if given:

@@ -90,8 +90,9 @@ def test_bad_launch_options_are_one_line_errors(tmp_path, capsys):
         (["--executor", "local", "--workers", "0"], "--executor needs --workers N"),
         (["--executor", "local", "--workers", "2", "--partition", "gpu"], "--executor slurm only"),
         (["--executor", "slurm", "--workers", "2", "--time", "2h"], "not a SLURM time"),
-        (["--executor", "slurm", "--workers", "2", "--mem", "x"], "not a memory size"),
-        (["--executor", "slurm", "--workers", "2", "--slurm-extra", "qos"], "KEY=VALUE"),
+        (["--executor", "slurm", "--workers", "2"], "needs --time"),
+        (["--executor", "slurm", "--workers", "2", "--time", "9", "--mem", "x"], "memory size"),
+        (["--executor", "slurm", "--workers", "2", "--time", "9", "--slurm-extra", "q"], "KEY="),
         (
             ["--executor", "local", "--workers", "2", "--num-workers", "2", "--worker-index", "0"],
             "set by --executor",
