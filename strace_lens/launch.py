@@ -150,6 +150,12 @@ class LaunchSettings:
                 "--executor slurm needs --time (each task's limit, e.g. 04:00:00; submitit's "
                 "default is 5 minutes): timed-out tasks are requeued and resume."
             )
+        device = getattr(args, "device", None)
+        if args.executor == "local" and device not in (None, "cpu", "cuda"):
+            raise ValueError(
+                f"--device {device} with --executor local: each local worker gets its own GPU "
+                "(CUDA_VISIBLE_DEVICES); give --device cpu, cuda, or none."
+            )
         if args.executor == "local":
             given = [n for n in SLURM_ONLY if getattr(args, n) not in (None, [], False)]
             if given:

@@ -102,6 +102,11 @@ def test_bad_launch_options_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()  # nothing written
+    # (checked here, not through main: a CPU machine refuses --device cuda:1 before that)
+    args = build_parser().parse_args([*base, "--executor", "local", "--workers", "2"])
+    args.device = "cuda:1"
+    with pytest.raises(ValueError, match="its own GPU"):
+        launch.LaunchSettings.from_args(args)
 
 
 def test_without_submitit_the_error_names_the_extra(tmp_path, capsys, monkeypatch):
