@@ -27,6 +27,7 @@ import argparse
 import os
 import re
 import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,8 +357,11 @@ def launch(args: argparse.Namespace) -> int:
     failures = _wait_all(jobs)
     if failures:
         for line in failures:
-            print(f"strace-lens: {line}")
-        print("strace-lens: rerun the same command to resume; finished shards are kept.")
+            print(f"strace-lens: {line}", file=sys.stderr)
+        print(
+            "strace-lens: rerun the same command to resume; finished shards are kept.",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     from strace_lens.dataset import load_run
 

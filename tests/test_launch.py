@@ -265,3 +265,17 @@ def test_local_workers_one_preempted_and_requeued_equal_one_process(reference, t
     assert _worker_pids(logs)[0] != first  # the requeued worker is a new process ...
     assert load_run(out).equals(reference)  # ... that resumed: the run equals one process's
     assert (out / "report.html").exists() and not list((out / "leases").iterdir())
+
+
+@pytest.mark.slow
+def test_a_failing_worker_is_reported_with_its_log(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*trace_args(tmp_path, out), "--executor", "local", "--workers", "2"]
+    args[args.index("native:tiny")] = str(tmp_path / "no-such-model")  # fails in the worker
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    for i in range(2):
+        assert re.search(rf"worker {i} exited 2; log: \S+_log\.err", err), err
+    assert "rerun the same command to resume" in err
+    logs = "".join(p.read_text() for p in (out / launch.LOG_DIR).glob("*_log.err"))
+    assert "Could not load model" in logs
