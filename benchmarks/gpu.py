@@ -177,7 +177,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, torc
     runs = [(m, dt) for m in ("gemma-3-270m", "smollm2-135m") for dt in (torch.float32, half)]
     if device.type == "cuda" or args.llama:
         runs.append(("llama-3-8b-shape", torch.bfloat16))
-    return runs
+    return [(m, dt) for m, dt in runs if args.models is None or m in args.models]
 
 
 def main() -> None:
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument(
         "--sizes", nargs="+", type=float, default=None, help="relative sizes (default: trace's)"
     )
+    parser.add_argument("--models", nargs="+", default=None, help="only these (default: all)")
     parser.add_argument("--tiny", action="store_true", help="tiny models and settings (CPU, CI)")
     parser.add_argument("--llama", action="store_true", help="the 8B-shaped model on CPU too")
     parser.add_argument("--data", type=Path, default=DATA)

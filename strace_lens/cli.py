@@ -464,7 +464,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.executor is not None or args.workers is not None:
         from strace_lens.launch import launch
 
-        return launch(args)  # every worker runs this command again, without --executor
+        def finish(result: Any) -> None:
+            _finish(result, args, f"strace-lens trace: {args.model}, {result.n_prompts} prompts")
+
+        # every worker runs main() on this command line, without the launch options
+        return launch(args, main, build_parser(), finish)
     model = _load(args.model, args.device, args.dtype, args.device_map)
     options: dict[str, Any] = dict(args.option)
     if args.device is not None:

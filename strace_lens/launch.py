@@ -28,7 +28,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ LAUNCH_OPTIONS = (
 LAUNCH_FLAGS = ("--wait",)
 SLURM_ONLY = ("partition", "gpus_per_task", "mem", "cpus_per_task", "slurm_extra")
 INSTALL_HINT = "pip install 'strace-lens[slurm]'"
+#: the CLI's exit statuses (strace_lens.cli), which this module does not import
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def require_submitit() -> Any:
@@ -236,16 +238,17 @@ def worker_argv(
 
 
 class TraceWorker:
-    """A worker: ``worker(argv, cwd)`` runs ``strace-lens <argv>`` in ``cwd``. After a
-    preemption or a timeout submitit calls :meth:`checkpoint` and requeues the same call:
-    the run folder holds the progress, so the rerun resumes exactly."""
+    """A worker: ``worker(argv, cwd)`` runs ``run(argv)`` (the CLI's ``main``, pickled by
+    reference) in ``cwd``. After a preemption or a timeout submitit calls :meth:`checkpoint`
+    and requeues the same call: the run folder holds the progress, so the rerun resumes."""
+
+    def __init__(self, run: Callable[[list[str]], int]) -> None:
+        self.run = run
 
     def __call__(self, argv: list[str], cwd: str) -> int:
-        from strace_lens.cli import main
-
         os.chdir(cwd)  # relative --out/--prompts mean what they meant to the launcher
         print(f"strace-lens worker (pid {os.getpid()}): {shlex.join(argv)}", flush=True)
-        return main(argv)
+        return self.run(argv)
 
     def checkpoint(self, argv: list[str], cwd: str) -> Any:
         submitit = require_submitit()
@@ -273,7 +276,12 @@ def local_gpu_count(device: str | None) -> int:
 
 
 def submit_local(
-    folder: Path, settings: LaunchSettings, argvs: list[list[str]], cwd: str, gpus: int
+    folder: Path,
+    settings: LaunchSettings,
+    worker: TraceWorker,
+    argvs: list[list[str]],
+    cwd: str,
+    gpus: int,
 ) -> list[Any]:
     """One local process per worker; worker i sees GPU ``i % gpus`` alone (CUDA_VISIBLE_DEVICES),
     or no GPU when ``gpus`` is 0."""
@@ -289,14 +297,12 @@ def submit_local(
             )
         else:
             executor.update_parameters(timeout_min=minutes, gpus_per_node=0)
-        jobs.append(executor.submit(TraceWorker(), argv, cwd))
+        jobs.append(executor.submit(worker, argv, cwd))
     return jobs
 
 
-def _trace_option_strings() -> list[str]:
-    from strace_lens.cli import build_parser
-
-    parser = build_parser()
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """The long options of the ``trace`` subcommand of the CLI's ``parser``."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return [s for s in sub.choices["trace"]._option_string_actions if s.startswith("--")]
 
@@ -322,17 +328,21 @@ def _wait_all(jobs: list[Any]) -> list[str]:
     return failures
 
 
-def launch(args: argparse.Namespace) -> int:
-    """Run ``args`` (a checked ``trace`` command with ``--executor``) as N workers."""
-    from strace_lens.cli import EXIT_FAILED, EXIT_OK, BadInput, _finish
-
-    try:
-        settings = LaunchSettings.from_args(args)
-    except ValueError as err:
-        raise BadInput(str(err)) from err
+def launch(
+    args: argparse.Namespace,
+    run: Callable[[list[str]], int],
+    parser: argparse.ArgumentParser,
+    finish: Callable[[Any], None],
+) -> int:
+    """Run ``args`` (a checked ``trace`` command with ``--executor``) as N workers, each
+    calling ``run`` (the CLI's ``main``) on its command line; ``parser`` is the CLI's, to tell
+    the launch options apart; ``finish(result)`` prints and writes the merged run. Returns
+    the exit status; bad launch options raise ValueError (the CLI's exit status 2)."""
+    settings = LaunchSettings.from_args(args)
     require_submitit()
+    worker = TraceWorker(run)
     argv = list(args.argv)
-    known = _trace_option_strings()
+    known = option_strings(parser)
     html = not settings.wait  # a launcher that waits writes the page itself, once
     argvs = [worker_argv(argv, known, settings.workers, i, html) for i in range(settings.workers)]
     cwd = os.getcwd()
@@ -340,7 +350,7 @@ def launch(args: argparse.Namespace) -> int:
     folder = args.out / LOG_DIR
     if settings.executor == "slurm":
         executor = slurm_executor(folder, settings)
-        jobs = executor.map_array(TraceWorker(), argvs, [cwd] * len(argvs))
+        jobs = executor.map_array(worker, argvs, [cwd] * len(argvs))
         job_id = jobs[0].job_id.split("_")[0]
         print(
             f"strace-lens: submitted SLURM job array {job_id} ({settings.workers} tasks) on "
@@ -351,7 +361,7 @@ def launch(args: argparse.Namespace) -> int:
             return EXIT_OK
     else:
         gpus = local_gpu_count(args.device)
-        jobs = submit_local(folder, settings, argvs, cwd, gpus)
+        jobs = submit_local(folder, settings, worker, argvs, cwd, gpus)
         where = f"{min(gpus, settings.workers)} GPU(s)" if gpus else "CPU"
         print(f"strace-lens: {settings.workers} local workers on {where}; logs in {folder}")
     failures = _wait_all(jobs)
@@ -365,8 +375,7 @@ def launch(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     from strace_lens.dataset import load_run
 
-    result = load_run(args.out)
-    _finish(result, args, f"strace-lens trace: {args.model}, {result.n_prompts} prompts")
+    finish(load_run(args.out))
     return EXIT_OK
 
 

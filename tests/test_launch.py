@@ -62,7 +62,7 @@ def test_slurm_time_and_memory_formats():
 
 
 def test_the_workers_command_drops_the_launch_options_and_adds_the_split():
-    known = launch._trace_option_strings()
+    known = launch.option_strings(build_parser())
     argv = ["trace", "--model", "m", "--executor", "slurm", "--workers=4", "--partition", "gpu"]
     argv += ["--wait", "--time", "60", "--slurm-extra", "qos=high", "--out", "o", "--exec=slurm"]
     argv += ["--mem", "8G", "--gpus-per", "1", "--cpus-per-task", "4", "--option", "steps=3"]
@@ -218,7 +218,7 @@ def test_a_slurm_array_s_tasks_trace_the_run_once_each(reference, tmp_path, fake
         argv, cwd = task.args
         assert argv[-4:] == ["--num-workers", "2", "--worker-index", str(i)]
         assert "--executor" not in argv and "--no-html" not in argv and cwd == os.getcwd()
-        assert isinstance(task.function, launch.TraceWorker)
+        assert isinstance(task.function, launch.TraceWorker) and task.function.run is main
     # a requeued task (submitit calls checkpoint) runs the very same call again
     again = tasks[0].function.checkpoint(*tasks[0].args)
     assert again.function is tasks[0].function and again.args == tasks[0].args
