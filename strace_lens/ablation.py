@@ -164,11 +164,13 @@ class MeanAblation(Ablation):
                     layer = int(hook.name.split(".")[1])
                     a = act.detach().to(torch.float64)
                     flat = a.reshape(a.shape[0], a.shape[1], -1)
+                    # with a device_map, each block's activations are on that block's device
+                    weights = weights.to(a.device)
                     total = torch.einsum("bp,bpd->d", weights, flat).reshape(a.shape[2:]).cpu()
                     prev = sums[layer]
                     sums[layer] = total if prev is None else prev + total
                     if per_position:
-                        pos_sum = torch.einsum("bpw,bpd->wd", onehot, flat)
+                        pos_sum = torch.einsum("bpw,bpd->wd", onehot.to(a.device), flat)
                         pos_sum = pos_sum.reshape(width, *a.shape[2:]).cpu()
                         prev_pos = by_pos[layer]
                         by_pos[layer] = pos_sum if prev_pos is None else prev_pos + pos_sum

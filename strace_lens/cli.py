@@ -287,16 +287,78 @@ def _add_worker_arguments(tr: argparse.ArgumentParser) -> None:
         help="seconds without a heartbeat before another worker takes over a dead worker's "
         "shard (default 120)",
     )
+    # models larger than one device, and half precision (strace_lens.models.load_model)
+    tr.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="parameter dtype of the forwards (default float32); log-probs and KL stay float32",
+    )
+    tr.add_argument(
+        "--device-map",
+        default=None,
+        help="place a model too big for one device on several: auto, balanced, sequential, "
+        "or a JSON map such as '{\"model.layers.0\": 0, ...}' (not with --device)",
+    )
+    # the launcher (strace_lens/launch.py, submitit): the same command as N workers
+    tr.add_argument(
+        "--executor",
+        default=None,
+        choices=("local", "slurm"),
+        help="run the command as --workers N workers: local processes (one GPU each when "
+        "there are GPUs) or a SLURM job array; needs pip install 'strace-lens[slurm]'",
+    )
+    tr.add_argument("--workers", type=int, default=None, help="workers for --executor")
+    tr.add_argument("--partition", default=None, help="SLURM partition (--executor slurm)")
+    tr.add_argument(
+        "--time",
+        default=None,
+        help="time limit per worker: minutes or [D-]HH:MM:SS; timed-out workers are requeued "
+        "and resume",
+    )
+    tr.add_argument("--gpus-per-task", type=int, default=None, help="SLURM GPUs per worker")
+    tr.add_argument("--mem", default=None, help="SLURM memory per worker, e.g. 64G")
+    tr.add_argument("--cpus-per-task", type=int, default=None, help="SLURM CPUs per worker")
+    tr.add_argument(
+        "--slurm-extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. --slurm-extra qos=high (repeatable)",
+    )
+    tr.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --executor slurm: wait for the array, then merge and print the summary "
+        "(default: return after submitting; the last worker merges)",
+    )
 
 
 # -- commands ----------------------------------------------------------------------------------
-def _load(name: str, device: str | None) -> Any:
+def _device_map(text: str | None) -> str | dict[str, Any] | None:
+    if text is None or not text.strip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadInput(f"--device-map {text!r} is not valid JSON ({err.msg}).") from err
+    if not isinstance(value, dict):
+        raise BadInput("--device-map takes auto, balanced, sequential or a JSON object.")
+    return value
+
+
+def _load(
+    name: str, device: str | None, dtype: str | None = None, device_map: str | None = None
+) -> Any:
     from strace_lens.models import load_model
     from strace_lens.tiny_model import TINY_MODEL_NAMES, tiny_model
 
+    placement = _device_map(device_map)  # checked with the other flags (_check_placement)
     if name in TINY_MODEL_NAMES:
-        return tiny_model(device=device)
-    return load_model(name, device=device)
+        import torch
+
+        return tiny_model(device=device, dtype=getattr(torch, dtype or "float32"))
+    return load_model(name, device=device, dtype=dtype, device_map=placement)
 
 
 def summary_table(result: Any) -> str:
@@ -356,8 +418,22 @@ def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") 
         raise BadInput(str(err).replace("option ", "--option ", 1)) from err
 
 
+def _check_placement(args: argparse.Namespace) -> None:
+    from strace_lens.tiny_model import TINY_MODEL_NAMES
+
+    if args.device_map is None:
+        return
+    _device_map(args.device_map)
+    if args.device is not None:
+        raise BadInput("Give --device or --device-map, not both.")
+    if args.model in TINY_MODEL_NAMES:
+        raise BadInput(f"--device-map needs a Hugging Face model, not {args.model}.")
+
+
 def _check_worker_arguments(args: argparse.Namespace) -> None:
     from strace_lens.leases import static_share
+
+    _check_placement(args)
 
     if (args.num_workers is None) != (args.worker_index is None):
         raise BadInput("--num-workers and --worker-index go together: give both or neither.")
@@ -385,7 +461,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     _check_worker_arguments(args)
     sizes = _parse_sizes(args.sizes)
     prompt_file = read_prompts(args.prompts, n=args.n)
-    model = _load(args.model, args.device)
+    if args.executor is not None or args.workers is not None:
+        from strace_lens.launch import launch
+
+        def finish(result: Any) -> None:
+            _finish(result, args, f"strace-lens trace: {args.model}, {result.n_prompts} prompts")
+
+        # every worker runs main() on this command line, without the launch options
+        return launch(args, main, build_parser(), finish)
+    model = _load(args.model, args.device, args.dtype, args.device_map)
     options: dict[str, Any] = dict(args.option)
     if args.device is not None:
         options["device"] = args.device

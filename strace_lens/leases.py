@@ -80,9 +80,12 @@ class Lease:
     def release(self) -> None:
         """Stop the heartbeat and remove the lease file (only if it is still ours)."""
         self._stop.set()
-        self._thread.join()
+        # unlink before waiting for the heartbeat thread: a signal that ends the process
+        # (submitit's preemption signal raises SystemExit) during the join must not leave a
+        # finished shard's lease behind (a late heartbeat on the removed file is harmless)
         if _read(self.path).get("token") == self.token:
             self.path.unlink(missing_ok=True)
+        self._thread.join()
 
     def __enter__(self) -> Lease:
         return self

@@ -67,10 +67,12 @@ def _attn_hook(scale: Tensor, value: Tensor | None) -> HookFn:
     s = scale[:, None, :, None]
 
     def hook(z: Tensor, hook: Any) -> Tensor:
+        # to the activation's own device: with a device_map, blocks sit on several devices
+        m = s.to(device=z.device, dtype=z.dtype)
         if value is None:
-            return z * s.to(z.dtype)
+            return z * m
         v = value.to(device=z.device, dtype=z.dtype)
-        return v + s.to(z.dtype) * (z - v)
+        return v + m * (z - v)
 
     return hook
 
@@ -79,10 +81,11 @@ def _mlp_hook(scale: Tensor, value: Tensor | None) -> HookFn:
     s = scale[:, None, None]
 
     def hook(out: Tensor, hook: Any) -> Tensor:
+        m = s.to(device=out.device, dtype=out.dtype)
         if value is None:
-            return out * s.to(out.dtype)
+            return out * m
         v = value.to(device=out.device, dtype=out.dtype)
-        return v + s.to(out.dtype) * (out - v)
+        return v + m * (out - v)
 
     return hook
 

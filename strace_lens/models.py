@@ -61,6 +61,24 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 DEFAULT_MODEL = "gemma-3-270m"
 
+#: ``--dtype`` names: parameters and activations in this dtype; log-probs and KL stay float32
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``None`` -> float32; a name of :data:`DTYPES` or a floating torch dtype as given."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+        return getattr(torch, dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or one of {DTYPES}, got {dtype!r}.")
+    return dtype
+
 
 def _cache_root() -> Path:
     root = os.environ.get(CACHE_ENV)
@@ -116,7 +134,8 @@ def _fp32_copy(spec: EmbeddedModel) -> Path:
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> Any:
     """Load a model as a TransformerLens ``TransformerBridge``, with no network for embedded ones.
 
@@ -125,7 +144,12 @@ def load_model(
             offline), or a local folder / Hugging Face name handed to
             ``TransformerBridge.boot_transformers``.
         device: ``"cpu"``, ``"cuda"``, ... ; default: CUDA when available, else CPU.
-        dtype: parameter dtype (None: fp32; fidelity metrics are sensitive to precision).
+        dtype: parameter dtype: a torch dtype or ``"float32"``, ``"bfloat16"``,
+            ``"float16"`` (None: fp32). Masked forwards run in it; log-probs, KL and the
+            other metrics are computed in float32 from its logits.
+        device_map: a model too big for one device: a Hugging Face device map (``"auto"``,
+            ``"balanced"``, or ``{"model.layers.0": 0, ...}``) placing its blocks on several
+            devices (accelerate). Not together with ``device``.
 
     Returns:
         A ``TransformerBridge`` in eval mode.
@@ -133,20 +157,25 @@ def load_model(
     import torch
     from transformer_lens.model_bridge import TransformerBridge
 
-    if dtype is None:
-        dtype = torch.float32
+    dtype = resolve_dtype(dtype)
     if not isinstance(name, str) or not name.strip():
         raise ValueError(
             f"load_model() needs a model name; known embedded models: {sorted(EMBEDDED_MODELS)}"
         )
-    if device is None:
+    if device_map is not None and device is not None:
+        raise ValueError(
+            f"Give load_model() a device ({device!r}) or a device_map ({device_map!r}), not "
+            "both: a device_map places every block itself."
+        )
+    if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if name in EMBEDDED_MODELS:
         folder = _fp32_copy(EMBEDDED_MODELS[name])
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        placed = {} if device_map is None else {"device_map": device_map}
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placed)
         bridge = TransformerBridge.boot_transformers(
             str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
@@ -166,7 +195,9 @@ def load_model(
                 + f".{hint}"
             )
         try:
-            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+            bridge = TransformerBridge.boot_transformers(
+                name, device=device, dtype=dtype, device_map=device_map
+            )
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"Could not load model {name!r} ({err}). Known embedded models, loaded "

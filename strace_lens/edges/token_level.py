@@ -71,10 +71,11 @@ class TokenGraph:
 
 
 def _blend(m: Tensor, clean: Tensor, value: Tensor | None) -> Tensor:
+    m = m.to(device=clean.device, dtype=clean.dtype)  # blocks may sit on several devices
     if value is None:
-        return clean * m.to(clean.dtype)
+        return clean * m
     v = value.to(device=clean.device, dtype=clean.dtype)
-    return v + m.to(clean.dtype) * (clean - v)
+    return v + m * (clean - v)
 
 
 def token_hooks(

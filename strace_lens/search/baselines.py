@@ -76,23 +76,24 @@ def contribution_norms(objective: SubgraphObjective) -> Float[Tensor, "prompt no
 
     def attn_hook(z: Tensor, hook: Any) -> None:
         layer = int(hook.name.split(".")[1])
-        z_at = z[rows, batch.predict_pos]  # [p, head, d_head]
+        z_at = z[rows.to(z.device), batch.predict_pos.to(z.device)]  # [p, head, d_head]
         abl = objective.ablation.attn_value(layer, batch)
         if abl is not None:
             abl = abl.to(z.device, z.dtype).expand(z.shape[0], z.shape[1], -1, -1)
-            z_at = z_at - abl[rows, batch.predict_pos]
-        out = torch.einsum("phd,hdm->phm", z_at, w_o[layer].to(z.dtype))
+            z_at = z_at - abl[rows.to(z.device), batch.predict_pos.to(z.device)]
+        out = torch.einsum("phd,hdm->phm", z_at, w_o[layer].to(z.device, z.dtype))
         start = graph.attn_index(layer, 0)
-        norms[:, start : start + graph.n_heads] = out.abs().sum(-1).float()
+        norms[:, start : start + graph.n_heads] = out.abs().sum(-1).float().to(norms.device)
 
     def mlp_hook(out: Tensor, hook: Any) -> None:
         layer = int(hook.name.split(".")[1])
-        o = out[rows, batch.predict_pos]
+        at = (rows.to(out.device), batch.predict_pos.to(out.device))
+        o = out[at]
         abl = objective.ablation.mlp_value(layer, batch)
         if abl is not None:
             abl = abl.to(out.device, out.dtype).expand(out.shape[0], out.shape[1], -1)
-            o = o - abl[rows, batch.predict_pos]
-        norms[:, graph.mlp_index(layer)] = o.abs().sum(-1).float()
+            o = o - abl[at]
+        norms[:, graph.mlp_index(layer)] = o.abs().sum(-1).float().to(norms.device)
 
     hooks: list[tuple[str, Any]] = []
     for layer in range(graph.n_layers):
