@@ -3,9 +3,10 @@
 Static export goes through kaleido 1.x, which drives a headless Chrome. kaleido finds the
 browser itself: the ``BROWSER_PATH`` environment variable if set, otherwise a ``chromium`` /
 ``google-chrome`` on ``PATH`` or at the usual places (``/usr/bin/chromium`` on Debian, which
-``apt-get install chromium`` provides; ``.ci/install`` does this). Nothing is downloaded at
-export time: MathJax, which kaleido would otherwise load from a CDN, is switched off (these
-figures use no LaTeX), and plotly.js comes from the installed ``plotly`` package.
+``apt-get install chromium`` provides, or the Chrome ``plotly_get_chrome`` downloads). Nothing
+is downloaded at export time: MathJax, which kaleido would otherwise load from a CDN, is
+switched off (these figures use no LaTeX), and plotly.js comes from the installed ``plotly``
+package.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def apply_preset(fig: go.Figure, preset: Preset) -> go.Figure:
         # Its height follows from the grid cell the width allows.
         from strace_lens.plot.circuit import relayout
 
-        out.update_layout(font=dict(size=font), title=dict(font=dict(size=spec["title_px"]),
-                          subtitle=dict(font=dict(size=font - 1))))
+        out.update_layout(
+            font=dict(size=font),
+            title=dict(font=dict(size=spec["title_px"]), subtitle=dict(font=dict(size=font - 1))),
+        )
         relayout(out, width=width, font_px=font)
         return out
 
@@ -93,8 +96,11 @@ def apply_preset(fig: go.Figure, preset: Preset) -> go.Figure:
         width=width,
         height=round(top + bottom + new_ph),
         font=dict(size=font),
-        title=dict(text=new_title, font=dict(size=spec["title_px"]),
-                   subtitle=dict(text=new_sub, font=dict(size=font - 1))),
+        title=dict(
+            text=new_title,
+            font=dict(size=spec["title_px"]),
+            subtitle=dict(text=new_sub, font=dict(size=font - 1)),
+        ),
         legend=dict(font=dict(size=font)),
         margin=dict(l=left, r=right, t=top, b=bottom),
     )
@@ -117,8 +123,11 @@ def _thin_log_ticks(fig: go.Figure, plot_w: float, font: float) -> None:
         label_w = max(len(t) for t in axis.ticktext) * 0.6 * font + 8
         if len(axis.tickvals) * label_w <= room:
             continue
-        kept = [(v, t) for v, t in zip(axis.tickvals, axis.ticktext)
-                if abs(math.log10(v) - round(math.log10(v))) < 1e-9]
+        kept = [
+            (v, t)
+            for v, t in zip(axis.tickvals, axis.ticktext)
+            if abs(math.log10(v) - round(math.log10(v))) < 1e-9
+        ]
         axis.tickvals = [v for v, _ in kept]
         axis.ticktext = [t for _, t in kept]
 
@@ -209,9 +218,10 @@ def to_image(fig: go.Figure, fmt: str, scale: float = 1.0) -> bytes:
     except ChromeNotFoundError as err:
         raise RuntimeError(
             "Static export (PNG/SVG/PDF) needs a Chrome or Chromium and none was found. "
-            "On Debian/Ubuntu: `apt-get install -y chromium` (what .ci/install does); "
-            "elsewhere install Chrome, or point the BROWSER_PATH environment variable at a "
-            "Chrome/Chromium executable. HTML export (.html) needs no browser."
+            "Run `plotly_get_chrome -y` (downloads Chrome for kaleido, no sudo), or on "
+            "Debian/Ubuntu `apt-get install -y chromium`, or point the BROWSER_PATH "
+            "environment variable at a Chrome/Chromium executable. HTML export (.html) needs "
+            "no browser."
         ) from err
     return bytes(data)
 
