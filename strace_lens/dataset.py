@@ -64,7 +64,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -72,7 +71,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from strace_lens.ablation import Ablation, MeanAblation, ZeroAblation
 from strace_lens.atomic import (
@@ -97,6 +95,7 @@ from strace_lens.leases import (
 )
 from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
+from strace_lens.progress import prompt_bar, wants_progress
 from strace_lens.prompts import PromptFile
 from strace_lens.result import VOLATILE_OPTIONS, TraceResult
 from strace_lens.types import ABLATIONS
@@ -183,7 +182,9 @@ def trace_dataset(
             targets are used when ``targets`` is not given).
         out_dir: the run folder (created if needed).
         chunk_size: prompts per shard: the unit of work that a kill can lose.
-        progress: a progress bar with ETA on stderr; default: only when stderr is a terminal.
+        progress: a progress bar with ETA on stderr (a widget in notebooks) that advances
+            inside a chunk as its trace runs; default: on a terminal or in a notebook, never
+            in CI (:mod:`strace_lens.progress`).
         batch_size: rows per forward pass inside each chunk (default: the trace's own, about
             2048 tokens per pass). Lower it after an out-of-memory error: unlike
             ``chunk_size``, it may change when a run resumes.
@@ -243,7 +244,7 @@ def trace_dataset(
             f"{folder} holds a single saved TraceResult, not a dataset run: choose another "
             "output folder."
         )
-    show = sys.stderr.isatty() if progress is None else bool(progress)
+    show = wants_progress(progress)
     # Validate everything that can be checked before any work (prompts: empty, longer than
     # the context; method, per, sizes, keep/candidates), so that a mistake costs no time,
     # leaves no folder behind, and a prompt error names its index in the whole list.
@@ -331,14 +332,11 @@ def _run(  # noqa: C901  (a flat sequence of run-folder checks)
                 if lease is not None:
                     with lease:
                         _remove_shard_temporaries(shards, k)
-        with tqdm(
+        with prompt_bar(
             total=sum(hi - lo for k, (lo, hi) in enumerate(chunks) if k in mine),
             initial=sum(hi - lo for k, (lo, hi) in enumerate(chunks) if k in mine)
             - sum(chunks[k][1] - chunks[k][0] for k in pending),
-            desc="tracing",
-            unit="prompt",
-            disable=not show,
-            dynamic_ncols=True,
+            show=show,
         ) as bar:
             while pending:
                 for k in list(pending):
@@ -349,24 +347,25 @@ def _run(  # noqa: C901  (a flat sequence of run-folder checks)
                     with lease:
                         _remove_shard_temporaries(shards, k)
                         if not _shard_is_valid(shards / _shard_name(k), prompts[lo:hi], run_id):
-                            result = _trace_chunk(
-                                model,
-                                prompts,
-                                targets,
-                                lo,
-                                hi,
-                                k,
-                                ablation,
-                                options,
-                                batch_size,
-                                chunk_size,
-                            )
+                            with bar.within(hi - lo):  # the bar moves inside a chunk
+                                result = _trace_chunk(
+                                    model,
+                                    prompts,
+                                    targets,
+                                    lo,
+                                    hi,
+                                    k,
+                                    ablation,
+                                    options,
+                                    batch_size,
+                                    chunk_size,
+                                )
                             if not lease.still_held():
                                 continue  # taken over (we were paused too long): drop it
                             _write_shard(shards, k, result, run_id)
                             written += 1
                     pending.remove(k)
-                    bar.update(hi - lo)
+                    bar.done(hi - lo)
                 if pending:
                     time.sleep(poll)
     except BaseException:

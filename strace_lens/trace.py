@@ -24,6 +24,7 @@ from strace_lens.inputs import Prompts, tokenize
 from strace_lens.masked_forward import check_finite, forward_logprobs
 from strace_lens.metrics import entropy
 from strace_lens.models import model_identity
+from strace_lens.progress import expect_rows, trace_progress
 from strace_lens.result import TraceResult
 from strace_lens.search.grouping import RowGrouping
 from strace_lens.search.objective import SubgraphObjective
@@ -123,7 +124,7 @@ def trace(
     candidates: NodeSpec | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     *,
     nested: bool = True,
     inverse: bool = True,
@@ -149,8 +150,8 @@ def trace(
         seed: makes the result reproducible (on CPU, bit for bit).
         device: checked only: the model's device (a model is traced where it is; move it
             with ``model.to(...)`` first). Raises ValueError when they differ.
-        progress: accepted for compatibility and not used: ``trace`` prints nothing
-            (``trace_dataset`` shows a progress bar per chunk).
+        progress: a bar with ETA (tqdm.auto: a widget in notebooks); default: on a terminal
+            or in a notebook, never in CI (see :mod:`strace_lens.progress`).
         nested: for "mask", make subgraphs nested across sizes (each contains the smaller
             ones). Default True: entry sizes, the core/refinement phases and the composition
             curves of the paper are read off nested families, and the nested search is the
@@ -178,7 +179,10 @@ def trace(
             **options,
         )
     )
-    return run_trace(model, prompts, config, targets=targets, batch_size=batch_size, device=device)
+    with trace_progress(progress):
+        return run_trace(
+            model, prompts, config, targets=targets, batch_size=batch_size, device=device
+        )
 
 
 def run_trace(
@@ -215,6 +219,7 @@ def run_trace(
             logp_full = forward_logprobs(model, batch, [])
         check_finite(logp_full, "the full model's output")
         objective = SubgraphObjective(model, graph, batch, logp_full, abl, cand, batch_size)
+        expect_rows(planned_rows(objective, method, size_counts, grouping, config))
         found = method.run(objective, size_counts, grouping, config.seed, config.options)
         masks = embed_candidates(found.masks, cand)
         search_rows = objective.rows_evaluated
@@ -251,6 +256,20 @@ def run_trace(
         options=options_record,
         target_logprob=_target_logprobs(model, logp_full, targets),
     )
+
+
+def planned_rows(
+    objective: SubgraphObjective,
+    method: Any,
+    sizes: Int[Tensor, " size"],
+    grouping: RowGrouping,
+    config: TraceConfig,
+) -> int:
+    """The forward rows a trace expects: the method's search and the evaluation of every
+    (prompt, size) mask (and its inverse; of every random draw)."""
+    draws = int(getattr(config.options, "draws", 1))
+    evaluation = objective.n_prompts * len(sizes) * (2 if config.inverse else 1) * draws
+    return method.planned_rows(objective, sizes, grouping, config.options) + evaluation
 
 
 def _prompt_texts(model: Any, prompts: Prompts, n: int) -> list[str]:

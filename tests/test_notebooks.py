@@ -24,6 +24,28 @@ def test_notebook_is_committed_without_outputs(name):
     )
 
 
+@pytest.mark.parametrize("name", ["quickstart", "paper_figures"])
+def test_notebook_figures_go_where_git_ignores_them(name):
+    """A notebook run from the README (cwd notebooks/) writes its figures to its default
+    folder, which git must ignore so that a run leaves the checkout clean."""
+    import re
+    import shutil
+    import subprocess
+
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    match = re.search(r'OUT = Path\(os\.environ\.get\("STRACE_LENS_FIGURES", "([^"]+)"\)\)', source)
+    assert match, f"{name}.ipynb does not say where its figures go (OUT = ...)"
+    root = NOTEBOOKS.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    figure = (NOTEBOOKS / match.group(1) / "circuit.pdf").relative_to(root)
+    check = subprocess.run(
+        ["git", "-C", str(root), "check-ignore", "-q", "--no-index", str(figure)], check=False
+    )
+    assert check.returncode == 0, f"git does not ignore {figure}: add its folder to .gitignore"
+
+
 def run_notebook(name: str, out: Path, monkeypatch) -> nbformat.NotebookNode:
     from nbclient import NotebookClient
 
@@ -67,7 +89,13 @@ def test_paper_figures_runs(tmp_path, monkeypatch):
     # 2 circuits, 2 fidelity, recovery, 2 composition, usage, 2 density
     assert figure_outputs(nb) == 10
     names = {p.name for p in tmp_path.iterdir()}
-    for key in ("circuit", "fidelity", "nucleus_recovery", "composition", "usage",
-                "density_vs_entropy"):
+    for key in (
+        "circuit",
+        "fidelity",
+        "nucleus_recovery",
+        "composition",
+        "usage",
+        "density_vs_entropy",
+    ):
         assert f"{key}.pdf" in names and f"{key}.png" in names
     assert "report.html" in names

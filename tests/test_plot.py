@@ -6,6 +6,7 @@ tiny native model for real and draw every figure from those results.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import struct
@@ -79,15 +80,69 @@ def test_circuit_draws_every_node_once_and_splits_like_split_core(per_input, pro
     fig = sp.circuit(r, prompt=prompt)
     names = all_node_names(fig)
     assert sorted(names) == sorted(r.graph.names)  # every node, exactly once
-    refined_size, refined_mask, _ = split_refinement(r)
-    size = int(refined_size[prompt])
-    assert fig.layout.meta["size"] == size  # default: split_refinement's refined subgraph
+    size = sp.default_size(r, prompt)
+    assert fig.layout.meta["size"] == size
     shown = r.masks[prompt, r.size_index(size)]
     _, core_mask = split_core(r)
     core = set(r.graph.nodes_from_mask(core_mask[prompt] & shown))
     assert core and nodes_of(fig, "core") == core
-    assert nodes_of(fig, "refinement") == set(r.graph.nodes_from_mask(refined_mask[prompt]))
     assert nodes_of(fig, "ablated") == set(r.graph.nodes_from_mask(~shown))
+    # at a larger size, the nodes beyond the core are the refinement
+    big = int(r.sizes.max())
+    fig = sp.circuit(r, prompt=prompt, size=big)
+    _, refined_mask, _ = split_refinement(r)
+    assert nodes_of(fig, "refinement") == set(
+        r.graph.nodes_from_mask(r.masks[prompt, -1] & ~core_mask[prompt])
+    )
+    assert nodes_of(fig, "refinement") >= set(r.graph.nodes_from_mask(refined_mask[prompt]))
+
+
+def _with_nucleus(r, nucleus_row):
+    """``r`` whose prompt 0 has the given shared nucleus (%) at each grid size."""
+    metrics = dict(r.metrics)
+    metrics["nucleus"] = metrics["nucleus"].clone()
+    metrics["nucleus"][0] = torch.tensor(nucleus_row, dtype=torch.float32)
+    return dataclasses.replace(r, metrics=metrics)
+
+
+def test_default_size_is_the_early_core_within_half_the_nodes(per_input):
+    sizes = per_input.sizes.tolist()  # 15 nodes: [1, 2, 3, 4, 6, 8, 11, 15] or similar
+    n = per_input.n_candidates
+    cap = [s for s in sizes if s <= n / 2][-1]
+    small = [s for s in sizes if s <= n / 2]
+    assert len(small) >= 3 and sizes[-1] == n
+    # the core (the first size whose top-1 agrees: nucleus >= 1 %) within half the nodes
+    row = [0.0] * len(sizes)
+    j = sizes.index(small[1])
+    row[j:] = [50.0] * (len(sizes) - j)
+    r = _with_nucleus(per_input, row)
+    assert sp.default_size(r, 0) == small[1]
+    fig = sp.circuit(r, prompt=0)
+    assert fig.layout.meta["size"] == small[1]
+    assert "default size: the early core" in fig.layout.title.subtitle.text
+    # the core only at the full model: the largest traced size within half the nodes
+    r = _with_nucleus(per_input, [0.0] * (len(sizes) - 1) + [100.0])
+    assert sp.default_size(r, 0) == cap
+    subtitle = sp.circuit(r, prompt=0).layout.title.subtitle.text
+    assert f"the largest traced s ≤ 50% of the nodes (the core needs s = {n})" in subtitle
+    # no core at all on the grid: the same cap, said so
+    r = _with_nucleus(per_input, [0.0] * len(sizes))
+    assert sp.default_size(r, 0) == cap
+    assert "no core on the grid" in sp.circuit(r, prompt=0).layout.title.subtitle.text
+    # a size that is asked for is drawn as asked, with no rule in the subtitle
+    fig = sp.circuit(r, prompt=0, size=n)
+    assert fig.layout.meta["size"] == n and "default size" not in fig.layout.title.subtitle.text
+
+
+def test_fidelity_heading_names_only_what_the_figure_draws(per_input):
+    rnd = synthetic_result(3, 4, n_prompts=8, method="random", shuffle=True)
+    assert sp.fidelity_heading(per_input) == "Fidelity versus subgraph size, with inverse subgraphs"
+    both = sp.fidelity_heading({"mask": per_input, "random": rnd})
+    assert both == "Fidelity versus subgraph size, with the random baseline and inverse subgraphs"
+    legend = {t.name for t in sp.fidelity({"mask": per_input, "random": rnd}).data if t.name}
+    assert any("random" in name for name in legend)
+    assert not any("random" in name for name in
+                   {t.name for t in sp.fidelity(per_input).data if t.name})
 
 
 def test_circuit_coordinates_layer_on_x_head_on_y_mlp_above(per_input):
@@ -301,6 +356,8 @@ def test_report_html_holds_every_figure_and_plotly_once(tmp_path, per_input):
     assert text.count("Plotly.newPlot") == len(re.findall(r'id="fig-', text))
     assert len(re.findall(r"plotly\.js v\d", text)) == 1  # the library, embedded once
     assert "strace-lens trace --model x" in text
+    # no random result was given: the fidelity heading promises none
+    assert "<h2>Fidelity versus subgraph size, with inverse subgraphs</h2>" in text
 
 
 # -- real traces of the tiny model -----------------------------------------------------------

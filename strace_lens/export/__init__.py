@@ -7,11 +7,14 @@
 - :func:`to_table` / :func:`save_table`: one row per prompt x size x node, as a pandas
   DataFrame, saved as Parquet or Arrow when ``pyarrow`` is installed, else CSV.
 
-(Figures are exported by :mod:`strace_lens.plot`, not here.) circuit-tracer's attribution
-graph format is not written: it describes token- and edge-level graphs, and s-Trace results
-are node-level.
+- :func:`to_circuit_tracer`: an edge-level result's subgraph (:mod:`strace_lens.edges`) as a
+  circuit-tracer attribution-graph JSON (nodes with layer and ctx_idx, links with weights),
+  which circuit-tracer's viewer loads.
+
+(Figures are exported by :mod:`strace_lens.plot`, not here.)
 """
 
+from strace_lens.export.circuit_tracer import circuit_tracer_graph, to_circuit_tracer
 from strace_lens.export.eap_ig import (
     EAP_IG_FORMAT_NOTE,
     count_edges,
@@ -29,11 +32,13 @@ __all__ = [
     "MIB_PERCENTAGES",
     "MIB_TASKS",
     "TABLE_COLUMNS",
+    "circuit_tracer_graph",
     "count_edges",
     "eap_ig_edges",
     "eap_ig_graph",
     "edge_name",
     "save_table",
+    "to_circuit_tracer",
     "to_eap_ig",
     "to_mib",
     "to_table",

@@ -1,9 +1,10 @@
 """Figures of s-Trace results, every one a ``plotly.graph_objects.Figure``.
 
 - :func:`circuit`: every node of the model by layer and head, the early core and the late
-  refinement told apart (the project's own figure).
-- :func:`fidelity`: TV (or KL) versus relative size with phase bands, random baseline and
-  inverse subgraph (paper figures 1 and 6).
+  refinement told apart (the project's own figure; :func:`default_size`: the size it draws
+  unless told).
+- :func:`fidelity`: TV (or KL) versus relative size with phase bands, inverse subgraphs,
+  and a random baseline when one of the results is ``method="random"`` (figures 1 and 6).
 - :func:`nucleus_recovery` (figure 2), :func:`composition` (figures 3 and 4),
   :func:`usage` (figure 5), :func:`density_vs_entropy` (figure 7).
 - :func:`token_circuit`: one prompt's edge subgraph (``strace_lens.edges``) over its tokens
@@ -17,13 +18,13 @@ All figures use the ``"strace_lens"`` plotly template (Okabe-Ito colours); the n
 draw come from :mod:`strace_lens.analysis`.
 """
 
-from strace_lens.plot.circuit import circuit
+from strace_lens.plot.circuit import circuit, default_size
 from strace_lens.plot.composition import composition, usage
 from strace_lens.plot.curves import fidelity, nucleus_recovery
 from strace_lens.plot.density import density_vs_entropy
 from strace_lens.plot.edge_composition import edge_composition
 from strace_lens.plot.export import PRESETS, apply_preset, export_session, save, to_image
-from strace_lens.plot.html_report import paper_figures, report_html
+from strace_lens.plot.html_report import fidelity_heading, paper_figures, report_html
 from strace_lens.plot.style import OKABE_ITO, TEMPLATE
 from strace_lens.plot.token_circuit import token_circuit
 
@@ -34,10 +35,12 @@ __all__ = [
     "apply_preset",
     "circuit",
     "composition",
+    "default_size",
     "density_vs_entropy",
     "edge_composition",
     "export_session",
     "fidelity",
+    "fidelity_heading",
     "nucleus_recovery",
     "paper_figures",
     "report_html",

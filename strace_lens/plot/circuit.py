@@ -18,12 +18,14 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from strace_lens.analysis import split_core, split_refinement
+from strace_lens.analysis import split_core
 from strace_lens.graph import NodeGraph
 from strace_lens.plot._common import model_name, short
 from strace_lens.plot.style import CORE_COLOR, REFINEMENT_COLOR, TEMPLATE, UNUSED_COLOR
 from strace_lens.result import TraceResult
 
+#: the default diagram shows at most this share of the candidate nodes (see default_size)
+DEFAULT_MAX_SHARE = 0.5
 MLP_GAP = 0.7  # extra vertical space between the top head and the MLP row, in head units
 MAX_NODE_PX = 24.0
 # Marker diameter as a fraction of the grid cell: earliest entry -> BIG, latest -> SMALL.
@@ -53,22 +55,25 @@ def circuit(
     size: int | None = None,
     core_nucleus: float = 1.0,
 ) -> go.Figure:
-    """The subgraph of ``size`` nodes (default: the largest traced) drawn over the whole model.
+    """The subgraph of ``size`` nodes drawn over the whole model (default: :func:`default_size`).
 
     Args:
         result: a per-input or per-dataset :class:`TraceResult`.
         prompt: which prompt's subgraph to draw for a per-input result (default 0). For a
             per-dataset result the shared subgraph is drawn, and ``prompt`` only picks whose
             fidelity the hover shows (default: the mean over prompts).
-        size: the subgraph size to draw; must be on the result's size grid. Default: the
-            refined subgraph of :func:`strace_lens.analysis.split_refinement` (the smallest
-            one whose shared nucleus reaches 90 %, else the largest traced).
+        size: the subgraph size to draw; must be on the result's size grid. Default
+            (:func:`default_size`, said in the figure's subtitle): the early core, the
+            smallest traced subgraph that predicts the full model's top-1 token, when it
+            holds at most half the candidate nodes; otherwise the largest traced size that
+            does. (The smallest subgraph reaching a 90 % shared nucleus, the earlier default,
+            was the whole model in every default run tried.)
         core_nucleus: passed to :func:`strace_lens.analysis.split_core` (percent of shared
             nucleus that ends the core; 1 = the top-1 token is the full model's).
     """
     graph = result.graph
     per_dataset = result.masks.shape[0] == 1 and result.n_prompts != 1
-    row, size = _row_and_size(result, prompt, size, core_nucleus, per_dataset)
+    row, size, rule = _row_and_size(result, prompt, size, core_nucleus, per_dataset)
     j = result.size_index(size)
     shown = result.masks[row, j].clone()
     entry = result.entry_sizes()[row].double()
@@ -80,7 +85,7 @@ def circuit(
     hover = _hover_texts(result, row, prompt, per_dataset, shown, entry, phase)
     fig = go.Figure()
     _add_phase_traces(fig, graph, phase, rel, hover)
-    titles = _titles(result, row, size, per_dataset, core_size, core_nucleus)
+    titles = _titles(result, row, size, per_dataset, core_size, core_nucleus, rule)
     _lay_out(fig, graph, titles, size=size, row=row, core_size=core_size)
     return fig
 
@@ -91,16 +96,41 @@ def _row_and_size(
     size: int | None,
     core_nucleus: float,
     per_dataset: bool,
-) -> tuple[int, int]:
-    """The mask row drawn and its size (default: the refined subgraph's)."""
+) -> tuple[int, int, str]:
+    """The mask row drawn, its size and how the size was chosen ("" when given)."""
     n_prompts = result.n_prompts
     if prompt is not None and not 0 <= prompt < n_prompts:
         raise IndexError(f"prompt={prompt} is outside this result's {n_prompts} prompts.")
     row = 0 if per_dataset else (prompt or 0)
-    if size is None:  # the smallest subgraph that reproduces the distribution's head well
-        refined_size, _, _ = split_refinement(result, core_nucleus)
-        size = int(refined_size[row])
-    return row, size
+    if size is not None:
+        return row, size, ""
+    size, rule = _default_size(result, row, core_nucleus)
+    return row, size, rule
+
+
+def default_size(result: TraceResult, prompt: int = 0, core_nucleus: float = 1.0) -> int:
+    """The size :func:`circuit` draws by default for ``prompt`` (ignored for a per-dataset
+    result): the early core (:func:`strace_lens.analysis.split_core`: the smallest traced
+    subgraph whose shared nucleus reaches ``core_nucleus`` %, by default the one that
+    predicts the full model's top-1 token) when it holds at most ``DEFAULT_MAX_SHARE`` of
+    the candidate nodes; otherwise (a larger core, or none on the grid) the largest traced
+    size within that share, or the smallest traced size when none is."""
+    per_dataset = result.masks.shape[0] == 1 and result.n_prompts != 1
+    return _default_size(result, 0 if per_dataset else prompt, core_nucleus)[0]
+
+
+def _default_size(result: TraceResult, row: int, core_nucleus: float) -> tuple[int, str]:
+    core = float(split_core(result, core_nucleus)[0][row])
+    cap = DEFAULT_MAX_SHARE * result.n_candidates
+    if not math.isnan(core) and core <= cap:
+        return int(core), "the early core"
+    sizes = sorted(int(s) for s in result.sizes.tolist())
+    within = [s for s in sizes if s <= cap]
+    why = "no core on the grid" if math.isnan(core) else f"the core needs s = {int(core)}"
+    share = f"{DEFAULT_MAX_SHARE:.0%}"
+    if within:
+        return within[-1], f"the largest traced s ≤ {share} of the nodes ({why})"
+    return sizes[0], f"the smallest traced s ({why}; none ≤ {share} of the nodes)"
 
 
 def _phases(shown: torch.Tensor, candidates: torch.Tensor, core: torch.Tensor) -> np.ndarray:
@@ -218,9 +248,10 @@ def _titles(
     per_dataset: bool,
     core_size: float,
     core_nucleus: float,
+    rule: str = "",
 ) -> tuple[tuple[str, str], tuple[str, str]]:
-    """(title, subtitle) for wide and for narrow (paper column) layouts: which subgraph, and
-    where its core ends."""
+    """(title, subtitle) for wide and for narrow (paper column) layouts: which subgraph (and
+    why this size, when it is the default), and where its core ends."""
     model = model_name(result)
     lead = f"{model}: " if model else ""
     n_cand = max(result.n_candidates, 1)
@@ -239,7 +270,8 @@ def _titles(
     return (
         (
             f"{lead}s = {size} of {n_cand} nodes, {where}",
-            f"{core_text}; bigger = entered earlier; ○ head, □ MLP",
+            (f"default size: {rule}; " if rule else "")
+            + f"{core_text}; bigger = entered earlier; ○ head, □ MLP",
         ),
         (
             f"{lead}s = {size} of {n_cand} nodes",

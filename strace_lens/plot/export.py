@@ -3,9 +3,10 @@
 Static export goes through kaleido 1.x, which drives a headless Chrome. kaleido finds the
 browser itself: the ``BROWSER_PATH`` environment variable if set, otherwise a ``chromium`` /
 ``google-chrome`` on ``PATH`` or at the usual places (``/usr/bin/chromium`` on Debian, which
-``apt-get install chromium`` provides; ``.ci/install`` does this). Nothing is downloaded at
-export time: MathJax, which kaleido would otherwise load from a CDN, is switched off (these
-figures use no LaTeX), and plotly.js comes from the installed ``plotly`` package.
+``apt-get install chromium`` provides, or the Chrome ``plotly_get_chrome`` downloads). Nothing
+is downloaded at export time: MathJax, which kaleido would otherwise load from a CDN, is
+switched off (these figures use no LaTeX), and plotly.js comes from the installed ``plotly``
+package.
 """
 
 from __future__ import annotations
@@ -218,9 +219,10 @@ def to_image(fig: go.Figure, fmt: str, scale: float = 1.0) -> bytes:
     except ChromeNotFoundError as err:
         raise RuntimeError(
             "Static export (PNG/SVG/PDF) needs a Chrome or Chromium and none was found. "
-            "On Debian/Ubuntu: `apt-get install -y chromium` (what .ci/install does); "
-            "elsewhere install Chrome, or point the BROWSER_PATH environment variable at a "
-            "Chrome/Chromium executable. HTML export (.html) needs no browser."
+            "Run `plotly_get_chrome -y` (downloads Chrome for kaleido, no sudo), or on "
+            "Debian/Ubuntu `apt-get install -y chromium`, or point the BROWSER_PATH "
+            "environment variable at a Chrome/Chromium executable. HTML export (.html) needs "
+            "no browser."
         ) from err
     return bytes(data)
 

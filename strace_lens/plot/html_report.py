@@ -81,9 +81,10 @@ def report_html(
     if notes:
         parts.append(f"<p class='note'>{html.escape(notes)}</p>")
     parts.append(_results_table(pairs))
+    headings = {**_HEADINGS, "fidelity": fidelity_heading(dict(pairs))}
     first = True
     for name, fig in figs.items():
-        parts.append(f"<h2>{html.escape(_HEADINGS.get(name.rstrip('_0123456789'), name))}</h2>")
+        parts.append(f"<h2>{html.escape(headings.get(name.rstrip('_0123456789'), name))}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=first, div_id=f"fig-{name}"))
         first = False
     parts.append("</body></html>")
@@ -93,9 +94,21 @@ def report_html(
     return target
 
 
+def fidelity_heading(results: Results) -> str:
+    """The fidelity figure's heading, naming only what its legend holds: inverse subgraphs
+    (drawn for every traced result) and the random baseline (only when a result is
+    ``method="random"``, e.g. ``trace(..., method="random")`` passed alongside)."""
+    pairs = as_labelled(results)
+    parts = []
+    if any(r.method == "random" for _, r in pairs):
+        parts.append("the random baseline")
+    if any(r.method != "random" and "inv_tv" in r.metrics for _, r in pairs):
+        parts.append("inverse subgraphs")
+    return "Fidelity versus subgraph size" + (f", with {' and '.join(parts)}" if parts else "")
+
+
 _HEADINGS = {
-    "circuit": "Circuit: the early core and the late refinement",
-    "fidelity": "Fidelity versus subgraph size, with random and inverse baselines",
+    "circuit": "Circuit: the subgraph drawn (its subtitle says which size and why)",
     "nucleus_recovery": "Size needed to recover the full model's nucleus",
     "composition": "Composition of the subgraphs",
     "composition_entering": "Composition of the nodes entering at each size",

@@ -31,7 +31,7 @@ FULL_NEIGHBOURHOOD = 64
 CHAIN_EPS = 1e-6
 
 
-def _refine_budget(opts: MaskOptions, n_c: int) -> tuple[int, int]:
+def refine_budget(opts: MaskOptions, n_c: int) -> tuple[int, int]:
     """(rounds, width) of a local search: small candidate sets are searched until no move
     helps; large ones get a short polish (every round costs a batched forward+backward)."""
     small = n_c <= SMALL_CANDIDATE_SET
@@ -65,7 +65,7 @@ def swap_refine(
     """
     n_groups, n_s, n_c = hard.shape
     n_p = objective.n_prompts
-    rounds, width = _refine_budget(opts, n_c)
+    rounds, width = refine_budget(opts, n_c)
     if rounds <= 0 or width <= 0:
         return hard
     hard = hard.clone()
@@ -179,7 +179,7 @@ def chain_refine(
     """
     n_groups, n_s, n_c = hard.shape
     n_p = objective.n_prompts
-    rounds, width = _refine_budget(opts, n_c)
+    rounds, width = refine_budget(opts, n_c)
     if opts.refine_rounds is None and n_c > SMALL_CANDIDATE_SET:
         # on large candidate sets an exchange may change every grid subgraph (a node moved
         # from the first size to none), so a round costs up to width x sizes extra rows per
@@ -276,4 +276,11 @@ def _chain_gain(
     return torch.zeros(len(new_levels)).index_add_(0, trial_t, delta)
 
 
-__all__ = ["CHAIN_EPS", "FULL_NEIGHBOURHOOD", "SMALL_CANDIDATE_SET", "chain_refine", "swap_refine"]
+__all__ = [
+    "CHAIN_EPS",
+    "FULL_NEIGHBOURHOOD",
+    "SMALL_CANDIDATE_SET",
+    "chain_refine",
+    "refine_budget",
+    "swap_refine",
+]

@@ -37,16 +37,18 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from strace_lens.progress import GRADIENT_ROW_COST
 from strace_lens.search.grouping import RowGrouping, as_grouping
 from strace_lens.search.local_search import (
     CHAIN_EPS,
     FULL_NEIGHBOURHOOD,
     SMALL_CANDIDATE_SET,
     chain_refine,
+    refine_budget,
     swap_refine,
 )
 from strace_lens.search.mask_options import MaskOptions
-from strace_lens.search.nested import GROW_SINGLE_STEPS, grow_nested
+from strace_lens.search.nested import GROW_SINGLE_STEPS, grow_nested, growth_steps
 from strace_lens.search.objective import SubgraphObjective
 from strace_lens.search.ranking import top_s
 from strace_lens.search.relaxation import (
@@ -111,6 +113,57 @@ def learn_masks(
     return hard.cpu()
 
 
+#: local-search rounds a plan counts on (a search stops earlier when no move helps; a round
+#: after the first measures only the masks whose neighbours changed)
+PLANNED_REFINE_ROUNDS = 2
+#: proposals measured per group in a growth step, beyond the ``grow_width`` seeds of each
+#: order: the top-d picks of the three orders and of all ranks together
+GROWTH_PICKS = 4
+
+
+def planned_mask_rows(
+    n_prompts: int,
+    grouping: RowGrouping,
+    n_cand: int,
+    sizes: Int[Tensor, " size"],
+    opts: MaskOptions,
+    nested: bool,
+) -> int:
+    """The forward rows ``learn_masks`` is expected to run, a row with a gradient counted as
+    ``GRADIENT_ROW_COST`` (for progress and its ETA; see :mod:`strace_lens.progress`).
+    Exact for the gradient steps; the growth counts every proposal as distinct (duplicates
+    are measured once, so fewer may run) and the local searches ``PLANNED_REFINE_ROUNDS``
+    rounds of every mask."""
+    g, n_p, n_s = GRADIENT_ROW_COST, n_prompts, len(sizes)
+    per_group = grouping.group_size  # rows that measure one mask of a group
+    rows = g * n_p if opts.init == "attribution" else 0
+    rows += g * opts.steps * n_p * opts.sizes_per_step
+    if nested:
+        proposals = GROWTH_PICKS + 3 * opts.grow_width
+        for size, _ in growth_steps(sizes):
+            if 0 < size < n_cand:
+                rows += g * n_p + grouping.n_groups * per_group * proposals
+        rounds, width = refine_budget(opts, n_cand)
+        if n_cand <= SMALL_CANDIDATE_SET or opts.refine_rounds is not None:
+            trials = grouping.n_groups * width * per_group * max(n_s // 2, 1)
+            rows += min(rounds, PLANNED_REFINE_ROUNDS) * (g * n_p * n_s + trials)
+        return rows
+    pairs = grouping.n_groups * n_s
+    rows += g * opts.finetune_steps * pairs * per_group
+    rounds, width = refine_budget(opts, n_cand)
+    if width > 0:
+        trials = 0  # per group: the swaps measured and the two cross-size moves
+        for size in sizes.tolist():
+            swaps = size * (n_cand - size)
+            full = n_cand <= SMALL_CANDIDATE_SET and swaps <= FULL_NEIGHBOURHOOD
+            cross = n_cand if n_cand <= SMALL_CANDIDATE_SET else 1
+            trials += (swaps if full else min(width, swaps)) + 2 * cross
+        rows += min(rounds, PLANNED_REFINE_ROUNDS) * (
+            g * pairs * per_group + grouping.n_groups * per_group * trials
+        )
+    return rows
+
+
 __all__ = [
     "CHAIN_EPS",
     "FULL_NEIGHBOURHOOD",
@@ -121,6 +174,7 @@ __all__ = [
     "chain_refine",
     "grow_nested",
     "learn_masks",
+    "planned_mask_rows",
     "swap_refine",
     "threshold_mask",
     "top_s",

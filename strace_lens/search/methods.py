@@ -12,6 +12,7 @@ To add a method, subclass ``SearchMethod`` and decorate it with ``@register``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from strace_lens.progress import GRADIENT_ROW_COST
 from strace_lens.search.baselines import (
     EXHAUSTIVE_MAX_SUBSETS,
     FORWARD_DEFAULT_MAX,
@@ -33,7 +35,7 @@ from strace_lens.search.baselines import (
     random_masks,
 )
 from strace_lens.search.grouping import RowGrouping
-from strace_lens.search.mask_learning import MaskOptions, learn_masks
+from strace_lens.search.mask_learning import MaskOptions, learn_masks, planned_mask_rows
 from strace_lens.search.objective import SubgraphObjective
 from strace_lens.search.ranking import top_s_grid
 from strace_lens.types import Granularity
@@ -83,6 +85,18 @@ class SearchMethod(ABC):
     def nested(self, options: Any) -> bool:
         """Whether the masks it returns are nested across sizes (recorded in the result)."""
         return self.always_nested
+
+    def planned_rows(
+        self,
+        objective: SubgraphObjective,
+        sizes: Int[Tensor, " size"],
+        grouping: RowGrouping,
+        options: Any,
+    ) -> int:
+        """The forward rows ``run`` is expected to spend through the objective (a row with a
+        gradient counted as ``GRADIENT_ROW_COST``), for progress; 0 for a method that runs
+        none (its masks are drawn or read off one pass outside the objective)."""
+        return 0
 
     @abstractmethod
     def run(
@@ -135,6 +149,18 @@ class MaskMethod(SearchMethod):
 
     def nested(self, options: MaskSearch) -> bool:
         return options.nested
+
+    def planned_rows(
+        self,
+        objective: SubgraphObjective,
+        sizes: Tensor,
+        grouping: RowGrouping,
+        options: MaskSearch,
+    ) -> int:
+        n_cand = int(objective.candidates.sum())
+        return planned_mask_rows(
+            objective.n_prompts, grouping, n_cand, sizes, options.search, options.nested
+        )
 
     def run(
         self,
@@ -205,6 +231,11 @@ class AttributionMethod(SearchMethod):
     name = "attribution"
     always_nested = True
 
+    def planned_rows(
+        self, objective: SubgraphObjective, sizes: Tensor, grouping: RowGrouping, options: NoOptions
+    ) -> int:
+        return GRADIENT_ROW_COST * objective.n_prompts  # one gradient at the ablated end
+
     def run(
         self,
         objective: SubgraphObjective,
@@ -229,6 +260,26 @@ class ForwardMethod(SearchMethod):
     options_type = ForwardOptions
     always_nested = True
 
+    def planned_rows(
+        self,
+        objective: SubgraphObjective,
+        sizes: Tensor,
+        grouping: RowGrouping,
+        options: ForwardOptions,
+    ) -> int:
+        n_cand = int(objective.candidates.sum())
+        limit = self._limit(options, n_cand)
+        limit = max((s for s in sizes.tolist() if s <= limit), default=0)  # the largest reached
+        # step t measures every node outside the current t - 1 for every group
+        trials = sum(n_cand - t + 1 for t in range(1, limit + 1))
+        return trials * grouping.n_groups * grouping.group_size
+
+    @staticmethod
+    def _limit(options: ForwardOptions, n_cand: int) -> int:
+        if options.max_size is not None:
+            return int(options.max_size)
+        return n_cand if n_cand <= FORWARD_FULL_LIMIT else FORWARD_DEFAULT_MAX
+
     def run(
         self,
         objective: SubgraphObjective,
@@ -237,10 +288,7 @@ class ForwardMethod(SearchMethod):
         seed: int,
         options: ForwardOptions,
     ) -> SearchOutput:
-        n_cand = int(objective.candidates.sum())
-        limit = options.max_size
-        if limit is None:
-            limit = n_cand if n_cand <= FORWARD_FULL_LIMIT else FORWARD_DEFAULT_MAX
+        limit = self._limit(options, int(objective.candidates.sum()))
         reached = sizes[sizes <= int(limit)]
         if len(reached) == 0:
             raise ValueError(f"max_size={limit} is below the smallest size asked for.")
@@ -257,6 +305,16 @@ class ExhaustiveOptions:
 class ExhaustiveMethod(SearchMethod):
     name = "exhaustive"
     options_type = ExhaustiveOptions
+
+    def planned_rows(
+        self,
+        objective: SubgraphObjective,
+        sizes: Tensor,
+        grouping: RowGrouping,
+        options: ExhaustiveOptions,
+    ) -> int:
+        n_cand = int(objective.candidates.sum())
+        return objective.n_prompts * sum(math.comb(n_cand, int(s)) for s in sizes.tolist())
 
     def run(
         self,

@@ -51,7 +51,7 @@ def grow_nested(
     rank_orders = {"rank": rank_positions(ranking)}  # 0 = best
     if guide is not None:
         rank_orders["guide"] = rank_positions(guide.float())
-    for size, j in _growth_steps(sizes):
+    for size, j in growth_steps(sizes):
         d = size - int(current[0].sum())
         if d <= 0 or size == n_c:
             current = current | (size == n_c)
@@ -80,7 +80,7 @@ def grow_nested(
     return out
 
 
-def _growth_steps(sizes: Int[Tensor, " size"]) -> list[tuple[int, int]]:
+def growth_steps(sizes: Int[Tensor, " size"]) -> list[tuple[int, int]]:
     """(size, grid index or -1 for a size in between) of every growth step: a grid step that
     adds at most ``GROW_SINGLE_STEPS`` nodes goes through every size in between."""
     steps: list[tuple[int, int]] = []
@@ -125,4 +125,4 @@ def _top_outside(score: Tensor, outside: Tensor, k: int) -> Tensor:
     return pick
 
 
-__all__ = ["GROW_SINGLE_STEPS", "grow_nested"]
+__all__ = ["GROW_SINGLE_STEPS", "grow_nested", "growth_steps"]

@@ -20,6 +20,7 @@ from strace_lens.graph import NodeGraph
 from strace_lens.inputs import TokenBatch
 from strace_lens.masked_forward import forward_logprobs, node_hooks
 from strace_lens.metrics import kl_divergence
+from strace_lens.progress import GRADIENT_ROW_COST, rows_ran
 
 #: tokens (rows x padded width) per forward pass when no batch size is given
 DEFAULT_TOKENS_PER_BATCH = 2048
@@ -70,6 +71,7 @@ class SubgraphObjective:
         hooks = node_hooks(self.graph, masks, self.ablation, rows)
         logp = forward_logprobs(self.model, rows, hooks)
         self.rows_evaluated += len(prompt_index)
+        rows_ran(len(prompt_index))
         return logp
 
     @torch.no_grad()
@@ -110,5 +112,6 @@ class SubgraphObjective:
                 logp = self._run(masks[lo:hi], prompt_index[lo:hi])
                 kl = kl_divergence(self.logp_full[prompt_index[lo:hi]], logp)
                 (kl * weights[lo:hi]).sum().backward(retain_graph=hi < len(prompt_index))
+            rows_ran((GRADIENT_ROW_COST - 1) * (hi - lo))  # the backward pass, for progress
             out.append(kl.detach())
         return torch.cat(out)
