@@ -12,12 +12,12 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from strace_lens.atomic import write_bytes
 from strace_lens.plot._common import Results, as_labelled
 from strace_lens.plot.circuit import circuit
 from strace_lens.plot.composition import composition, usage
 from strace_lens.plot.curves import fidelity, nucleus_recovery
 from strace_lens.plot.density import density_vs_entropy
-from strace_lens.plot.export import _atomic_write
 
 MIN_PROMPTS_FOR_CORRELATION = 3  # Spearman over fewer prompts is undefined
 
@@ -90,7 +90,7 @@ def report_html(
     parts.append("</body></html>")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, "\n".join(parts).encode("utf-8"))
+    write_bytes(target, "\n".join(parts).encode("utf-8"))
     return target
 
 
