@@ -116,3 +116,153 @@ def test_node_granularity_is_unchanged_by_the_new_defaults(model):
     explicit = trace(model, tokens, sizes=[1, 3], steps=2, method="mask", inverse=True)
     assert implicit.equals(explicit) and implicit.method == "mask"
     assert implicit.options["inverse"] is True and implicit.options["method"] == "mask"
+
+
+# -- EdgeTraceResult.concat ------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["greedy", "random"])
+def test_concat_joins_prompt_lists(model, method):
+    parts = [
+        edge_trace(model, PROMPTS[:2], method=method, sizes=GRID, seed=2),
+        edge_trace(model, PROMPTS[2:3], method=method, sizes=GRID, seed=2),
+        edge_trace(model, PROMPTS[3:], method=method, sizes=GRID, seed=2),
+    ]
+    joined = EdgeTraceResult.concat(parts)
+    assert joined.prompts == PROMPTS and joined.n_prompts == 5
+    assert joined.options["seconds"] == pytest.approx(sum(p.options["seconds"] for p in parts))
+    p = 0
+    for part in parts:
+        for q in range(part.n_prompts):
+            for i in range(len(GRID)):
+                assert torch.equal(joined.subgraph(p, i), part.subgraph(q, i))
+                assert joined.edge_names(p, i) == part.edge_names(q, i)
+            assert float(joined.metrics["tv"][p, 1]) == float(part.metrics["tv"][q, 1])
+            p += 1
+    with pytest.raises(ValueError, match="another model shape, grid, method or options"):
+        EdgeTraceResult.concat([parts[0], edge_trace(model, PROMPTS[2:3], sizes=[0.5, 1.0])])
+    with pytest.raises(ValueError, match="Nothing to concatenate"):
+        EdgeTraceResult.concat([])
+
+
+# -- trace_dataset(granularity="edge") -------------------------------------------------------
+def edge_run(model, out, **kwargs):
+    from strace_lens.dataset import trace_dataset
+
+    options = {"granularity": "edge", "sizes": GRID, "chunk_size": 2, **kwargs}
+    return trace_dataset(model, PROMPTS, out, **options)
+
+
+def count_chunks(monkeypatch, fail_on: int | None = None) -> list[int]:
+    """Count chunk traces (running the real trace); raise KeyboardInterrupt, as a kill
+    would stop the run, when chunk number ``fail_on`` starts."""
+    import strace_lens.dataset as ds
+
+    calls: list[int] = []
+
+    def counting(model, prompts, **kw):
+        if fail_on is not None and len(calls) == fail_on:
+            raise KeyboardInterrupt
+        calls.append(len(prompts))
+        return trace(model, prompts, **kw)
+
+    monkeypatch.setattr(ds, "_trace_function", lambda: counting)
+    return calls
+
+
+def test_edge_run_equals_one_call_and_loads_back(model, tmp_path):
+    import strace_lens as sl
+
+    out = tmp_path / "run"
+    run = edge_run(model, out)
+    assert isinstance(run, EdgeTraceResult)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000", "00001", "00002"]
+    assert (out / "shards" / "00000" / "edges.json").is_file()
+    # each chunk is exactly trace() on its prompts; joined, they are one call's result
+    chunks = [
+        trace(model, PROMPTS[lo : lo + 2], granularity="edge", sizes=GRID) for lo in (0, 2, 4)
+    ]
+    assert_same_edges(run, EdgeTraceResult.concat(chunks))
+    one_call = edge_trace(model, PROMPTS, sizes=GRID)
+    assert torch.equal(run.ids, one_call.ids) and torch.equal(run.counts, one_call.counts)
+    for key in run.metrics:
+        assert torch.allclose(run.metrics[key], one_call.metrics[key], atol=1e-5), key
+    assert_same_edges(sl.load(out), run)
+    from strace_lens.dataset import load_run
+
+    assert_same_edges(load_run(out), run)
+    manifest = __import__("json").loads((out / "manifest.json").read_text())
+    opts = manifest["options"]
+    assert opts["granularity"] == "edge" and opts["method"] == "greedy"
+    assert opts["ablate_attention_edges"] is True and opts["tokens"] == "paper"
+    assert opts["sizes"] == GRID and opts["ablation"] == "zero"
+    assert "ablation.safetensors" not in {p.name for p in out.iterdir()}  # no mean is taken
+
+
+def test_edge_run_resumes_after_a_kill(model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    clean = edge_run(model, tmp_path / "clean")
+    calls = count_chunks(monkeypatch, fail_on=1)
+    with pytest.raises(KeyboardInterrupt):
+        edge_run(model, out)
+    assert calls == [2] and sorted(p.name for p in (out / "shards").iterdir()) == ["00000"]
+    calls = count_chunks(monkeypatch)
+    assert_same_edges(edge_run(model, out), clean)
+    assert calls == [2, 1]  # chunks 1 and 2 only
+    # a lost shard, a truncated one and a temporary folder a kill left behind
+    import shutil
+
+    shutil.rmtree(out / "shards" / "00000")
+    tensors = out / "shards" / "00002" / "edges.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-5])
+    (out / "shards" / ".00001.abc.tmp").mkdir()
+    calls.clear()
+    assert_same_edges(edge_run(model, out), clean)
+    assert calls == [2, 1] and not (out / "shards" / ".00001.abc.tmp").exists()
+    calls.clear()
+    assert_same_edges(edge_run(model, out), clean)
+    assert calls == []  # finished: only read back
+
+
+def test_edge_run_refuses_a_changed_identity(model, tmp_path):
+    from strace_lens.dataset import RunMismatchError, trace_dataset
+
+    out = tmp_path / "run"
+    edge_run(model, out)
+    changes = [
+        ({"ablate_attention_edges": False}, "option 'ablate_attention_edges' was True, now False"),
+        ({"tokens": "transformer_lens"}, "option 'tokens' was 'paper', now 'transformer_lens'"),
+        ({"method": "random"}, "option 'method' was 'greedy', now 'random'"),
+        ({"sizes": [0.1, 1.0]}, "option 'sizes' was"),
+        ({"seed": 4}, "option 'seed' was 0, now 4"),
+    ]
+    for change, message in changes:
+        with pytest.raises(RunMismatchError, match=message):
+            edge_run(model, out, **change)
+    with pytest.raises(RunMismatchError, match="option 'granularity' was 'edge'"):
+        trace_dataset(model, PROMPTS, out, chunk_size=2, sizes=[1, 3], steps=2)
+    # the default method and semantics, named explicitly, are the same run
+    edge_run(model, out, method="greedy", ablate_attention_edges=True, batch_size=3)
+
+
+def test_edge_run_refuses_what_does_not_apply_before_any_work(model, tmp_path):
+    from strace_lens.dataset import trace_dataset
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="the paper's edge ablation is zero"):
+        edge_run(model, out, ablation="mean")
+    with pytest.raises(ValueError, match="per='dataset' does not apply"):
+        edge_run(model, out, per="dataset")
+    with pytest.raises(ValueError, match=r"targets .* are not recorded"):
+        trace_dataset(model, PROMPTS, out, granularity="edge", targets=["x"] * 5)
+    assert not out.exists()
+
+
+def test_edge_run_static_split_and_leases(model, tmp_path):
+    from strace_lens.dataset import WorkerShareDone
+
+    out = tmp_path / "run"
+    clean = edge_run(model, tmp_path / "clean")
+    with pytest.raises(WorkerShareDone, match="2 of 3 shards are done"):
+        edge_run(model, out, num_workers=2, worker_index=0)  # shards 0 and 2
+    last = edge_run(model, out, num_workers=2, worker_index=1)  # shard 1, then the merge
+    assert_same_edges(last, clean)
+    assert not any((out / "leases").iterdir())  # every lease released
