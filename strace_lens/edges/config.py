@@ -192,7 +192,7 @@ def _mask_search(value: Any) -> MaskSearch:
     unknown = sorted(set(value) - set(known))
     if unknown:
         raise TypeError(f"Unknown mask_search field(s) {unknown}; known: {', '.join(known)}.")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
     return MaskSearch(**fields)
 
 
