@@ -266,3 +266,100 @@ def test_edge_run_static_split_and_leases(model, tmp_path):
     last = edge_run(model, out, num_workers=2, worker_index=1)  # shard 1, then the merge
     assert_same_edges(last, clean)
     assert not any((out / "leases").iterdir())  # every lease released
+
+
+# -- the command line ------------------------------------------------------------------------
+def edge_cli_args(prompts, out, *extra):
+    return [
+        "trace",
+        "--model",
+        "native:tiny",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--granularity",
+        "edge",
+        "--sizes",
+        *map(str, GRID),
+        "--chunk-size",
+        "2",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:3]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_cli_traces_edges_prints_the_table_and_merges(prompt_file, tmp_path, capsys):
+    import strace_lens as sl
+    from strace_lens.cli import main
+
+    out = tmp_path / "run"
+    assert main(edge_cli_args(prompt_file, out, "--ablate-attention-edges", "false")) == 0
+    printed = capsys.readouterr().out
+    result = sl.load(out)
+    assert isinstance(result, EdgeTraceResult) and result.prompts == PROMPTS[:3]
+    assert result.options["ablate_attention_edges"] is False
+    lines = printed.strip().splitlines()
+    assert lines[0] == (
+        f"3 prompt(s), edge granularity, method=greedy, ablate_attention_edges=false, "
+        f"tokens=paper; run folder: {out}"
+    )
+    assert lines[1].split() == ["s", "mean", "edges", "mean", "TV", "top-1", "%"]
+    for j, row in enumerate(line.split() for line in lines[2 : 2 + len(GRID)]):
+        assert float(row[0]) == GRID[j]
+        assert float(row[1]) == pytest.approx(float(result.counts[:, j].double().mean()), abs=0.05)
+        assert float(row[2]) == pytest.approx(float(result.metrics["tv"][:, j].mean()), abs=1e-4)
+        top1 = 100 * float(result.metrics["top1"][:, j].mean())
+        assert float(row[3]) == pytest.approx(top1, abs=0.05)
+    assert lines[-1].startswith("HTML page: not written for edge runs")
+    assert not (out / "report.html").exists()
+    # merge reads the finished run and prints the same summary
+    assert main(["merge", str(out)]) == 0
+    assert capsys.readouterr().out == printed
+    # the same command resumes (nothing left to trace) and prints the same again
+    assert main(edge_cli_args(prompt_file, out, "--ablate-attention-edges", "false")) == 0
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--ablation", "mean"], "the paper's edge ablation is zero"),
+        (["--per", "dataset"], "per='dataset' does not apply at --granularity edge"),
+        (["--tokens", "bpe"], "Unknown tokens='bpe'"),
+        (["--method", "forward"], "choose one of greedy, random, mask"),
+        (["--option", "steps=3"], "Unknown option(s) at --granularity edge"),
+        (["--ablate-attention-edges", "maybe"], "expected true or false"),
+    ],
+)
+def test_cli_edge_bad_input_is_one_line_and_exit_2(prompt_file, tmp_path, capsys, extra, message):
+    from strace_lens.cli import main
+
+    out = tmp_path / "run"
+    try:
+        code = main(edge_cli_args(prompt_file, out, *extra))
+    except SystemExit as done:  # argparse's own errors (a flag's type) exit there
+        code = done.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("strace-lens: error:") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_edge_only_flags_are_refused_at_node_granularity(prompt_file, tmp_path, capsys):
+    from strace_lens.cli import main
+
+    args = ["trace", "--model", "native:tiny", "--prompts", str(prompt_file)]
+    assert main([*args, "--out", str(tmp_path / "a"), "--tokens", "hf"]) == 2
+    assert "--tokens apply at --granularity edge only" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--granularity", "token"]) == 2
+    assert "--granularity token is not available" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c"), "--sizes", "paper"]) == 2
+    assert not any((tmp_path / name).exists() for name in "abc")
