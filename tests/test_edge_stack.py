@@ -3,6 +3,9 @@ edge shards (resume, identity, workers), ``strace_lens.load`` and the command li
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from strace_lens import trace
 from strace_lens.ablation import MeanAblation, ZeroAblation
 from strace_lens.config import TraceConfig
 from strace_lens.edges import EdgeTraceResult, edge_trace
+from strace_lens.result import TraceResult
 from strace_lens.tiny_model import tiny_model
 
 PROMPTS = ["The cat sat on", "Paris is the", "one two three", "She opened the", "In 1999 the"]
@@ -186,10 +190,12 @@ def test_edge_run_equals_one_call_and_loads_back(model, tmp_path):
     for key in run.metrics:
         assert torch.allclose(run.metrics[key], one_call.metrics[key], atol=1e-5), key
     assert_same_edges(sl.load(out), run)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="at edge granularity"):
+        TraceResult.load(out)
     from strace_lens.dataset import load_run
 
     assert_same_edges(load_run(out), run)
-    manifest = __import__("json").loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     opts = manifest["options"]
     assert opts["granularity"] == "edge" and opts["method"] == "greedy"
     assert opts["ablate_attention_edges"] is True and opts["tokens"] == "paper"
@@ -208,8 +214,6 @@ def test_edge_run_resumes_after_a_kill(model, tmp_path, monkeypatch):
     assert_same_edges(edge_run(model, out), clean)
     assert calls == [2, 1]  # chunks 1 and 2 only
     # a lost shard, a truncated one and a temporary folder a kill left behind
-    import shutil
-
     shutil.rmtree(out / "shards" / "00000")
     tensors = out / "shards" / "00002" / "edges.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-5])
