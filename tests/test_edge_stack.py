@@ -12,7 +12,7 @@ import torch
 from strace_lens import trace
 from strace_lens.ablation import MeanAblation, ZeroAblation
 from strace_lens.config import TraceConfig
-from strace_lens.edges import EdgeTraceResult, edge_trace
+from strace_lens.edges import PAPER_GRID, EdgeTraceResult, edge_trace
 from strace_lens.result import TraceResult
 from strace_lens.tiny_model import tiny_model
 
@@ -61,14 +61,16 @@ def test_trace_at_edge_granularity_is_edge_trace(model, kwargs):
 
 def test_edge_defaults_are_the_papers(model):
     got = trace(model, PROMPTS[0], granularity="edge")
-    assert got.grid == edge_trace(model, PROMPTS[0]).grid and len(got.grid) == 27
+    assert got.grid == PAPER_GRID and len(got.grid) == 27
     assert got.options["method"] == "greedy" and got.nested
     assert got.options["ablate_attention_edges"] is True and got.options["tokens"] == "paper"
-    # zero ablation named explicitly is the same trace
-    again = trace(model, PROMPTS[0], granularity="edge", ablation=ZeroAblation())
-    assert_same_edges(got, again)
-    # batch_size (subgraphs per masked forward) does not change the result
-    assert_same_edges(got, trace(model, PROMPTS[0], granularity="edge", batch_size=5))
+    assert got.counts[0].tolist() == [int(s * got.n_edges(0)) for s in PAPER_GRID]
+    # zero ablation named explicitly is the same trace, and batch_size (subgraphs per masked
+    # forward) does not change the result
+    small = trace(model, PROMPTS[0], granularity="edge", sizes=GRID)
+    again = trace(model, PROMPTS[0], granularity="edge", sizes=GRID, ablation=ZeroAblation())
+    assert_same_edges(small, again)
+    assert_same_edges(small, trace(model, PROMPTS[0], granularity="edge", sizes=GRID, batch_size=2))
 
 
 @pytest.mark.parametrize(
@@ -116,8 +118,10 @@ def test_more_refusals_at_edge_granularity(model):
 def test_node_granularity_is_unchanged_by_the_new_defaults(model):
     """method=None and inverse=None are trace's defaults now: they mean mask and True."""
     tokens = torch.tensor([[0, 5, 9, 12, 40], [0, 7, 7, 30, 2]])
-    implicit = trace(model, tokens, sizes=[1, 3], steps=2)
-    explicit = trace(model, tokens, sizes=[1, 3], steps=2, method="mask", inverse=True)
+    implicit = trace(model, tokens, sizes=[2], steps=1, finetune_steps=0)
+    explicit = trace(
+        model, tokens, sizes=[2], steps=1, finetune_steps=0, method="mask", inverse=True
+    )
     assert implicit.equals(explicit) and implicit.method == "mask"
     assert implicit.options["inverse"] is True and implicit.options["method"] == "mask"
 
