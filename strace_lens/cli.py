@@ -102,6 +102,15 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _version() -> str:
     from strace_lens import __version__
 
@@ -110,7 +119,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from strace_lens.models import DEFAULT_MODEL, EMBEDDED_MODELS
-    from strace_lens.types import ABLATIONS, METHODS, PER
+    from strace_lens.types import ABLATIONS, GRANULARITIES, METHODS, PER
 
     parser = _Parser(
         prog="strace-lens",
@@ -142,15 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes",
         nargs="+",
         default=None,
-        help="node counts (1 4 16) or relative sizes (0.01 0.1 1.0); default: a log grid",
+        help="node counts (1 4 16) or relative sizes (0.01 0.1 1.0); default: a log grid "
+        "(at --granularity edge: relative sizes or 'paper', the paper's grid and the default)",
+    )
+    tr.add_argument(
+        "--granularity",
+        default="node",
+        metavar="{" + ",".join(GRANULARITIES) + "}",
+        help="heads and MLPs (node) or the paper's token-level edges (edge); token is not "
+        "wired into the command yet (default: %(default)s)",
     )
     # the names come from strace_lens.types (the method registry's names, checked by a test);
     # they are checked before any work, one line and exit 2 (_check_arguments)
     tr.add_argument(
         "--method",
-        default="mask",
+        default=None,
         metavar="{" + ",".join(METHODS) + "}",
-        help="search method (default: %(default)s)",
+        help="search method (default: mask; at --granularity edge: greedy, the paper's, or "
+        "random or mask)",
     )
     tr.add_argument(
         "--per",
@@ -160,9 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--ablation",
-        default="mean",
+        default=None,
         metavar="{" + ",".join(ABLATIONS) + "}",
-        help="what replaces a removed node (default: %(default)s)",
+        help="what replaces a removed node (default: mean; at --granularity edge only zero, "
+        "the paper's edge ablation)",
+    )
+    tr.add_argument(
+        "--ablate-attention-edges",
+        type=_parse_bool,
+        default=None,
+        metavar="{true,false}",
+        help="--granularity edge: false counts attention edges in s but keeps them, as the "
+        "released code's evaluation appears to (default: true)",
+    )
+    tr.add_argument(
+        "--tokens",
+        default=None,
+        metavar="{paper,hf,transformer_lens}",
+        help="--granularity edge: how prompts are tokenised, which fixes every edge count "
+        "(default: paper, the model's original Hugging Face tokenizer)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
@@ -217,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="node counts or relative sizes; default: a log grid",
     )
     rp.add_argument("--seed", type=int, default=0)
-    rp.add_argument("--ablation", default="mean", metavar="{" + ",".join(ABLATIONS) + "}",
-                    help="what replaces a removed node (default: %(default)s)")
+    rp.add_argument(
+        "--ablation",
+        default="mean",
+        metavar="{" + ",".join(ABLATIONS) + "}",
+        help="what replaces a removed node (default: %(default)s)",
+    )
     rp.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
     rp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
     rp.add_argument(
@@ -384,7 +422,6 @@ def _with_file_line(message: str, prompt_file: Any) -> str:
 def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") -> None:
     """Check every flag before any work (loading a model takes time): one line, exit 2."""
     from strace_lens.prompts import resolve_prompt_source
-    from strace_lens.types import ABLATIONS, METHODS, PER
     from strace_lens.validate import check_device, check_method_options
 
     if args.n is not None and args.n < 1:
@@ -395,12 +432,9 @@ def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") 
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}.")
     if not 0 <= args.seed < 2**63:
         raise BadInput(f"--seed must be between 0 and 2**63 - 1, got {args.seed}.")
-    if args.ablation not in ABLATIONS:
-        raise BadInput(f"Unknown ablation {args.ablation!r}: use mean or zero.")
-    if method not in METHODS:
-        raise BadInput(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if per not in PER:
-        raise BadInput(f"Unknown per={per!r}; choose one of {', '.join(PER)}.")
+    node = getattr(args, "granularity", "node") == "node"  # edge: checked in _edge_options
+    if node:
+        _check_node_choices(args.ablation, method, per)
     if args.out.exists() and not args.out.is_dir():
         raise BadInput(f"--out {args.out} is a file: give a folder (it is created).")
     try:
@@ -413,7 +447,8 @@ def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") 
         raise BadInput(f"--option {', '.join(repeated)} is given more than once: give it once.")
     try:
         check_device(args.device, "--device")
-        check_method_options(method, dict(args.option))
+        if node:
+            check_method_options(method, dict(args.option))
     except (ValueError, TypeError) as err:
         raise BadInput(str(err).replace("option ", "--option ", 1)) from err
 
@@ -428,6 +463,17 @@ def _check_placement(args: argparse.Namespace) -> None:
         raise BadInput("Give --device or --device-map, not both.")
     if args.model in TINY_MODEL_NAMES:
         raise BadInput(f"--device-map needs a Hugging Face model, not {args.model}.")
+
+
+def _check_node_choices(ablation: str | None, method: str, per: str) -> None:
+    from strace_lens.types import ABLATIONS, METHODS, PER
+
+    if ablation is not None and ablation not in ABLATIONS:
+        raise BadInput(f"Unknown ablation {ablation!r}: use mean or zero.")
+    if method not in METHODS:
+        raise BadInput(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if per not in PER:
+        raise BadInput(f"Unknown per={per!r}; choose one of {', '.join(PER)}.")
 
 
 def _check_worker_arguments(args: argparse.Namespace) -> None:
@@ -457,9 +503,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from strace_lens.dataset import WorkerShareDone, trace_dataset
     from strace_lens.prompts import read_prompts
 
-    _check_arguments(args, args.method, args.per)
+    _check_arguments(args, args.method or "mask", args.per)
     _check_worker_arguments(args)
-    sizes = _parse_sizes(args.sizes)
+    options = _run_options(args)
     prompt_file = read_prompts(args.prompts, n=args.n)
     if args.executor is not None or args.workers is not None:
         from strace_lens.launch import launch
@@ -470,7 +516,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
         # every worker runs main() on this command line, without the launch options
         return launch(args, main, build_parser(), finish)
     model = _load(args.model, args.device, args.dtype, args.device_map)
-    options: dict[str, Any] = dict(args.option)
     if args.device is not None:
         options["device"] = args.device
     if args.lease_timeout is not None:
@@ -483,11 +528,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             progress=False if args.quiet else None,
             batch_size=args.batch_size,
-            sizes=sizes,
-            method=args.method,
-            per=args.per,
-            ablation=args.ablation,
-            seed=args.seed,
             num_workers=args.num_workers,
             worker_index=args.worker_index,
             **options,
@@ -504,8 +544,92 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``trace_dataset``'s options from the flags (checked before any work: exit 2)."""
+    granularity = args.granularity
+    if granularity == "node":
+        edge_flags = [
+            flag
+            for flag, value in (
+                ("--ablate-attention-edges", args.ablate_attention_edges),
+                ("--tokens", args.tokens),
+            )
+            if value is not None
+        ]
+        if edge_flags:
+            raise BadInput(f"{' and '.join(edge_flags)} apply at --granularity edge only.")
+        return {
+            "sizes": _parse_sizes(args.sizes),
+            "method": args.method or "mask",
+            "per": args.per,
+            "ablation": args.ablation or "mean",
+            "seed": args.seed,
+            **dict(args.option),
+        }
+    if granularity != "edge":
+        raise BadInput(
+            f"--granularity {granularity} is not available from the command line: use node "
+            "(heads and MLPs) or edge (the paper's token-level edges)."
+        )
+    return _edge_options(args)
+
+
+def _edge_options(args: argparse.Namespace) -> dict[str, Any]:
+    from strace_lens.edges.config import EdgeTraceConfig
+
+    paper = args.sizes is None or [t.strip().lower() for t in args.sizes] == ["paper"]
+    options: dict[str, Any] = {
+        "granularity": "edge",
+        "method": args.method,
+        "sizes": "paper" if paper else _parse_sizes(args.sizes),
+        "ablation": args.ablation,
+        "per": args.per,
+        "seed": args.seed,
+        **dict(args.option),
+    }
+    if args.ablate_attention_edges is not None:
+        options["ablate_attention_edges"] = args.ablate_attention_edges
+    if args.tokens is not None:
+        options["tokens"] = args.tokens
+    try:
+        EdgeTraceConfig.from_kwargs(options)
+    except (ValueError, TypeError) as err:
+        raise BadInput(str(err).replace("granularity='edge'", "--granularity edge")) from err
+    return options
+
+
+def edge_summary_table(result: Any) -> str:
+    """Mean edge count, mean TV and top-1 agreement over prompts, one line per size."""
+    lines = [f"{'s':>8} {'mean edges':>11} {'mean TV':>8} {'top-1 %':>8}"]
+    counts = result.counts.double().mean(0).tolist()
+    tv = result.metrics["tv"].double().mean(0).tolist()
+    top1 = (100 * result.metrics["top1"].double().mean(0)).tolist()
+    for j, s in enumerate(result.grid):
+        lines.append(f"{s:>8.3g} {counts[j]:>11.1f} {tv[j]:>8.4f} {top1[j]:>8.1f}")
+    return "\n".join(lines)
+
+
+def _finish_edges(result: Any, args: argparse.Namespace) -> None:
+    """Print the summary of an edge run; the HTML page draws node-level results only."""
+    opts = result.options
+    print(
+        f"{result.n_prompts} prompt(s), edge granularity, method={opts.get('method')}, "
+        f"ablate_attention_edges={str(opts.get('ablate_attention_edges')).lower()}, "
+        f"tokens={opts.get('tokens')}; run folder: {args.out}"
+    )
+    print(edge_summary_table(result))
+    if not args.no_html:
+        print(
+            "HTML page: not written for edge runs (its plots draw node-level results only); "
+            f"strace_lens.load({str(args.out)!r}) reads the run as one EdgeTraceResult."
+        )
+
+
 def _finish(result: Any, args: argparse.Namespace, title: str) -> None:
     """Print the summary and write the HTML page (one worker at a time, under a lease)."""
+    if hasattr(result, "grid"):  # an EdgeTraceResult
+        _finish_edges(result, args)
+        return
     print(
         f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
         f"method={result.method}, per={result.per}; run folder: {args.out}"

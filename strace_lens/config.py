@@ -67,6 +67,12 @@ class TraceConfig:
 
     def __post_init__(self) -> None:
         _check_names(self.method, self.per, self.ablation)
+        if self.granularity != "node":
+            raise ValueError(
+                f"TraceConfig configures node-granularity traces, not granularity="
+                f"{self.granularity!r}: trace(..., granularity='edge') builds an "
+                "EdgeTraceConfig (strace_lens.edges.config); 'token' is not wired into trace()."
+            )
         method = self.search_method
         if self.granularity not in method.granularities:
             raise ValueError(

@@ -39,6 +39,11 @@ Choices worth knowing:
   chunk-mates' activations), saved to ``ablation.safetensors`` and reused on resume.
 - **Every chunk uses the same seed.** Chunk k's result is exactly
   ``trace(model, chunk_k, seed=seed, ablation=<the shared ablation>, ...)``.
+- **Edge granularity** (``granularity="edge"``): each shard is an ``EdgeTraceResult``
+  (``edges.safetensors`` + ``edges.json``) of ``trace(chunk, granularity="edge", ...)``; the
+  run's identity records the edge configuration with its defaults (method, grid, semantics
+  ``ablate_attention_edges``, token convention, seed), there is no mean ablation (edges are
+  zero-ablated), and ``load_run`` joins the shards with ``EdgeTraceResult.concat``.
 - **per="dataset" is one shard.** One subgraph shared by all prompts cannot be split into
   chunks without changing what it means, so such a run traces all prompts as a single chunk
   (``chunk_size`` is ignored; resume is all-or-nothing).
@@ -81,6 +86,10 @@ from strace_lens.atomic import (
 )
 from strace_lens.config import IDENTITY_FIELDS, TraceConfig
 from strace_lens.config import RUNTIME_OPTIONS as CONFIG_RUNTIME_OPTIONS
+from strace_lens.edges.config import EdgeTraceConfig
+from strace_lens.edges.result import META_FILE as EDGE_META_FILE
+from strace_lens.edges.result import EdgeTraceResult
+from strace_lens.edges.tokens import edge_tokenize
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch, tokenize
@@ -97,6 +106,7 @@ from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
 from strace_lens.progress import prompt_bar, wants_progress
 from strace_lens.prompts import PromptFile
+from strace_lens.result import META_FILE as NODE_META_FILE
 from strace_lens.result import VOLATILE_OPTIONS, TraceResult
 from strace_lens.types import ABLATIONS
 from strace_lens.validate import (
@@ -172,7 +182,7 @@ def trace_dataset(
     worker_index: int | None = None,
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     **trace_options: Any,
-) -> TraceResult:
+) -> TraceResult | EdgeTraceResult:
     """Trace many prompts in chunks, each saved as a shard, resuming where a run stopped.
 
     Args:
@@ -198,11 +208,14 @@ def trace_dataset(
             shard (or the first stage) whose worker died. Not part of the run's identity.
         **trace_options: everything else :func:`strace_lens.trace` takes (``sizes``,
             ``ablation``, ``per``, ``method``, ``keep``, ``candidates``, ``seed``, ``device``,
-            method options).
+            method options), ``granularity="edge"`` and its options too: each shard is
+            then an ``EdgeTraceResult`` (edge options, the semantics and the token
+            convention are part of the run's identity; a PromptFile's targets are not
+            recorded at edge granularity).
 
     Returns:
-        The whole run as one ``TraceResult`` (read back from the shards, as
-        ``TraceResult.load(out_dir)`` would).
+        The whole run as one ``TraceResult`` (an ``EdgeTraceResult`` at edge granularity),
+        read back from the shards, as ``strace_lens.load(out_dir)`` would.
 
     Raises:
         RunMismatchError: ``out_dir`` holds a run with other prompts, options or model.
@@ -213,12 +226,18 @@ def trace_dataset(
 
     See the module docstring for the folder layout and what may differ on a GPU.
     """
+    edges = trace_options.get("granularity", "node") == "edge"
     if isinstance(prompts, PromptFile):
-        if targets is None:
+        if targets is None and not edges:  # not recorded at edge granularity
             targets = prompts.targets
         prompts = prompts.prompts
     prompts = _check_prompt_list(prompts)
     targets = check_targets(targets, len(prompts))
+    if edges and targets is not None:
+        raise ValueError(
+            "targets (true next tokens) are not recorded at granularity='edge': leave them "
+            "None (a PromptFile's targets are left out by itself)."
+        )
     chunk_size = as_int(chunk_size, "chunk_size", minimum=1)  # type: ignore[assignment]
     batch_size = as_int(batch_size, "batch_size", minimum=1, allow_none=True)
     share = static_share(num_workers, worker_index)
@@ -239,7 +258,7 @@ def trace_dataset(
         raise RunFolderError(
             f"out_dir {folder} is a file, not a folder: choose a folder path (it is created)."
         )
-    if (folder / "result.json").exists():
+    if (folder / NODE_META_FILE).exists() or (folder / EDGE_META_FILE).exists():
         raise RunMismatchError(
             f"{folder} holds a single saved TraceResult, not a dataset run: choose another "
             "output folder."
@@ -249,7 +268,10 @@ def trace_dataset(
     # the context; method, per, sizes, keep/candidates), so that a mistake costs no time,
     # leaves no folder behind, and a prompt error names its index in the whole list.
     _check_options(model, trace_options)
-    batch = tokenize(model, prompts)
+    if edges:  # the tokens the edge graphs are built on
+        batch = edge_tokenize(model, prompts, trace_options["tokens"])
+    else:
+        batch = tokenize(model, prompts)
 
     with model_untouched(model), caller_state_kept():
         identity = _run_identity(model, prompts, targets, chunk_size, trace_options)
@@ -287,7 +309,7 @@ def _run(  # noqa: C901  (a flat sequence of run-folder checks)
     trace_options: dict[str, Any],
     share: tuple[int, int] = (1, 0),
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
-) -> TraceResult:
+) -> TraceResult | EdgeTraceResult:
     """The body of :func:`trace_dataset`: the first stage under the setup lease, then every
     shard of this worker's share under its own lease."""
     worker = worker_id()
@@ -477,8 +499,9 @@ def _existing_run(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     return existing
 
 
-def load_run(folder: str | os.PathLike[str]) -> TraceResult:
-    """Read a whole ``trace_dataset`` run back as one ``TraceResult`` (shards joined in order).
+def load_run(folder: str | os.PathLike[str]) -> TraceResult | EdgeTraceResult:
+    """Read a whole ``trace_dataset`` run back as one result (shards joined in order): a
+    ``TraceResult``, or an ``EdgeTraceResult`` for a run at edge granularity.
 
     Raises:
         IncompleteRunError: some shard is missing (rerun the same command to finish it).
@@ -510,7 +533,7 @@ def load_run(folder: str | os.PathLike[str]) -> TraceResult:
                 "that shard again."
             )
         try:
-            part = TraceResult.load(path)
+            part = _load_shard(path)
         except Exception as err:  # any damage: a wrong type or key in its JSON, too
             raise ValueError(
                 f"Shard {path} cannot be read ({type(err).__name__}: {err}). Rerun the same "
@@ -522,12 +545,24 @@ def load_run(folder: str | os.PathLike[str]) -> TraceResult:
                 "same command: it traces that shard again."
             )
         parts.append(part)
-    return parts[0] if len(parts) == 1 else TraceResult.concat(parts)
+    if len(parts) == 1:
+        return parts[0]
+    if any(type(p) is not type(parts[0]) for p in parts):
+        raise ValueError(
+            f"The shards of {folder} hold results of different granularities: the folder was "
+            "edited. Move it away and trace again."
+        )
+    return type(parts[0]).concat(parts)  # type: ignore[arg-type]
 
 
 def _plain_options(trace_options: dict[str, Any]) -> dict[str, Any]:
     """The trace options checked, as plain Python values, without method options given at
-    their default (so that ``steps=24`` and no ``steps`` are the same run)."""
+    their default (so that ``steps=24`` and no ``steps`` are the same run). At edge
+    granularity: the edge configuration's own arguments, every default filled in."""
+    if trace_options.get("granularity", "node") == "edge":
+        runtime = {k: v for k, v in trace_options.items() if k in CONFIG_RUNTIME_OPTIONS}
+        check_trace_arguments({**runtime, "granularity": "edge"})  # device, batch_size
+        return {**EdgeTraceConfig.from_kwargs(trace_options).trace_kwargs(), **runtime}
     # trace()'s named parameters; every other keyword is a method option
     params = {*IDENTITY_FIELDS, *CONFIG_RUNTIME_OPTIONS, "targets"}
     named = {k: v for k, v in trace_options.items() if k in params}
@@ -541,6 +576,8 @@ def _plain_options(trace_options: dict[str, Any]) -> dict[str, Any]:
 def _check_options(model: Any, trace_options: dict[str, Any]) -> None:
     from strace_lens.trace import resolve_candidates, resolve_sizes
 
+    if trace_options.get("granularity", "node") == "edge":
+        return  # checked by EdgeTraceConfig (_plain_options); edges need no hook names
     TraceConfig.from_kwargs(trace_options)  # method, per, ablation and method options
     graph = NodeGraph.from_model(model)
     cand = resolve_candidates(graph, trace_options.get("keep"), trace_options.get("candidates"))
@@ -634,8 +671,10 @@ def _run_identity(
     chunk_size: int,
     trace_options: dict[str, Any],
 ) -> dict[str, Any]:
-    from strace_lens import __version__
 
+    if trace_options.get("granularity", "node") == "edge":
+        options = EdgeTraceConfig.from_kwargs(trace_options).identity()
+        return _identity_record(model, prompts, targets, chunk_size, options)
     # Record the trace's defaults too, so that "method not given" and method="mask" (the
     # default) count as the same run, and a difference names both values.
     given = {
@@ -657,6 +696,18 @@ def _run_identity(
             f"Unknown ablation {options['ablation']!r}: use 'mean', 'zero', ZeroAblation() or "
             "MeanAblation.from_prompts(model, prompts)."
         )
+    return _identity_record(model, prompts, targets, chunk_size, options)
+
+
+def _identity_record(
+    model: Any,
+    prompts: list[str],
+    targets: list[str] | None,
+    chunk_size: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    from strace_lens import __version__
+
     return {
         "format": RUN_FORMAT,
         "version": RUN_FORMAT_VERSION,
@@ -748,7 +799,8 @@ def _check_same_run(folder: Path, old: dict[str, Any], new: dict[str, Any]) -> N
     elif old.get("weights_sha256") != new["weights_sha256"]:
         diffs.append("the model's weights differ (same architecture, other checkpoint or dtype)")
     old_opts, new_opts = old.get("options", {}), new["options"]
-    if isinstance(old_opts, dict):  # a manifest written before method defaults were recorded
+    node_run = isinstance(old_opts, dict) and old_opts.get("granularity", "node") == "node"
+    if node_run:  # a manifest written before method defaults were recorded
         old_opts = {**method_defaults(old_opts.get("method", "mask")), **old_opts}
     for key in sorted(set(old_opts) | set(new_opts)):
         if old_opts.get(key, "<not given>") != new_opts.get(key, "<not given>"):
@@ -870,7 +922,7 @@ def _shard_run_id(path: Path) -> str | None:
         data = json.loads((path / RUN_ID_FILE).read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             return None
-        if data.get("result_json_sha256") != sha256_file(path / "result.json"):
+        if data.get("result_json_sha256") != sha256_file(_shard_meta_file(path)):
             return None
         run_id = data.get("run_sha256")
         return run_id if isinstance(run_id, str) else None
@@ -890,7 +942,7 @@ def _shard_is_valid(path: Path, prompts: list[str], run_id: str, clean: bool = T
             and path.is_dir()
             and not any(p.is_symlink() for p in path.iterdir())
             and _shard_run_id(path) == run_id
-            and TraceResult.load(path).prompts == prompts
+            and _load_shard(path).prompts == prompts
         )
     except Exception:  # any damage (a wrong type or key in its JSON, too): trace it again
         ok = False
@@ -899,13 +951,26 @@ def _shard_is_valid(path: Path, prompts: list[str], run_id: str, clean: bool = T
     return ok
 
 
-def _write_shard(shards: Path, k: int, result: TraceResult, run_id: str) -> None:
+def _shard_meta_file(path: Path) -> Path:
+    """A shard's JSON header: ``edges.json`` for an edge run's shard, else ``result.json``
+    (the run's identity, recorded in ``run.json``, says which granularity it was traced at)."""
+    edge_meta = path / EDGE_META_FILE
+    return edge_meta if edge_meta.exists() else path / NODE_META_FILE
+
+
+def _load_shard(path: Path) -> TraceResult | EdgeTraceResult:
+    if (path / EDGE_META_FILE).exists():
+        return EdgeTraceResult.load(path)
+    return TraceResult.load(path)
+
+
+def _write_shard(shards: Path, k: int, result: TraceResult | EdgeTraceResult, run_id: str) -> None:
     """Save a chunk's result into a temporary folder, then rename it to its shard name."""
     timing = {key: result.options.pop(key) for key in VOLATILE_OPTIONS if key in result.options}
     with replaced_folder(shards / _shard_name(k), prefix=f".{_shard_name(k)}.") as tmp:
         result.save(tmp)
         (tmp / TIMING_FILE).write_text(json.dumps(timing), encoding="utf-8")
-        record = {"run_sha256": run_id, "result_json_sha256": sha256_file(tmp / "result.json")}
+        record = {"run_sha256": run_id, "result_json_sha256": sha256_file(_shard_meta_file(tmp))}
         (tmp / RUN_ID_FILE).write_text(json.dumps(record), encoding="utf-8")
 
 
@@ -999,7 +1064,7 @@ def _trace_chunk(
     options: dict[str, Any],
     batch_size: int | None,
     chunk_size: int,
-) -> TraceResult:
+) -> TraceResult | EdgeTraceResult:
     trace = _trace_function()
     try:
         return trace(

@@ -1,9 +1,11 @@
 """``strace_lens.load(path)``: read back whatever strace-lens saved in a folder.
 
 A folder written by ``TraceResult.save`` (``result.json`` + ``result.safetensors``) is read by
-``TraceResult.load``; a ``trace_dataset`` run folder (``manifest.json`` + shards) by
-``load_run``, which joins its shards into one result. This module sits above both, so the
-result container does not need to know about dataset runs.
+``TraceResult.load``; one written by ``EdgeTraceResult.save`` (``edges.json`` +
+``edges.safetensors``) by ``EdgeTraceResult.load``; a ``trace_dataset`` run folder
+(``manifest.json`` + shards) by ``load_run``, which joins its shards into one result of the
+run's granularity. This module sits above all three, so the result containers do not need
+to know about dataset runs.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import os
 from pathlib import Path
 
 from strace_lens.dataset import MANIFEST_FILE, load_run
+from strace_lens.edges.result import META_FILE as EDGE_META_FILE
+from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.result import META_FILE, TraceResult
 
 
-def load(path: str | os.PathLike[str]) -> TraceResult:
-    """The ``TraceResult`` saved in folder ``path``: a single result or a dataset run."""
+def load(path: str | os.PathLike[str]) -> TraceResult | EdgeTraceResult:
+    """The result saved in folder ``path``: a single result or a dataset run, at node
+    granularity (``TraceResult``) or edge granularity (``EdgeTraceResult``)."""
     folder = Path(path)
+    if (folder / EDGE_META_FILE).exists():
+        return EdgeTraceResult.load(folder)
     if (folder / MANIFEST_FILE).exists() and not (folder / META_FILE).exists():
         return load_run(folder)
     return TraceResult.load(folder)

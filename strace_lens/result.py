@@ -239,7 +239,13 @@ class TraceResult:
             )
             # by name, at run time: the result container does not depend on the layer above
             loading = importlib.import_module("strace_lens.loading")
-            return loading.load(folder)
+            run = loading.load(folder)
+            if not isinstance(run, TraceResult):
+                raise ValueError(
+                    f"{folder} is a dataset run at edge granularity: read it with "
+                    "strace_lens.load(path), which returns an EdgeTraceResult."
+                )
+            return run
         meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
         if not meta_path.exists() or not tensors_path.exists():
             raise FileNotFoundError(

@@ -17,6 +17,9 @@ from torch import Tensor
 
 from strace_lens.ablation import Ablation, resolve_ablation
 from strace_lens.config import TraceConfig
+from strace_lens.edges.config import EdgeTraceConfig
+from strace_lens.edges.result import EdgeTraceResult
+from strace_lens.edges.trace import edge_trace
 from strace_lens.evaluate import TOP_K, embed_candidates, evaluate_draws, evaluate_masks
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import check_hook_points, model_device, model_untouched
@@ -116,10 +119,10 @@ def _target_logprobs(model: Any, logp_full: Tensor, targets: Sequence[str] | Non
 def trace(
     model: Any,
     prompts: Prompts,
-    sizes: Sequence[int | float] | Tensor | None = None,
+    sizes: Sequence[int | float] | Tensor | str | None = None,
     ablation: Ablation | str | None = None,
     per: str = "input",
-    method: str = "mask",
+    method: str | None = None,
     keep: NodeSpec | None = None,
     candidates: NodeSpec | None = None,
     seed: int = 0,
@@ -127,12 +130,16 @@ def trace(
     progress: bool | None = None,
     *,
     nested: bool = True,
-    inverse: bool = True,
+    inverse: bool | None = None,
     targets: Sequence[str] | None = None,
     batch_size: int | None = None,
+    granularity: str = "node",
     **options: Any,
-) -> TraceResult:
+) -> TraceResult | EdgeTraceResult:
     """Find, for every size s, the subgraph of s nodes that best reproduces the model's output.
+
+    ``granularity="edge"`` traces the paper's token-level edge graph instead and returns an
+    ``EdgeTraceResult`` (see "Edge granularity" below).
 
     Args:
         model: a ``TransformerBridge`` or ``HookedTransformer`` (left as found).
@@ -143,8 +150,8 @@ def trace(
             ``Ablation`` such as ``MeanAblation.from_prompts(model, reference_prompts)``.
         per: "input" (a subgraph per prompt and size) or "dataset" (one per size, shared by
             all prompts; objective: mean KL).
-        method: "mask" (learned masks), or a baseline: "random", "greedy", "attribution",
-            "forward", "exhaustive".
+        method: "mask" (learned masks; the default), or a baseline: "random", "greedy",
+            "attribution", "forward", "exhaustive".
         keep: nodes always kept (not counted in s).
         candidates: the only nodes a search may choose; every other node is kept.
         seed: makes the result reproducible (on CPU, bit for bit).
@@ -159,15 +166,54 @@ def trace(
             optimum by benchmarks/strace_quality.py (README, "Search quality"): no nested
             family at all gets every size within 5 % of its own optimum, so for the best
             subgraph of each size on its own, pass nested=False.
-        inverse: also score each subgraph's inverse (candidates in it ablated, others kept).
+        inverse: also score each subgraph's inverse (candidates in it ablated, others kept;
+            default True).
         targets: the true next token of each prompt (text), to record its full-model log-prob.
         batch_size: rows per forward pass (default: about 2048 tokens per pass).
+        granularity: "node" (heads and MLPs; the default) or "edge" (below). "token" is
+            not wired into ``trace`` yet (``strace_lens.edges.TokenGraph`` and
+            ``run_with_token_mask`` run token-level masks directly).
         **options: method options (mask: ``steps``, ``finetune_steps``, ``lr``, ...;
             random: ``draws``; forward: ``max_size``; exhaustive: ``max_subsets``).
+
+    Edge granularity (:mod:`strace_lens.edges`, :func:`~strace_lens.edges.edge_trace`):
+        method: "greedy" (the paper's best-first ranking; the default here), "random"
+        (uniform edge subsets per size) or "mask" (a learned ranking started from the
+        greedy's). sizes: "paper" (the paper's grid; the default) or ascending relative sizes
+        in (0, 1]; size s keeps int(s * E) edges. Options: ``ablate_attention_edges`` (True;
+        False counts attention edges in s but keeps them, as the released code's evaluation
+        appears to), ``tokens`` ("paper", "hf" or "transformer_lens"), ``random_variant``
+        ("uniform" or "resid_mlp_first"), ``mask_search`` (a ``MaskSearch`` or a dict of its
+        fields). ``batch_size`` is the number of subgraphs per masked forward (default 32).
+        Ablation is zero (the paper's); ``per="dataset"``, ``ablation="mean"``, ``keep``,
+        ``candidates``, ``inverse``, ``targets`` and ``nested=False`` do not apply and raise
+        ValueError saying why.
     """
+    if granularity == "edge":
+        edge_config = EdgeTraceConfig.from_trace_arguments(
+            method=method,
+            sizes=sizes.tolist() if isinstance(sizes, Tensor) else sizes,
+            ablation=ablation,
+            seed=seed,
+            nested=nested,
+            options=options,
+            per=per,
+            keep=keep,
+            candidates=candidates,
+            inverse=inverse,
+            targets=targets,
+        )
+        return run_edge_trace(model, prompts, edge_config, batch_size=batch_size, device=device)
+    if granularity != "node":
+        raise ValueError(
+            f"granularity={granularity!r} is not wired into trace() yet: trace() runs "
+            "granularity='node' (heads and MLPs) and 'edge' (the paper's token-level edges). "
+            "Token-level masks run directly with strace_lens.edges.run_with_token_mask on a "
+            "strace_lens.edges.TokenGraph."
+        )
     config = TraceConfig.from_kwargs(
         dict(
-            method=method,
+            method="mask" if method is None else method,
             per=per,
             ablation=ablation,
             sizes=sizes,
@@ -175,13 +221,51 @@ def trace(
             candidates=candidates,
             seed=seed,
             nested=nested,
-            inverse=inverse,
+            inverse=True if inverse is None else inverse,
             **options,
         )
     )
     with trace_progress(progress):
         return run_trace(
             model, prompts, config, targets=targets, batch_size=batch_size, device=device
+        )
+
+
+def run_edge_trace(
+    model: Any,
+    prompts: Prompts,
+    config: EdgeTraceConfig,
+    *,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> EdgeTraceResult:
+    """``trace(..., granularity="edge")`` for a validated edge configuration."""
+    if isinstance(prompts, Tensor):
+        raise TypeError(
+            "At granularity='edge', prompts are strings: the token convention (tokens='paper', "
+            "'hf' or 'transformer_lens') decides how they are tokenised, and with it every "
+            "edge count. Decode token ids to text first."
+        )
+    _check_device(model, device)
+    return edge_trace(
+        model,
+        prompts,
+        method=config.method,  # type: ignore[arg-type]
+        sizes=config.sizes,
+        ablate_attention_edges=config.ablate_attention_edges,
+        tokens=config.tokens,  # type: ignore[arg-type]
+        random_variant=config.random_variant,  # type: ignore[arg-type]
+        seed=config.seed,
+        max_rows=32 if batch_size is None else batch_size,
+        mask_search=config.mask_search,
+    )
+
+
+def _check_device(model: Any, device: str | torch.device | None) -> None:
+    if device is not None and torch.device(device) != model_device(model):
+        raise ValueError(
+            f"The model is on {model_device(model)} but device={device!r} was asked for: move "
+            f"the model first (model.to({str(device)!r})) or leave device=None."
         )
 
 
@@ -200,11 +284,7 @@ def run_trace(
     started = time.perf_counter()
     graph = NodeGraph.from_model(model)
     check_hook_points(model, graph)
-    if device is not None and torch.device(device) != model_device(model):
-        raise ValueError(
-            f"The model is on {model_device(model)} but device={device!r} was asked for: move "
-            f"the model first (model.to({str(device)!r})) or leave device=None."
-        )
+    _check_device(model, device)
     batch = tokenize(model, prompts)
     cand = resolve_candidates(graph, config.keep, config.candidates)
     size_counts = resolve_sizes(config.sizes, int(cand.sum()))
@@ -298,6 +378,7 @@ __all__ = [
     "default_sizes",
     "resolve_candidates",
     "resolve_sizes",
+    "run_edge_trace",
     "run_trace",
     "trace",
 ]

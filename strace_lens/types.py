@@ -19,8 +19,9 @@ Per = Literal["input", "dataset"]
 MethodName = Literal["mask", "random", "greedy", "attribution", "forward", "exhaustive"]
 #: what an ablated node's output is replaced by
 AblationName = Literal["mean", "zero"]
-#: what a mask selects: attention heads and MLPs (later issues add "token" and "edge")
-Granularity = Literal["node"]
+#: what a subgraph is made of: attention heads and MLPs ("node"), each of them at each
+#: position ("token"), or the paper's token-level edges ("edge"; strace_lens.edges)
+Granularity = Literal["node", "token", "edge"]
 
 PER: tuple[Per, ...] = get_args(Per)
 METHODS: tuple[MethodName, ...] = get_args(MethodName)

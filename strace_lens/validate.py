@@ -295,8 +295,13 @@ def _plain_nodes(nodes: Any, name: str) -> Any:
 def check_trace_arguments(arguments: dict[str, Any]) -> dict[str, Any]:  # noqa: C901
     """Check and make plain the arguments of ``trace`` (as bound by ``inspect``)."""
     args = dict(arguments)
-    if "sizes" in args:
-        args["sizes"] = as_sizes(args["sizes"])
+    granularity = args.get("granularity", "node")
+    if "granularity" in args:
+        from strace_lens.types import GRANULARITIES
+
+        _choice(granularity, "granularity", GRANULARITIES)
+    if "sizes" in args and not (granularity == "edge" and isinstance(args["sizes"], str)):
+        args["sizes"] = as_sizes(args["sizes"])  # edge granularity also takes "paper"
     if "seed" in args:
         args["seed"] = as_int(args["seed"], "seed", minimum=0, maximum=2**63 - 1)
     if args.get("batch_size") is not None:
@@ -304,6 +309,8 @@ def check_trace_arguments(arguments: dict[str, Any]) -> dict[str, Any]:  # noqa:
     for flag in ("nested", "inverse"):
         if flag in args:
             value = _scalar(args[flag])
+            if value is None and flag == "inverse":
+                continue  # trace's default: True at node granularity
             if not isinstance(value, bool):
                 raise ArgumentTypeError(f"{flag} must be True or False, got {value!r}.")
             args[flag] = value
@@ -316,8 +323,11 @@ def check_trace_arguments(arguments: dict[str, Any]) -> dict[str, Any]:  # noqa:
         args["targets"] = check_targets(args["targets"])
     if "prompts" in args:
         check_prompt_texts(args["prompts"])
-    if "options" in args:
-        args["options"] = check_method_options(args.get("method", "mask"), args["options"])
+    if "options" in args and granularity == "node":  # edge options: EdgeTraceConfig
+        method = args.get("method")
+        args["options"] = check_method_options(
+            "mask" if method is None else method, args["options"]
+        )
     return args
 
 

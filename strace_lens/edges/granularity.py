@@ -11,14 +11,12 @@ Sizes are counted in each granularity's units and relative sizes are over ``len(
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from strace_lens.edges.graph import EdgeGraph
 from strace_lens.edges.token_level import TokenGraph
 from strace_lens.graph import NodeGraph
-
-Granularity = Literal["node", "token", "edge"]
-GRANULARITIES: tuple[str, ...] = ("node", "token", "edge")
+from strace_lens.types import GRANULARITIES, Granularity
 
 
 def graph_for(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ FORMAT = "strace-lens/edge-trace-result"
 FORMAT_VERSION = 1
 TENSORS_FILE = "edges.safetensors"
 META_FILE = "edges.json"
+#: options recorded once per prompt (joined by ``concat``), and the wall time (summed)
+PER_PROMPT_OPTIONS = ("mask_fits",)
 
 
 @dataclass
@@ -94,6 +97,50 @@ class EdgeTraceResult:
     def mean_curve(self) -> dict[str, list[float]]:
         """Mean of each metric over prompts, per size."""
         return {k: v.double().mean(0).tolist() for k, v in self.metrics.items()}
+
+    @staticmethod
+    def concat(results: Sequence[EdgeTraceResult]) -> EdgeTraceResult:
+        """Join results over disjoint prompt lists (same model shape, grid, family and
+        options), prompts in the order given: what one call on all the prompts records."""
+        if not results:
+            raise ValueError("Nothing to concatenate: give at least one EdgeTraceResult.")
+        first = results[0]
+        for i, r in enumerate(results[1:], start=1):
+            same = (r.n_layers, r.n_heads, r.grid, r.nested) == (
+                first.n_layers, first.n_heads, first.grid, first.nested
+            )  # fmt: skip
+            if not same or _shared_options(r.options) != _shared_options(first.options):
+                raise ValueError(
+                    f"Result {i} was traced with another model shape, grid, method or options "
+                    "than result 0: only results of one configuration can be joined."
+                )
+        ids, offsets, start = [], [torch.zeros(1, dtype=torch.long)], 0
+        for r in results:
+            ids.append(r.ids.to(torch.int32))
+            offsets.append(r.offsets[1:].long() + start)
+            start += int(r.offsets[-1])
+        options = dict(first.options)
+        for key in PER_PROMPT_OPTIONS:
+            if key in options:
+                options[key] = [x for r in results for x in r.options[key]]
+        if "seconds" in options:
+            options["seconds"] = sum(float(r.options.get("seconds", 0.0)) for r in results)
+        return EdgeTraceResult(
+            n_layers=first.n_layers,
+            n_heads=first.n_heads,
+            grid=first.grid,
+            n_pos=torch.cat([r.n_pos for r in results]),
+            counts=torch.cat([r.counts for r in results]),
+            nested=first.nested,
+            ids=torch.cat(ids),
+            offsets=torch.cat(offsets),
+            metrics={k: torch.cat([r.metrics[k] for r in results]) for k in first.metrics},
+            entropy=torch.cat([r.entropy for r in results]),
+            top_tokens=torch.cat([r.top_tokens for r in results]),
+            full_top_tokens=torch.cat([r.full_top_tokens for r in results]),
+            prompts=[p for r in results for p in r.prompts],
+            options=options,
+        )
 
     # -- saving --------------------------------------------------------------------------
     def _tensors(self) -> dict[str, Tensor]:
@@ -166,3 +213,9 @@ class EdgeTraceResult:
             prompts=list(meta["prompts"]),
             options=dict(meta.get("options", {})),
         )
+
+
+def _shared_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options every prompt of one configuration shares (wall time and per-prompt
+    records aside)."""
+    return {k: v for k, v in options.items() if k not in ("seconds", *PER_PROMPT_OPTIONS)}

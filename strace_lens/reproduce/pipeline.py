@@ -44,7 +44,7 @@ def _trace_run(
     """Trace through ``trace_dataset``: sharded, resumable, refused if the options changed."""
     from strace_lens.dataset import trace_dataset
 
-    return trace_dataset(
+    result = trace_dataset(
         model,
         prompts,
         folder,
@@ -54,6 +54,9 @@ def _trace_run(
         batch_size=batch_size,
         **options,
     )
+    if not isinstance(result, TraceResult):  # the claims are read off node-level results
+        raise TypeError("reproduce traces at node granularity; an edge run cannot be judged.")
+    return result
 
 
 def _load(name: str, device: str | None) -> Any:
