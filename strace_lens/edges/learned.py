@@ -81,12 +81,29 @@ class MaskSearch:
     max_budgets: int = 6
     noise: float = 0.0
     seed: int = 0
+    merge: bool = True
+    max_candidates: int = 3
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.max_budgets < 1 or self.noise < 0:
+        bad = self.max_budgets < 1 or self.noise < 0 or self.max_candidates < 1
+        if self.steps < 0 or self.lr <= 0 or bad:
             raise ValueError(f"Invalid mask search options: {self}.")
         if min(self.temperature) <= 0:
             raise ValueError(f"Temperatures must be positive, got {self.temperature}.")
+
+
+@dataclass
+class MergeChoice:
+    """How :func:`merge_nested` built a ranking: per merged edge count, which candidate
+    ranking continued the chain (0: the first ranking given, the greedy's) and its hard KL."""
+
+    counts: Int[Tensor, " size"]
+    choice: Int[Tensor, " size"]
+    kl: Float[Tensor, " size"]
+    #: hard log-probs of each merged subgraph (the chain's own measurement)
+    logp: Float[Tensor, "size vocab"] = field(repr=False)
+    #: masked forward rows measured (one per distinct candidate per size)
+    rows: int = 0
 
 
 @dataclass
@@ -101,6 +118,23 @@ class LearnedOrder:
     kl: Float[Tensor, "step budget"] = field(repr=False)
     #: forward + backward passes, each of len(budgets) rows
     passes: int = 0
+    #: the ranking measured at each step (row 0: the greedy's), for :func:`merge_nested`
+    step_orders: list[Tensor] = field(default_factory=list, repr=False)
+    #: how the nested merge chose (None when no merge ran): ranking index per merged size
+    merge: MergeChoice | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What a result records of the search (JSON-able)."""
+        out: dict[str, Any] = {
+            "best_step": self.best_step,
+            "passes": self.passes,
+            "budgets": self.budgets.tolist(),
+        }
+        if self.merge is not None:
+            out["merge_counts"] = self.merge.counts.tolist()
+            out["merge_choice"] = self.merge.choice.tolist()
+            out["merge_rows"] = self.merge.rows
+        return out
 
 
 def pick_budgets(grid: Sequence[float], n_edges: int, search: MaskSearch) -> Int[Tensor, " budget"]:
@@ -159,6 +193,7 @@ def learn_order(
     t0, t1 = search.temperature
     n_b = len(budgets)
     history: list[Tensor] = []
+    step_orders: list[Tensor] = []
     best = (math.inf, theta.clone(), 0)
     passes = 0
     for step in range(search.steps + 1):
@@ -168,6 +203,7 @@ def learn_order(
             u = torch.rand(n_edges, generator=gen, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
             noisy = theta + search.noise * temp * (u.log() - (-u).log1p())
         order = greedy_order(graph, noisy)
+        step_orders.append(order)
         hard = hard_masks(order, budgets, n_edges)
         last = step == search.steps
         th = theta.clone().requires_grad_(not last)
@@ -201,4 +237,148 @@ def learn_order(
         best_step=best_step,
         kl=torch.stack(history) if history else torch.zeros(0, n_b),
         passes=passes,
+        step_orders=step_orders,
     )
+
+
+def merge_nested(
+    model: Any,
+    row: TokenBatch,
+    graph: EdgeGraph,
+    rankings: Sequence[Int[Tensor, " edge"]],
+    counts: Int[Tensor, " size"],
+    *,
+    ablate_attention_edges: bool = True,
+    logp_full: Float[Tensor, " vocab"],
+    max_rows: int = 32,
+) -> tuple[Int[Tensor, " edge"], MergeChoice]:
+    """One nested ranking that, size by size, continues with whichever candidate measures best.
+
+    At each edge count ``k`` (ascending), the chain so far ``S`` (``k_prev`` edges) is
+    extended by each ranking's first ``k - k_prev`` edges not in ``S``, in that ranking's
+    order; every distinct extension is measured exactly (hard masks, KL at the last
+    position, one batch) and the one with the lowest KL is kept (ties: the earlier ranking).
+    So the first size is the best of the rankings' own prefixes, and wherever ``S`` lies
+    inside the first ranking's prefix of size ``k`` (the greedy's, e.g. while the greedy has
+    been chosen all along), the chain is at least as good as that prefix. If every ranking
+    has all its prefixes connected to the output (as :func:`greedy_order` rankings have),
+    so has the merge: an edge's target is reached by an edge earlier in its own ranking,
+    which is in ``S`` or earlier in the block. After the last count the first ranking
+    continues. Cost: one masked forward of at most ``len(rankings)`` rows per count.
+    """
+    n_edges = graph.n_edges
+    if not rankings:
+        raise ValueError("merge_nested needs at least one candidate ranking.")
+    for r in rankings:
+        if r.shape != (n_edges,):
+            raise ValueError(f"A candidate ranking must order all {n_edges} edges.")
+    dtype = next(model.parameters()).dtype
+    target = logp_full.detach()
+    taken = torch.zeros(n_edges, dtype=torch.bool)
+    blocks: list[Tensor] = []
+    merged, chosen, kls, logps = [], [], [], []
+    rows = 0
+    prev = 0
+    for k in sorted({int(c) for c in counts.tolist() if 0 < int(c) < n_edges}):
+        cands: list[tuple[int, Tensor]] = []
+        for i, r in enumerate(rankings):
+            block = r[~taken[r.long()]][: k - prev]
+            key = torch.sort(block).values
+            if not any(torch.equal(key, torch.sort(b).values) for _, b in cands):
+                cands.append((i, block))
+        keep = taken[None].repeat(len(cands), 1)
+        for c, (_, block) in enumerate(cands):
+            keep[c, block.long()] = True
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(cands), max_rows):
+                masks = EdgeMasks.from_edges(graph, keep[start : start + max_rows].to(dtype))
+                out.append(
+                    run_with_edge_masks(
+                        model, row, masks, ablate_attention_edges=ablate_attention_edges
+                    )
+                )
+        logp = torch.cat(out)
+        rows += len(cands)
+        kl = kl_divergence(target.expand_as(logp), logp).clamp(min=0).double().cpu()
+        best = int(torch.argmin(kl))  # the first of equal minima: the earlier ranking
+        index, block = cands[best]
+        blocks.append(block)
+        taken[block.long()] = True
+        merged.append(k)
+        chosen.append(index)
+        kls.append(float(kl[best]))
+        logps.append(logp[best].detach().cpu())
+        prev = k
+    first = rankings[0]
+    blocks.append(first[~taken[first.long()]])
+    order = torch.cat(blocks).to(torch.int32) if blocks else first.to(torch.int32)
+    vocab = int(target.shape[-1])
+    return order, MergeChoice(
+        counts=torch.tensor(merged, dtype=torch.long),
+        choice=torch.tensor(chosen, dtype=torch.long),
+        kl=torch.tensor(kls, dtype=torch.float64),
+        logp=torch.stack(logps) if logps else torch.zeros(0, vocab),
+        rows=rows,
+    )
+
+
+def merge_candidates(fit: LearnedOrder, greedy: Tensor, most: int) -> list[Tensor]:
+    """The greedy's ranking first, then the kept step's, then the latest steps', distinct,
+    at most ``most`` in all."""
+    steps = list(range(len(fit.step_orders) - 1, 0, -1))
+    picked = [greedy]
+    for s in [fit.best_step, *steps]:
+        if len(picked) >= most:
+            break
+        order = fit.step_orders[s]
+        if not any(torch.equal(order, o) for o in picked):
+            picked.append(order)
+    return picked
+
+
+def learned_nested_order(
+    model: Any,
+    row: TokenBatch,
+    graph: EdgeGraph,
+    greedy: Int[Tensor, " edge"],
+    grid: Sequence[float],
+    *,
+    search: MaskSearch = MaskSearch(),
+    ablate_attention_edges: bool = True,
+) -> LearnedOrder:
+    """``method="mask"`` for one prompt: :func:`learn_order` from the greedy ranking, then
+    (``search.merge``) :func:`merge_nested` over the greedy's and the learned steps'
+    rankings at the grid's edge counts."""
+    n_edges = graph.n_edges
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        ones = EdgeMasks.from_edges(graph, torch.ones(1, n_edges, dtype=dtype))
+        logp_full = run_with_edge_masks(
+            model, row, ones, ablate_attention_edges=ablate_attention_edges
+        )[0]
+    budgets = pick_budgets(grid, n_edges, search)
+    fit = learn_order(
+        model,
+        row,
+        graph,
+        greedy,
+        budgets,
+        search=search,
+        ablate_attention_edges=ablate_attention_edges,
+        logp_full=logp_full,
+    )
+    if not search.merge:
+        return fit
+    counts = torch.tensor([int(s * n_edges) for s in grid], dtype=torch.long)
+    order, choice = merge_nested(
+        model,
+        row,
+        graph,
+        merge_candidates(fit, greedy, search.max_candidates),
+        counts,
+        ablate_attention_edges=ablate_attention_edges,
+        logp_full=logp_full,
+    )
+    fit.order, fit.merge = order, choice
+    return fit
