@@ -14,7 +14,9 @@ model's top-1 token; the smallest size at which half of the prompts keep it; and
 search's cost (learning + merge, seconds summed over prompts) as a multiple of one bare
 forward of the whole prompt batch (median of ``--repeats``, timed in the same process).
 Each (model, semantics, prompt) is saved as JSON in ``--out`` as soon as it is done, and a
-rerun with the same options resumes from there (a changed option raises).
+rerun with the same options resumes from there (a changed option raises); ``--report``
+prints the table of the prompts saved so far (e.g. from several processes, one per model
+and semantics), timing the bare forward of their batch in the reporting process.
 
     nice -n 10 python benchmarks/edge_learned.py --model smollm2-135m --n 16 --out runs/el
 """
@@ -118,37 +120,50 @@ def report(name: str, label: str, results: list[dict[str, Any]], grid: list[floa
     )
 
 
+def load_saved(path: Path, options: dict[str, Any], prompt: str) -> dict[str, Any]:
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved["options"] != json.loads(json.dumps(options)) or saved["prompt"] != prompt:
+        raise ValueError(f"{path} was written with other options: use another --out.")
+    return saved
+
+
 def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: MaskSearch):
-    model = sl.load_model(name, device="cpu")
-    batch = edge_tokenize(model, prompts)
-    lengths = (batch.predict_pos + 1).tolist()
-    bare_forward_times(model, batch, 1)  # warm-up
-    bare_times = bare_forward_times(model, batch, args.repeats)
-    weights = edge_weights(model, batch)[0]
-    graphs = [EdgeGraph.from_model(model, n) for n in lengths]
-    orders = [greedy_order(g, w) for g, w in zip(graphs, weights)]
     grid = [s for s in PAPER_GRID if s >= args.min_size]
     options = {"search": {k: getattr(search, k) for k in search.__dataclass_fields__}}
     options |= {"min_size": args.min_size, "model": name}
     semantics = [("ablated", True), ("kept", False)]
     semantics = [(label, a) for label, a in semantics if label in args.semantics]
+    paths = {
+        label: [
+            args.out / name / label / f"prompt_{args.first + p:03d}.json"
+            for p in range(len(prompts))
+        ]
+        for label, _ in semantics
+    }
+    if args.report:  # the prompts done so far, in order, for every semantics
+        done = min(
+            next((p for p, f in enumerate(fs) if not f.exists()), len(fs)) for fs in paths.values()
+        )
+        if done == 0:
+            raise ValueError(f"No saved prompt in {args.out / name}: run without --report first.")
+        prompts = prompts[:done]
+    model = sl.load_model(name, device="cpu")
+    batch = edge_tokenize(model, prompts)
+    bare_forward_times(model, batch, 1)  # warm-up
+    bare_times = bare_forward_times(model, batch, args.repeats)
+    if not args.report:
+        lengths = (batch.predict_pos + 1).tolist()
+        weights = edge_weights(model, batch)[0]
+        graphs = [EdgeGraph.from_model(model, n) for n in lengths]
+        orders = [greedy_order(g, w) for g, w in zip(graphs, weights)]
     for label, ablate in semantics:
-        folder = args.out / name / label
-        folder.mkdir(parents=True, exist_ok=True)
         results = []
-        for p, (graph, order) in enumerate(zip(graphs, orders)):
-            path = folder / f"prompt_{p:03d}.json"
+        for p, path in enumerate(paths[label][: len(prompts)]):
             if path.exists():
-                saved = json.loads(path.read_text(encoding="utf-8"))
-                if (
-                    saved["options"] != json.loads(json.dumps(options))
-                    or saved["prompt"] != (prompts[p])
-                ):
-                    raise ValueError(f"{path} was written with other options: use another --out.")
-                results.append(saved)
+                results.append(load_saved(path, options, prompts[p]))
                 continue
             row = batch.select([p]).trimmed()
-            out = one_prompt(model, row, graph, order, grid, search, ablate)
+            out = one_prompt(model, row, graphs[p], orders[p], grid, search, ablate)
             out |= {"options": options, "prompt": prompts[p]}
             write_text(path, json.dumps(out))
             results.append(out)
@@ -165,13 +180,19 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="index of the first prompt")
     parser.add_argument("--repeats", type=int, default=3, help="bare forward repeats")
     parser.add_argument("--semantics", nargs="+", default=["ablated", "kept"])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=0.3)
-    parser.add_argument("--max-budgets", type=int, default=4)
-    parser.add_argument("--max-candidates", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=MaskSearch.steps)
+    parser.add_argument("--lr", type=float, default=MaskSearch.lr)
+    parser.add_argument("--max-budgets", type=int, default=MaskSearch.max_budgets)
+    parser.add_argument("--max-candidates", type=int, default=MaskSearch.max_candidates)
     parser.add_argument("--min-size", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", type=Path, required=True, help="folder for per-prompt JSON")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="no search: the table of the prompts saved so far (the first ones, in order), "
+        "with the bare forward of their batch timed now",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

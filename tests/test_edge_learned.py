@@ -150,7 +150,7 @@ def exhaustive_case(
             model, batch, graph, order, grid, search=search, ablate_attention_edges=ablate
         )
     else:
-        search = MaskSearch(steps=30, merge=False)
+        search = MaskSearch(steps=30, lr=0.5, max_budgets=6, merge=False)
         fit = learn_order(
             model, batch, graph, order, torch.arange(1, n), search=search,
             ablate_attention_edges=ablate,
