@@ -99,7 +99,8 @@ def report(name: str, label: str, results: list[dict[str, Any]], grid: list[floa
     print(f"{'s':>8} | {'greedy':>8} {'learned':>8} | {'top1 g':>6} {'top1 l':>6} | lower")
     for i, s in enumerate(grid):
         g, learned = tv["greedy"][:, i].median(), tv["learned"][:, i].median()
-        mark = "yes" if learned < g else ("equal" if learned == g else "NO")
+        # below 1e-4 apart the medians print the same: the same subgraph up to float noise
+        mark = "equal" if abs(learned - g) < 1e-4 else ("yes" if learned < g else "NO")
         print(
             f"{'full' if s == 1.0 else f'{s:g}':>8} | {g:8.4f} {learned:8.4f} | "
             f"{top['greedy'][:, i].mean():6.2f} {top['learned'][:, i].mean():6.2f} | {mark}"
