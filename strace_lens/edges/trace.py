@@ -88,7 +88,8 @@ def edge_trace(
         random_variant: ``"uniform"`` edge subsets, or ``"resid_mlp_first"``: residual and
             MLP edges drawn first, then attention edges (the released code's baseline).
         mask_search: options of ``method="mask"`` (:mod:`strace_lens.edges.learned`: a
-            nested ranking learned from the greedy's, for this semantics).
+            nested ranking learned from the greedy's, for this semantics, then merged size by
+            size with the greedy's by exact measurement; docs/edge-learned.md).
     """
     if method not in ("greedy", "random", "mask"):
         raise ValueError(f"Unknown edge method {method!r}: 'greedy', 'random' or 'mask'.")
