@@ -17,7 +17,14 @@ from strace_lens.edges import (
     greedy_order,
     run_with_edge_masks,
 )
-from strace_lens.edges.learned import MaskSearch, learn_order, pick_budgets, rank_scores
+from strace_lens.edges.learned import (
+    MaskSearch,
+    learn_order,
+    learned_nested_order,
+    merge_nested,
+    pick_budgets,
+    rank_scores,
+)
 from strace_lens.inputs import tokenize
 from strace_lens.metrics import kl_divergence, tv_distance
 from strace_lens.tiny_model import tiny_model
@@ -124,9 +131,11 @@ def test_step_zero_is_the_greedy_and_selection_is_never_worse(byte_tiny):
     assert torch.allclose(kl_divergence(full.expand_as(logp), logp), best, atol=1e-9)
 
 
-def exhaustive_case(seed: int, ablate: bool) -> tuple[list[float], list[float], list[float]]:
-    """KL per size k = 1..E-1 of greedy, learned and the best of all subsets (1 layer,
-    2 heads, 3 tokens: E = 9, 511 subsets)."""
+def exhaustive_case(
+    seed: int, ablate: bool, merged: bool = False
+) -> tuple[list[float], list[float], list[float]]:
+    """KL per size k = 1..E-1 of greedy, learned (``merged``: the learned nested merge on
+    every k) and the best of all subsets (1 layer, 2 heads, 3 tokens: E = 9, 511 subsets)."""
     model = make_tiny(torch.float64, n_layers=1, n_heads=2, n_key_value_heads=2)
     tokens = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(seed))
     batch = tokenize(model, tokens)
@@ -134,10 +143,18 @@ def exhaustive_case(seed: int, ablate: bool) -> tuple[list[float], list[float], 
     graph = EdgeGraph.from_model(model, 3)
     n = graph.n_edges
     order = greedy_order(graph, w)
-    search = MaskSearch(steps=30)
-    fit = learn_order(
-        model, batch, graph, order, torch.arange(1, n), search=search, ablate_attention_edges=ablate
-    )
+    if merged:
+        grid = [k / n for k in range(1, n)]
+        search = MaskSearch(steps=10, max_candidates=4)
+        fit = learned_nested_order(
+            model, batch, graph, order, grid, search=search, ablate_attention_edges=ablate
+        )
+    else:
+        search = MaskSearch(steps=30, lr=0.5, max_budgets=6, merge=False)
+        fit = learn_order(
+            model, batch, graph, order, torch.arange(1, n), search=search,
+            ablate_attention_edges=ablate,
+        )  # fmt: skip
     subsets = [c for k in range(1, n) for c in itertools.combinations(range(n), k)]
     keep = torch.zeros(len(subsets) + 1, n, dtype=torch.float64)
     for i, c in enumerate(subsets):
@@ -181,6 +198,93 @@ def test_learned_against_greedy_and_exhaustive_optimum(ablate):
     assert sum(gaps_l) < sum(gaps_g)
 
 
+@pytest.mark.parametrize("ablate", [True, False], ids=["ablated", "kept"])
+def test_merged_against_greedy_and_exhaustive_optimum(ablate):
+    """The nested merge of the greedy's and the learned rankings, every size of 4 random
+    prompts: bounded by the exhaustive optimum, never worse than the greedy at the first
+    size, and better than the greedy in total (log KL) on each prompt."""
+    gaps_g, gaps_m, worse = [], [], 0
+    for seed in range(4):
+        g, merged, best = exhaustive_case(seed, ablate, merged=True)
+        assert merged[0] <= g[0] + 1e-12
+        for a, b, c in zip(g, merged, best):
+            assert c <= a + 1e-12 and c <= b + 1e-12
+            gaps_g.append(a - c)
+            gaps_m.append(b - c)
+            worse += b > a + 1e-12
+        log = lambda xs: sum(torch.tensor(xs).add(1e-12).log().tolist())  # noqa: E731
+        assert log(merged) <= log(g) + 1e-9
+    print(
+        f"\nablate={ablate}, merged: mean KL gap to the exhaustive optimum: greedy "
+        f"{sum(gaps_g) / len(gaps_g):.4f}, merged {sum(gaps_m) / len(gaps_m):.4f}; "
+        f"merged worse than greedy at {worse} of {len(gaps_g)} (prompt, size) pairs"
+    )
+    assert sum(gaps_m) < sum(gaps_g)
+
+
+def merge_case(byte_tiny, ablate: bool = True):
+    batch = edge_tokenize(byte_tiny, PROMPTS[1])
+    graph = EdgeGraph.from_model(byte_tiny, batch.tokens.shape[1])
+    (w,), _ = edge_weights(byte_tiny, batch)
+    greedy = greedy_order(graph, w)
+    gen = torch.Generator().manual_seed(3)
+    other = greedy_order(graph, torch.rand(graph.n_edges, generator=gen, dtype=torch.float64))
+    keep = torch.ones(1, graph.n_edges, dtype=torch.float64)
+    full = run_with_edge_masks(
+        byte_tiny, batch, EdgeMasks.from_edges(graph, keep), ablate_attention_edges=ablate
+    )[0]
+    counts = torch.tensor([int(s * graph.n_edges) for s in GRID])
+    return batch, graph, greedy, other, full, counts
+
+
+def prefix_kl(model, batch, graph, order, counts, full, ablate=True):
+    keep = torch.zeros(len(counts), graph.n_edges, dtype=torch.float64)
+    for i, k in enumerate(counts.tolist()):
+        keep[i, order[:k].long()] = 1
+    logp = run_with_edge_masks(
+        model, batch, EdgeMasks.from_edges(graph, keep), ablate_attention_edges=ablate
+    )
+    return kl_divergence(full.expand_as(logp), logp).clamp(min=0).detach()
+
+
+@pytest.mark.parametrize("ablate", [True, False], ids=["ablated", "kept"])
+def test_merge_measures_its_own_chain_and_stays_connected(byte_tiny, ablate):
+    batch, graph, greedy, other, full, counts = merge_case(byte_tiny, ablate)
+    order, choice = merge_nested(
+        byte_tiny, batch, graph, [greedy, other], counts,
+        ablate_attention_edges=ablate, logp_full=full,
+    )  # fmt: skip
+    assert sorted(order.tolist()) == list(range(graph.n_edges))
+    inner = counts[(counts > 0) & (counts < graph.n_edges)]
+    assert choice.counts.tolist() == inner.tolist()
+    # the recorded KL is the hard KL of the merged ranking's own prefixes, run independently
+    kl = prefix_kl(byte_tiny, batch, graph, order, inner, full, ablate)
+    assert torch.allclose(kl, choice.kl, atol=1e-9)
+    # the first size is the better of the two rankings' own prefixes
+    first = min(
+        float(prefix_kl(byte_tiny, batch, graph, r, inner[:1], full, ablate)[0])
+        for r in (greedy, other)
+    )
+    assert abs(float(choice.kl[0]) - first) <= 1e-9
+    # where the chain so far lies in the greedy's prefix, it is no worse than that prefix
+    kl_g = prefix_kl(byte_tiny, batch, graph, greedy, inner, full, ablate)
+    for i in range(1, len(inner)):
+        if set(order[: int(inner[i - 1])].tolist()) <= set(greedy[: int(inner[i])].tolist()):
+            assert float(choice.kl[i]) <= float(kl_g[i]) + 1e-9
+    source, target = graph.edge_fields["source_node"], graph.edge_fields["target_node"]
+    reached = {graph.output_node}
+    for e in order.tolist():
+        assert int(target[e]) in reached
+        reached.add(int(source[e]))
+
+
+def test_merge_of_the_greedy_alone_is_the_greedy(byte_tiny):
+    batch, graph, greedy, _, full, counts = merge_case(byte_tiny)
+    order, choice = merge_nested(byte_tiny, batch, graph, [greedy], counts, logp_full=full)
+    assert torch.equal(order, greedy) and choice.choice.eq(0).all()
+    assert choice.rows == len(choice.counts)
+
+
 def test_mask_result_saves_and_loads(tmp_path, mask_result):
     from strace_lens.edges import EdgeTraceResult
 
@@ -195,5 +299,7 @@ def test_bad_search_options_raise():
         MaskSearch(steps=-1)
     with pytest.raises(ValueError, match="Temperatures"):
         MaskSearch(temperature=(1.0, 0.0))
+    with pytest.raises(ValueError, match="mask search"):
+        MaskSearch(max_candidates=0)
     with pytest.raises(ValueError, match="No trainable budget"):
         pick_budgets([1.0], 10, MaskSearch())

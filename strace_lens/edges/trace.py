@@ -24,7 +24,7 @@ from torch import Tensor
 from strace_lens.edges.forward import EdgeMasks, run_with_edge_masks
 from strace_lens.edges.graph import EdgeGraph
 from strace_lens.edges.greedy import greedy_order, random_order
-from strace_lens.edges.learned import MaskSearch, learn_order, pick_budgets
+from strace_lens.edges.learned import MaskSearch, learned_nested_order
 from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.edges.sizes import edge_counts, relative_sizes
 from strace_lens.edges.tokens import TokenConvention, edge_tokenize
@@ -88,7 +88,8 @@ def edge_trace(
         random_variant: ``"uniform"`` edge subsets, or ``"resid_mlp_first"``: residual and
             MLP edges drawn first, then attention edges (the released code's baseline).
         mask_search: options of ``method="mask"`` (:mod:`strace_lens.edges.learned`: a
-            nested ranking learned from the greedy's, for this semantics).
+            nested ranking learned from the greedy's, for this semantics, then merged size by
+            size with the greedy's by exact measurement; docs/edge-learned.md).
     """
     if method not in ("greedy", "random", "mask"):
         raise ValueError(f"Unknown edge method {method!r}: 'greedy', 'random' or 'mask'.")
@@ -119,12 +120,12 @@ def edge_trace(
         if weights is not None:
             order = greedy_order(graph, weights[p])
             if method == "mask":
-                budgets = pick_budgets(grid, graph.n_edges, search)
-                fit = learn_order(model, row, graph, order, budgets, search=search,
-                                  ablate_attention_edges=ablate_attention_edges)  # fmt: skip
+                ablate = ablate_attention_edges
+                fit = learned_nested_order(
+                    model, row, graph, order, grid, search=search, ablate_attention_edges=ablate
+                )
                 order = fit.order
-                learned.append({"best_step": fit.best_step, "passes": fit.passes,
-                                "budgets": fit.budgets.tolist()})  # fmt: skip
+                learned.append(fit.summary())
             subgraphs = [order[: int(k)] for k in count]
             id_lists.append(order)
             offsets.append(offsets[-1] + len(order))

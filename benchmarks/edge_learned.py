@@ -1,0 +1,212 @@
+"""Learned nested edge masks (``method="mask"``) against the paper's greedy, on the paper's grid.
+
+For each model and each semantics (attention edges ``ablated`` / ``kept``), per dev prompt:
+the greedy's subgraphs on the grid from ``--min-size`` (one edge-masked batch with an
+all-edges reference row), and the learned nested ranking of
+:func:`strace_lens.edges.learned.learned_nested_order` (``--steps`` of learning from the
+greedy, then the measured nested merge of the greedy's and the learned rankings). The merged
+subgraphs' TV and top-1 come from the merge's own hard-mask measurement, scored against the
+same reference row as the greedy's (tests/test_edge_learned.py checks that the merge's
+measurement equals an independent masked run).
+
+Prints, per size: median TV of greedy and learned, the share of prompts keeping the full
+model's top-1 token; the smallest size at which half of the prompts keep it; and the
+search's cost (learning + merge, seconds summed over prompts) as a multiple of one bare
+forward of the whole prompt batch (median of ``--repeats``, timed in the same process).
+Each (model, semantics, prompt) is saved as JSON in ``--out`` as soon as it is done, and a
+rerun with the same options resumes from there (a changed option raises); ``--report``
+prints the table of the prompts saved so far (e.g. from several processes, one per model
+and semantics), timing the bare forward of their batch in the reporting process.
+
+    nice -n 10 python benchmarks/edge_learned.py --model smollm2-135m --n 16 --out runs/el
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from edge_greedy import DATA, bare_forward_times, half_top1_size, read_prompts
+
+import strace_lens as sl
+from strace_lens.atomic import write_text
+from strace_lens.edges import (
+    PAPER_GRID,
+    EdgeGraph,
+    edge_counts,
+    edge_tokenize,
+    edge_weights,
+    evaluate_subgraphs,
+    greedy_order,
+)
+from strace_lens.edges.learned import MaskSearch, learned_nested_order
+from strace_lens.metrics import tv_distance
+
+
+def one_prompt(
+    model: Any,
+    row: sl.TokenBatch,
+    graph: EdgeGraph,
+    order: torch.Tensor,
+    grid: list[float],
+    search: MaskSearch,
+    ablate: bool,
+) -> dict[str, Any]:
+    counts = edge_counts(grid, graph.n_edges)
+    start = time.perf_counter()
+    logp_g, logp_full = evaluate_subgraphs(
+        model,
+        row,
+        graph,
+        [order[: int(k)] for k in counts],
+        ablate_attention_edges=ablate,
+        max_rows=len(grid) + 1,
+    )
+    t_greedy = time.perf_counter() - start
+    start = time.perf_counter()
+    fit = learned_nested_order(
+        model, row, graph, order, grid, search=search, ablate_attention_edges=ablate
+    )
+    t_search = time.perf_counter() - start
+    assert fit.merge is not None
+    where = {int(k): i for i, k in enumerate(fit.merge.counts.tolist())}
+    # sizes the merge did not measure are the empty and the whole graph: the full row's
+    logp_l = torch.stack(
+        [
+            fit.merge.logp[where[int(k)]] if int(k) in where else logp_full.detach().cpu()
+            for k in counts
+        ]
+    )
+    full = logp_full.detach().cpu()
+    out: dict[str, Any] = {"n_edges": graph.n_edges, "counts": counts.tolist()}
+    for which, logp in (("greedy", logp_g.detach().cpu()), ("learned", logp_l)):
+        out[f"tv_{which}"] = tv_distance(full.expand_as(logp), logp).tolist()
+        out[f"top1_{which}"] = (logp.argmax(-1) == full.argmax(-1)).float().tolist()
+    out |= {"sec_greedy_eval": t_greedy, "sec_search": t_search} | fit.summary()
+    return out
+
+
+def report(name: str, label: str, results: list[dict[str, Any]], grid: list[float], bare: float):
+    tv = {w: torch.tensor([r[f"tv_{w}"] for r in results]) for w in ("greedy", "learned")}
+    top = {w: torch.tensor([r[f"top1_{w}"] for r in results]) for w in ("greedy", "learned")}
+    n = len(results)
+    print(f"\n### {name}, attention edges {label}: median TV over {n} prompts")
+    print(f"{'s':>8} | {'greedy':>8} {'learned':>8} | {'top1 g':>6} {'top1 l':>6} | lower")
+    for i, s in enumerate(grid):
+        g, learned = tv["greedy"][:, i].median(), tv["learned"][:, i].median()
+        # below 1e-4 apart the medians print the same: the same subgraph up to float noise
+        mark = "equal" if abs(learned - g) < 1e-4 else ("yes" if learned < g else "NO")
+        print(
+            f"{'full' if s == 1.0 else f'{s:g}':>8} | {g:8.4f} {learned:8.4f} | "
+            f"{top['greedy'][:, i].mean():6.2f} {top['learned'][:, i].mean():6.2f} | {mark}"
+        )
+    print(
+        f"half of the prompts keep top-1 from: greedy {half_top1_size(top['greedy'], grid)}, "
+        f"learned {half_top1_size(top['learned'], grid)}"
+    )
+    search = sum(r["sec_search"] for r in results)
+    evals = sum(r["sec_greedy_eval"] for r in results)
+    passes = sum(r["passes"] for r in results)
+    rows = sum(r["merge_rows"] for r in results)
+    print(
+        f"search (learning: {passes} forward+backward passes of {len(results[0]['budgets'])} "
+        f"rows; merge: {rows} forward rows) {search:.1f} s = {search / bare:.1f} x the bare "
+        f"forward of the {n}-prompt batch ({bare:.2f} s); greedy's evaluation {evals:.1f} s "
+        f"= {evals / bare:.1f} x"
+    )
+
+
+def load_saved(path: Path, options: dict[str, Any], prompt: str) -> dict[str, Any]:
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved["options"] != json.loads(json.dumps(options)) or saved["prompt"] != prompt:
+        raise ValueError(f"{path} was written with other options: use another --out.")
+    return saved
+
+
+def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: MaskSearch):
+    grid = [s for s in PAPER_GRID if s >= args.min_size]
+    options = {"search": {k: getattr(search, k) for k in search.__dataclass_fields__}}
+    options |= {"min_size": args.min_size, "model": name}
+    semantics = [("ablated", True), ("kept", False)]
+    semantics = [(label, a) for label, a in semantics if label in args.semantics]
+    paths = {
+        label: [
+            args.out / name / label / f"prompt_{args.first + p:03d}.json"
+            for p in range(len(prompts))
+        ]
+        for label, _ in semantics
+    }
+    if args.report:  # the prompts done so far, in order, for every semantics
+        done = min(
+            next((p for p, f in enumerate(fs) if not f.exists()), len(fs)) for fs in paths.values()
+        )
+        if done == 0:
+            raise ValueError(f"No saved prompt in {args.out / name}: run without --report first.")
+        prompts = prompts[:done]
+    model = sl.load_model(name, device="cpu")
+    batch = edge_tokenize(model, prompts)
+    bare_forward_times(model, batch, 1)  # warm-up
+    bare_times = bare_forward_times(model, batch, args.repeats)
+    if not args.report:
+        lengths = (batch.predict_pos + 1).tolist()
+        weights = edge_weights(model, batch)[0]
+        graphs = [EdgeGraph.from_model(model, n) for n in lengths]
+        orders = [greedy_order(g, w) for g, w in zip(graphs, weights)]
+    for label, ablate in semantics:
+        results = []
+        for p, path in enumerate(paths[label][: len(prompts)]):
+            if path.exists():
+                results.append(load_saved(path, options, prompts[p]))
+                continue
+            row = batch.select([p]).trimmed()
+            out = one_prompt(model, row, graphs[p], orders[p], grid, search, ablate)
+            out |= {"options": options, "prompt": prompts[p]}
+            write_text(path, json.dumps(out))
+            results.append(out)
+            print(f"{name} {label} prompt {p}: search {out['sec_search']:.0f} s", flush=True)
+        bare = statistics.median(bare_times + bare_forward_times(model, batch, args.repeats))
+        report(name, label, results, grid, bare)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
+    parser.add_argument("--prompts", type=Path, default=DATA, help="TSV; first column")
+    parser.add_argument("--n", type=int, default=16, help="number of prompts")
+    parser.add_argument("--first", type=int, default=0, help="index of the first prompt")
+    parser.add_argument("--repeats", type=int, default=3, help="bare forward repeats")
+    parser.add_argument("--semantics", nargs="+", default=["ablated", "kept"])
+    parser.add_argument("--steps", type=int, default=MaskSearch.steps)
+    parser.add_argument("--lr", type=float, default=MaskSearch.lr)
+    parser.add_argument("--max-budgets", type=int, default=MaskSearch.max_budgets)
+    parser.add_argument("--max-candidates", type=int, default=MaskSearch.max_candidates)
+    parser.add_argument("--min-size", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for per-prompt JSON")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="no search: the table of the prompts saved so far (the first ones, in order), "
+        "with the bare forward of their batch timed now",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    search = MaskSearch(
+        steps=args.steps,
+        lr=args.lr,
+        max_budgets=args.max_budgets,
+        max_candidates=args.max_candidates,
+    )
+    prompts = read_prompts(args.prompts, args.first + args.n)[args.first :]
+    for name in args.model:
+        run_model(name, prompts, args, search)
+
+
+if __name__ == "__main__":
+    main()
