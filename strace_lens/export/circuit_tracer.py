@@ -205,13 +205,12 @@ def _node(graph: EdgeGraph, node: int, top_token: int) -> dict[str, Any]:
         "activation": None,
     }
     if node == graph.output_node:
-        layer = str(graph.n_layers + 1)
-        node_id = f"{layer}_{top_token}_{t}"
+        logit_layer = str(graph.n_layers + 1)
         return {
             **base,
-            "node_id": node_id,
+            "node_id": f"{logit_layer}_{top_token}_{t}",
             "feature": top_token,
-            "layer": layer,
+            "layer": logit_layer,
             "feature_type": "logit",
             "is_target_logit": True,
             "jsNodeId": f"L_{top_token}-{t}",
