@@ -133,11 +133,16 @@ def forward_logprobs(
     batch: TokenBatch,
     hooks: list[tuple[str, HookFn]],
     gather: bool = True,
+    *,
+    resid: Float[Tensor, "batch pos d_model"] | None = None,
+    start_at_layer: int | None = None,
 ) -> Float[Tensor, "batch vocab"]:
     """Log-probabilities at each row's predicted position, with the given hooks attached.
 
     Must be called inside :func:`model_untouched`. With ``gather``, the residual stream is
-    cut down to the predicted position before the final norm and unembedding.
+    cut down to the predicted position before the final norm and unembedding. With
+    ``resid`` and ``start_at_layer``, ``resid`` is the residual stream entering that block
+    (``batch`` still gives the predicted positions and any attention mask).
     """
     n_layers = int(model.cfg.n_layers)
     all_hooks = list(hooks)
@@ -145,8 +150,9 @@ def forward_logprobs(
     gathered = gather and gather_name in model.hook_dict
     if gathered:
         all_hooks.append((gather_name, _gather_hook(batch.predict_pos)))
+    resume = {} if resid is None else {"start_at_layer": start_at_layer}
     with model.hooks(fwd_hooks=all_hooks):
-        logits = model(batch.tokens, **batch.model_kwargs())
+        logits = model(batch.tokens if resid is None else resid, **batch.model_kwargs(), **resume)
     if gathered:
         logits = logits[:, 0]  # the predicted position (any further columns are copies of it)
     else:

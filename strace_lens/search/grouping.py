@@ -69,18 +69,22 @@ class RowGrouping:
         objective: SubgraphObjective,
         masks: Bool[Tensor, "trial cand"],
         group: Int[Tensor, " trial"],
+        start_layer: Int[Tensor, " trial"] | None = None,
+        cache: Float[Tensor, "prompt layer pos d_model"] | None = None,
     ) -> Float[Tensor, " trial"]:
         """Exact KL of each candidate mask for its group: its prompt's KL, or the mean KL over
-        all prompts when they share one group."""
+        all prompts when they share one group. With ``start_layer`` and ``cache``, each
+        trial runs from its prompts' cached residual at its start layer (``objective.kl``)."""
         device = objective.logp_full.device
         if not self.shared:
             full = objective.full_mask(masks.float().to(device))
-            return objective.kl(full, group.to(device)).cpu()
+            return objective.kl(full, group.to(device), start_layer, cache).cpu()
         n_p = self.n_prompts
         rows = masks.repeat_interleave(n_p, 0)
         prompts = torch.arange(n_p).repeat(len(masks))
+        starts = None if start_layer is None else start_layer.repeat_interleave(n_p)
         full = objective.full_mask(rows.float().to(device))
-        kl = objective.kl(full, prompts.to(device)).cpu()
+        kl = objective.kl(full, prompts.to(device), starts, cache).cpu()
         return kl.reshape(len(masks), n_p).mean(-1)
 
 

@@ -49,6 +49,12 @@ def grow_nested(
     group_of_row = grouping.group_of_prompt()
     weights = row_weights(group_of_row).to(device)
     rank_orders = {"rank": rank_positions(ranking)}  # 0 = best
+    # the layer of each candidate: a proposal runs from the current subgraph's residual
+    # entering the layer of its earliest new node (blocks below it are skipped)
+    cand_layer = (
+        torch.nonzero(objective.candidates.cpu()).flatten() // objective.graph.nodes_per_layer
+    )
+    store = objective.residual_store() if objective.can_resume() else None
     if guide is not None:
         rank_orders["guide"] = rank_positions(guide.float())
     for size, j in growth_steps(sizes):
@@ -59,7 +65,7 @@ def grow_nested(
                 out[:, j] = current
             continue
         m = current[group_of_row].float().to(device).requires_grad_(True)
-        objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights)
+        objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights, store)
         assert m.grad is not None
         grad = torch.zeros(n_groups, n_c).index_add_(0, group_of_row, m.grad.cpu())
         orders = {**rank_orders, "grad": rank_positions(-grad)}
@@ -71,13 +77,26 @@ def grow_nested(
                 proposals.append(current[g] | pick)
                 owner.append(g)
         owners = torch.tensor(owner)
-        kl = grouping.group_kl(objective, torch.stack(proposals), owners)
+        stacked = torch.stack(proposals)
+        start = _first_new_layer(stacked, current[owners], cand_layer)
+        kl = grouping.group_kl(objective, stacked, owners, start, store)
         for g in range(n_groups):
             sel = torch.nonzero(owners == g).flatten()
             current[g] = proposals[int(sel[torch.argmin(kl[sel])])]
         if j >= 0:
             out[:, j] = current
     return out
+
+
+def _first_new_layer(
+    proposals: Bool[Tensor, "trial cand"],
+    current: Bool[Tensor, "trial cand"],
+    cand_layer: Int[Tensor, " cand"],
+) -> Int[Tensor, " trial"]:
+    """The layer of each proposal's earliest node not in its current subgraph."""
+    new = proposals & ~current
+    layers = torch.where(new, cand_layer[None, :], torch.iinfo(torch.long).max)
+    return layers.min(-1).values.clamp(max=int(cand_layer.max()))
 
 
 def growth_steps(sizes: Int[Tensor, " size"]) -> list[tuple[int, int]]:

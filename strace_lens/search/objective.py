@@ -21,6 +21,12 @@ from strace_lens.inputs import TokenBatch
 from strace_lens.masked_forward import forward_logprobs, node_hooks
 from strace_lens.metrics import kl_divergence
 from strace_lens.progress import GRADIENT_ROW_COST, rows_ran
+from strace_lens.search.resumed import (
+    blocks_return_tuples,
+    can_resume,
+    capture_hooks,
+    resumed_logprobs,
+)
 
 #: tokens (rows x padded width) per forward pass when no batch size is given
 DEFAULT_TOKENS_PER_BATCH = 2048
@@ -39,6 +45,10 @@ class SubgraphObjective:
     batch_size: int | None = None
     #: counts forward rows run, for cost reporting
     rows_evaluated: int = 0
+    #: counts (row, block) pairs run: a row resumed at layer L counts n_layers - L
+    layer_rows: int = 0
+    #: whether the model's blocks return tuples (probed on the first resumed run)
+    _block_tuples: bool | None = None
 
     @property
     def n_prompts(self) -> int:
@@ -66,13 +76,41 @@ class SubgraphObjective:
         step = self.rows_per_pass
         return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
-    def _run(self, masks: Tensor, prompt_index: Tensor) -> Tensor:
+    def _run(
+        self,
+        masks: Tensor,
+        prompt_index: Tensor,
+        capture: Tensor | None = None,
+        start_layer: int = 0,
+        cache: Tensor | None = None,
+    ) -> Tensor:
         rows = self.batch.select(prompt_index).trimmed()
         hooks = node_hooks(self.graph, masks, self.ablation, rows)
-        logp = forward_logprobs(self.model, rows, hooks)
+        if capture is not None:
+            hooks += capture_hooks(capture, prompt_index)
+        if start_layer > 0 and cache is not None:
+            width = rows.tokens.shape[1]
+            resid = cache[prompt_index, start_layer, :width].to(self.logp_full.device)
+            if self._block_tuples is None:
+                self._block_tuples = blocks_return_tuples(self.model, self.batch)
+            logp = resumed_logprobs(self.model, rows, hooks, start_layer, resid, self._block_tuples)
+        else:
+            logp = forward_logprobs(self.model, rows, hooks)
         self.rows_evaluated += len(prompt_index)
         rows_ran(len(prompt_index))
+        self.layer_rows += len(prompt_index) * (self.graph.n_layers - start_layer)
         return logp
+
+    def can_resume(self) -> bool:
+        """Whether rows can be run from a cached residual stream (``residual_store``)."""
+        return can_resume(self.model, self.batch)
+
+    def residual_store(self) -> Float[Tensor, "prompt layer pos d_model"]:
+        """An empty store for the residual entering every block, one base row per prompt
+        (filled by ``kl_backward(..., capture=store)``, read by ``kl(..., cache=store)``)."""
+        n_p, width = self.batch.tokens.shape
+        d_model = int(self.model.cfg.d_model)
+        return torch.zeros(n_p, self.graph.n_layers, width, d_model, device=self.logp_full.device)
 
     @torch.no_grad()
     def logprobs(
@@ -86,30 +124,47 @@ class SubgraphObjective:
 
     @torch.no_grad()
     def kl(
-        self, masks: Float[Tensor, "row node"], prompt_index: Int[Tensor, " row"]
+        self,
+        masks: Float[Tensor, "row node"],
+        prompt_index: Int[Tensor, " row"],
+        start_layer: Int[Tensor, " row"] | None = None,
+        cache: Float[Tensor, "prompt layer pos d_model"] | None = None,
     ) -> Float[Tensor, " row"]:
-        """KL(P_full || P_sub) of each row, no gradient (one vocab-sized row at a time)."""
-        out = []
-        for lo, hi in self._chunks(len(prompt_index)):
-            logp = self._run(masks[lo:hi].float(), prompt_index[lo:hi])
-            out.append(kl_divergence(self.logp_full[prompt_index[lo:hi]], logp))
-        return torch.cat(out)
+        """KL(P_full || P_sub) of each row, no gradient (one vocab-sized row at a time).
+
+        With ``start_layer`` and ``cache``: row r runs from the cached residual entering block
+        ``start_layer[r]`` of its prompt, which must be the residual of a mask that agrees
+        with row r on every node below that layer (rows are run grouped by start layer).
+        """
+        if start_layer is None or cache is None:
+            start_layer = torch.zeros(len(prompt_index), dtype=torch.long)
+        out = torch.empty(len(prompt_index), device=self.logp_full.device)
+        for layer in torch.unique(start_layer.cpu()).tolist():
+            idx = torch.nonzero(start_layer.cpu() == layer).flatten()
+            for lo, hi in self._chunks(len(idx)):
+                rows = idx[lo:hi].to(prompt_index.device)
+                logp = self._run(masks[rows].float(), prompt_index[rows], None, layer, cache)
+                out[rows.to(out.device)] = kl_divergence(self.logp_full[prompt_index[rows]], logp)
+        return out
 
     def kl_backward(
         self,
         masks: Float[Tensor, "row node"],
         prompt_index: Int[Tensor, " row"],
         weights: Float[Tensor, " row"],
+        capture: Float[Tensor, "prompt layer pos d_model"] | None = None,
     ) -> Float[Tensor, " row"]:
         """KL of each row, and ``sum(weights * KL)`` back-propagated into ``masks``' graph.
 
         ``masks`` must be a non-leaf tensor computed from the parameters being learned; each
         chunk is differentiated on its own (so memory stays bounded by ``rows_per_pass``).
+        With ``capture`` (from ``residual_store``, one row per prompt), the residual entering
+        every block is stored there for later ``kl(..., cache=capture)`` calls.
         """
         out = []
         for lo, hi in self._chunks(len(prompt_index)):
             with torch.enable_grad():
-                logp = self._run(masks[lo:hi], prompt_index[lo:hi])
+                logp = self._run(masks[lo:hi], prompt_index[lo:hi], capture)
                 kl = kl_divergence(self.logp_full[prompt_index[lo:hi]], logp)
                 (kl * weights[lo:hi]).sum().backward(retain_graph=hi < len(prompt_index))
             rows_ran((GRADIENT_ROW_COST - 1) * (hi - lo))  # the backward pass, for progress
