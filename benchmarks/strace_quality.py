@@ -256,11 +256,16 @@ def main() -> None:
     parser.add_argument("--ablations", nargs="+", default=["zero", "mean"])
     parser.add_argument("--per", nargs="+", default=["input", "dataset"])
     parser.add_argument(
-        "--nested", nargs="+", type=lambda v: v == "true", default=[True, False],
+        "--nested",
+        nargs="+",
+        type=lambda v: v == "true",
+        default=[True, False],
         help="nested settings to run: true, false or both",
     )
     parser.add_argument(
-        "--methods", nargs="+", default=None,
+        "--methods",
+        nargs="+",
+        default=None,
         help="baseline-table rows to run, e.g. 'mask (nested)' random (default: all)",
     )
     parser.add_argument("--skip-optimality", action="store_true")

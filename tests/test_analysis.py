@@ -112,7 +112,12 @@ def test_split_core_per_dataset_uses_mean_nucleus_and_drops_always_kept_nodes():
     masks[:, :, 0] = True
     nucleus = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.5, 1.0], [0.0, 1.0, 1.0]])
     result = make_result(
-        sizes, masks, GRAPH, nucleus=nucleus, n_prompts=3, candidates=candidates,
+        sizes,
+        masks,
+        GRAPH,
+        nucleus=nucleus,
+        n_prompts=3,
+        candidates=candidates,
         options={"per": "dataset", "method": "mask"},
     )
     from strace_lens.analysis import split_core

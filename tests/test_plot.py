@@ -66,8 +66,9 @@ def test_static_export_without_a_browser_says_how_to_get_one(tmp_path, monkeypat
     # Runs before any test opens the module's shared browser (tests run in file order).
     assert not kaleido._global_server.is_running()
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))
-    monkeypatch.setattr("choreographer.browsers.chromium.Chromium.find_browser",
-                        staticmethod(lambda *a, **k: None))
+    monkeypatch.setattr(
+        "choreographer.browsers.chromium.Chromium.find_browser", staticmethod(lambda *a, **k: None)
+    )
     with pytest.raises(RuntimeError, match="apt-get install -y chromium"):
         sp.save(sp.fidelity(per_input), tmp_path / "x.png")
     assert not list(tmp_path.iterdir())
@@ -141,19 +142,28 @@ def test_fidelity_heading_names_only_what_the_figure_draws(per_input):
     assert both == "Fidelity versus subgraph size, with the random baseline and inverse subgraphs"
     legend = {t.name for t in sp.fidelity({"mask": per_input, "random": rnd}).data if t.name}
     assert any("random" in name for name in legend)
-    assert not any("random" in name for name in
-                   {t.name for t in sp.fidelity(per_input).data if t.name})
+    assert not any(
+        "random" in name for name in {t.name for t in sp.fidelity(per_input).data if t.name}
+    )
 
 
 def test_circuit_coordinates_layer_on_x_head_on_y_mlp_above(per_input):
     fig = sp.circuit(per_input, size=int(per_input.sizes.max()))
-    pos = {n: (x, y) for t in fig.data if t.customdata is not None
-           for n, x, y in zip(t.customdata, t.x, t.y)}
+    pos = {
+        n: (x, y)
+        for t in fig.data
+        if t.customdata is not None
+        for n, x, y in zip(t.customdata, t.x, t.y)
+    }
     assert pos["a2.h3"] == (2, 3)
     assert pos["a0.h0"] == (0, 0)
     assert pos["m1"] == (1, per_input.graph.n_heads + MLP_GAP)
-    symbols = {n: s for t in fig.data if t.customdata is not None
-               for n, s in zip(t.customdata, t.marker.symbol)}
+    symbols = {
+        n: s
+        for t in fig.data
+        if t.customdata is not None
+        for n, s in zip(t.customdata, t.marker.symbol)
+    }
     assert symbols["m1"].startswith("square") and symbols["a1.h0"].startswith("circle")
 
 
@@ -161,8 +171,12 @@ def test_circuit_marker_grows_with_earlier_entry(per_input):
     r = per_input
     fig = sp.circuit(r, prompt=2, size=int(r.sizes.max()))
     entry = r.entry_sizes()[2]
-    size_of = {n: s for t in fig.data if t.customdata is not None
-               for n, s in zip(t.customdata, t.marker.size)}
+    size_of = {
+        n: s
+        for t in fig.data
+        if t.customdata is not None
+        for n, s in zip(t.customdata, t.marker.size)
+    }
     first = r.graph.names[int(torch.argmin(entry))]
     last = r.graph.names[int(torch.argmax(entry))]
     assert size_of[first] > size_of[last]
@@ -174,8 +188,13 @@ def test_circuit_hover_states_entry_size_and_fidelity_there(per_input):
     entry = r.entry_sizes()[1]
     i = int(torch.argmin(entry))
     name = r.graph.names[i]
-    text = next(tx for t in fig.data if t.customdata is not None
-                for n, tx in zip(t.customdata, t.text) if n == name)
+    text = next(
+        tx
+        for t in fig.data
+        if t.customdata is not None
+        for n, tx in zip(t.customdata, t.text)
+        if n == name
+    )
     j = r.size_index(int(entry[i]))
     assert f"s = {int(entry[i])} " in text
     assert f"KL {float(r.metrics['kl'][1, j]):.3g} nats" in text
@@ -326,7 +345,11 @@ def test_save_every_format_atomically(tmp_path, browser, per_input):
     col = sp.save(fig, tmp_path / "c.png", preset="column", scale=1)
     assert png_size(col.read_bytes())[0] == round(3.3 * PX_PER_INCH)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "c.png", "f.html", "f.pdf", "f.png", "f.svg"
+        "c.png",
+        "f.html",
+        "f.pdf",
+        "f.png",
+        "f.svg",
     ]  # no temporary files left behind
     with pytest.raises(ValueError, match=r"\.html, \.png, \.svg or \.pdf"):
         sp.save(fig, tmp_path / "f.jpg")
@@ -335,8 +358,15 @@ def test_save_every_format_atomically(tmp_path, browser, per_input):
 def test_every_figure_renders_to_png_and_svg(tmp_path, browser, per_input):
     rnd = synthetic_result(3, 4, n_prompts=8, method="random", shuffle=True, model="synth")
     figs = sp.paper_figures([per_input, rnd])
-    assert set(figs) == {"circuit", "fidelity", "nucleus_recovery", "composition",
-                         "composition_entering", "usage", "density_vs_entropy"}
+    assert set(figs) == {
+        "circuit",
+        "fidelity",
+        "nucleus_recovery",
+        "composition",
+        "composition_entering",
+        "usage",
+        "density_vs_entropy",
+    }
     for name, fig in figs.items():
         png = sp.save(fig, tmp_path / f"{name}.png", scale=1).read_bytes()
         assert png_size(png) == (fig.layout.width, fig.layout.height)
@@ -346,11 +376,21 @@ def test_every_figure_renders_to_png_and_svg(tmp_path, browser, per_input):
 
 def test_report_html_holds_every_figure_and_plotly_once(tmp_path, per_input):
     d = synthetic_result(3, 4, n_prompts=8, per="dataset", model="synth")
-    page = sp.report_html({"per input": per_input, "shared": d}, tmp_path / "r" / "report.html",
-                          notes="strace-lens trace --model x")
+    page = sp.report_html(
+        {"per input": per_input, "shared": d},
+        tmp_path / "r" / "report.html",
+        notes="strace-lens trace --model x",
+    )
     text = page.read_text(encoding="utf-8")
-    for name in ("circuit_0", "circuit_1", "fidelity", "nucleus_recovery", "composition",
-                 "usage_0", "density_vs_entropy"):
+    for name in (
+        "circuit_0",
+        "circuit_1",
+        "fidelity",
+        "nucleus_recovery",
+        "composition",
+        "usage_0",
+        "density_vs_entropy",
+    ):
         assert f'id="fig-{name}"' in text
     assert "usage_1" not in text  # a per-dataset mask has no usage spread
     assert text.count("Plotly.newPlot") == len(re.findall(r'id="fig-', text))
@@ -394,9 +434,13 @@ def test_figures_of_real_tiny_traces(tmp_path, browser, tiny_results):
     names = [t.name for t in fid.data if t.showlegend is not False]
     assert names == ["mask", "mask · inverse", "random", "shared", "shared · inverse"]
     assert fid.layout.xaxis.type == "log"
-    assert math.isclose(fid.data[0].x[0] if fid.data[0].name == "mask" else
-                        next(t for t in fid.data if t.name == "mask").x[0],
-                        1 / mask.n_candidates, rel_tol=1e-9)
+    assert math.isclose(
+        fid.data[0].x[0]
+        if fid.data[0].name == "mask"
+        else next(t for t in fid.data if t.name == "mask").x[0],
+        1 / mask.n_candidates,
+        rel_tol=1e-9,
+    )
     for name, fig in figs.items():
         assert png_size(sp.save(fig, tmp_path / f"{name}.png", scale=1).read_bytes())[0] > 0
         assert svg_texts(sp.save(fig, tmp_path / f"{name}.svg").read_bytes())

@@ -47,8 +47,14 @@ def method_options(method: str) -> dict:
 def test_every_mask_holds_exactly_s_candidates_and_keeps_the_rest(model, space, method):
     cand, sizes = space
     result = trace(
-        model, PROMPTS, sizes=sizes, candidates=cand, method=method, progress=False,
-        inverse=False, **method_options(method),
+        model,
+        PROMPTS,
+        sizes=sizes,
+        candidates=cand,
+        method=method,
+        progress=False,
+        inverse=False,
+        **method_options(method),
     )
     is_cand = torch.zeros(N_NODES, dtype=torch.bool)
     is_cand[cand] = True
@@ -67,8 +73,14 @@ def test_every_mask_holds_exactly_s_candidates_and_keeps_the_rest(model, space, 
 )
 def test_the_full_graph_gives_kl_zero(model, cand, ablation, method):
     result = trace(
-        model, PROMPTS, sizes=[len(cand)], candidates=sorted(cand), ablation=ablation,
-        method=method, progress=False, **method_options(method),
+        model,
+        PROMPTS,
+        sizes=[len(cand)],
+        candidates=sorted(cand),
+        ablation=ablation,
+        method=method,
+        progress=False,
+        **method_options(method),
     )
     assert bool(result.masks.all())
     assert float(result.metrics["kl"].abs().max()) < 1e-6
@@ -87,8 +99,16 @@ def test_the_full_graph_gives_kl_zero(model, cand, ablation, method):
 def test_nested_subgraphs_are_nested(model, space, method, per):
     cand, sizes = space
     result = trace(
-        model, PROMPTS, sizes=sizes, candidates=cand, method=method, per=per, nested=True,
-        progress=False, inverse=False, **method_options(method),
+        model,
+        PROMPTS,
+        sizes=sizes,
+        candidates=cand,
+        method=method,
+        per=per,
+        nested=True,
+        progress=False,
+        inverse=False,
+        **method_options(method),
     )
     assert result.is_nested
     m = result.masks  # sizes ascending
@@ -112,8 +132,9 @@ def synthetic_results(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     floats = st.floats(allow_nan=False, width=32)
     metrics = {
-        name: torch.tensor(draw(st.lists(floats, min_size=n_p * n_s, max_size=n_p * n_s)))
-        .reshape(n_p, n_s)
+        name: torch.tensor(draw(st.lists(floats, min_size=n_p * n_s, max_size=n_p * n_s))).reshape(
+            n_p, n_s
+        )
         for name in ("kl", "tv", "nucleus", "inv_kl")
     }
     target = None
@@ -155,8 +176,14 @@ def test_saved_result_loads_back_identical(result):
 def test_traced_result_loads_back_identical(model, space, method):
     cand, sizes = space
     result = trace(
-        model, PROMPTS, sizes=sizes, candidates=cand, method=method, progress=False,
-        targets=[" mat", " France"], **method_options(method),
+        model,
+        PROMPTS,
+        sizes=sizes,
+        candidates=cand,
+        method=method,
+        progress=False,
+        targets=[" mat", " France"],
+        **method_options(method),
     )
     with tempfile.TemporaryDirectory() as folder:
         result.save(folder)

@@ -80,7 +80,9 @@ def _planted(n: int, early_core: bool, seed: int = 0) -> tuple[TraceResult, torc
         sizes=torch.tensor(SIZES),
         masks=masks,
         metrics={
-            "kl": tv.float(), "tv": tv.float(), "nucleus": nucleus,
+            "kl": tv.float(),
+            "tv": tv.float(),
+            "nucleus": nucleus,
             "inv_tv": (1 - tv).float(),
         },
         entropy=entropy.float(),
@@ -169,16 +171,44 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
     ]
     prompts.write_text("\n".join(rows) + "\n", encoding="utf-8")
     kwargs = dict(
-        n=12, out_dir=tmp_path / "out", sizes=[1, 4, 15], seed=0, random_draws=2, n_boot=100,
-        device="cpu", progress=False, steps=4,
+        n=12,
+        out_dir=tmp_path / "out",
+        sizes=[1, 4, 15],
+        seed=0,
+        random_draws=2,
+        n_boot=100,
+        device="cpu",
+        progress=False,
+        steps=4,
     )
     # first through the command line, then resumed through the Python function
     from strace_lens.cli import main
 
     status = main(
-        ["reproduce", "--model", "native:tiny", "--prompts", str(prompts), "--n", "12", "--out",
-         str(tmp_path / "out"), "--sizes", "1", "4", "15", "--random-draws", "2", "--option",
-         "steps=4", "--refined-nucleus", "60", "--small-core", "0.3", "--quiet"]
+        [
+            "reproduce",
+            "--model",
+            "native:tiny",
+            "--prompts",
+            str(prompts),
+            "--n",
+            "12",
+            "--out",
+            str(tmp_path / "out"),
+            "--sizes",
+            "1",
+            "4",
+            "15",
+            "--random-draws",
+            "2",
+            "--option",
+            "steps=4",
+            "--refined-nucleus",
+            "60",
+            "--small-core",
+            "0.3",
+            "--quiet",
+        ]
     )
     assert status == 0
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
@@ -190,8 +220,21 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
     assert set(phases["refined_nucleus"]) == {60.0}
     repro = reproduce("native:tiny", prompts, **kwargs)
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
-    for needed in ("native:tiny", "prompts.tsv", "ablation", "sizes", "seed", "0.1.0",
-                   "command", "Verdict rules", "1a.", "2a.", "2b.", "3.", "S1."):
+    for needed in (
+        "native:tiny",
+        "prompts.tsv",
+        "ablation",
+        "sizes",
+        "seed",
+        "0.1.0",
+        "command",
+        "Verdict rules",
+        "1a.",
+        "2a.",
+        "2b.",
+        "3.",
+        "S1.",
+    ):
         assert needed in report, needed
     assert set(repro.claims["verdict"]) <= {HOLDS, FAILS, INCONCLUSIVE}
     claims_csv = pd.read_csv(tmp_path / "out" / "claims.csv")
@@ -201,9 +244,20 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
         assert control in set(claims_csv["id"]), control
     assert {"role", "p_holm", "verdict_holm"} <= set(claims_csv.columns)
     assert "| p_holm |" in report and "Holm-Bonferroni" in report and "2a.partial" in report
-    for table in ("density", "recovery", "phases", "composition", "gini", "unigram", "curves",
-                  "uncertainty", "baseline_gap", "uncertainty_controls", "core_depth_by_kind",
-                  "refinement_base_rate"):
+    for table in (
+        "density",
+        "recovery",
+        "phases",
+        "composition",
+        "gini",
+        "unigram",
+        "curves",
+        "uncertainty",
+        "baseline_gap",
+        "uncertainty_controls",
+        "core_depth_by_kind",
+        "refinement_base_rate",
+    ):
         assert (tmp_path / "out" / "tables" / "native_tiny" / f"{table}.csv").exists(), table
     density = pd.read_csv(tmp_path / "out" / "tables" / "native_tiny" / "density.csv")
     assert len(density) == 12 and density["loss"].notna().all()
@@ -221,11 +275,20 @@ def test_reproduce_refuses_a_bad_phase_rule_before_tracing(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one two three\n", encoding="utf-8")
     out = tmp_path / "out"
-    base = ["reproduce", "--model", "native:tiny", "--prompts", str(prompts), "--n", "1",
-            "--out", str(out), "--quiet"]
+    base = [
+        "reproduce",
+        "--model",
+        "native:tiny",
+        "--prompts",
+        str(prompts),
+        "--n",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main([*base, "--core-nucleus", "95", "--refined-nucleus", "90"]) == 2
     assert "0 < core_nucleus <= refined_nucleus <= 100" in capsys.readouterr().err
     assert main([*base, "--small-core", "2"]) == 2
     assert "--small-core must be in (0, 1]" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was traced or written
-

@@ -22,9 +22,7 @@ from strace_lens.result import TraceResult
 RECOVERY_LEVELS: tuple[int, ...] = (1, 5, 10, 20, 40, 60, 80, 90)
 
 
-def recovery_sizes(
-    result: TraceResult, levels: Sequence[float] = RECOVERY_LEVELS
-) -> pd.DataFrame:
+def recovery_sizes(result: TraceResult, levels: Sequence[float] = RECOVERY_LEVELS) -> pd.DataFrame:
     """Per (prompt, level): the smallest size reaching that shared nucleus (inf if none)."""
     order = result.size_order()
     rel = to_numpy(result.relative_sizes[order])

@@ -61,9 +61,7 @@ def agreement(
             f"The two results share {len(common)} prompt(s) (matched by text): agreement needs "
             "at least 3. Trace the same prompts with both models."
         )
-    stats = spearman_ci(
-        np.asarray(da.loc[common]), np.asarray(db.loc[common]), n_boot, ci, seed
-    )
+    stats = spearman_ci(np.asarray(da.loc[common]), np.asarray(db.loc[common]), n_boot, ci, seed)
     return pd.DataFrame(
         [
             {

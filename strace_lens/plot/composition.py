@@ -49,7 +49,11 @@ def composition(results: Results, entering: bool = False) -> go.Figure:
     pairs = as_labelled(results)
     cols = len(pairs)
     fig = make_subplots(
-        rows=2, cols=cols, shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.07,
+        rows=2,
+        cols=cols,
+        shared_xaxes=True,
+        shared_yaxes=True,
+        vertical_spacing=0.07,
         horizontal_spacing=0.04 if cols > 1 else 0.0,
         column_titles=[name for name, _ in pairs] if cols > 1 else None,
     )
@@ -58,28 +62,57 @@ def composition(results: Results, entering: bool = False) -> go.Figure:
         table = _composition(result).sort_values("relative_size")
         x = table["relative_size"].to_numpy()
         for q, qname in enumerate(_quartile_names(result)):
-            fig.add_trace(go.Scatter(
-                x=x, y=table[f"{prefix}q{q + 1}_share"].to_numpy(), mode="lines",
-                stackgroup=f"quart{col}", name=qname if cols == 1 else f"Q{q + 1}",
-                legendgroup=f"q{q}", showlegend=col == 1,
-                line=dict(width=0.6, color=QUARTILE_COLORS[q]), fillcolor=QUARTILE_COLORS[q],
-                hovertemplate=f"{qname}<br>s/N = %{{x:.3g}}<br>share %{{y:.2f}}<extra></extra>",
-            ), row=1, col=col)
-        for kind, column, colour in (("attn", "attn_share", ATTN_COLOR),
-                                     ("MLP", "mlp_share", MLP_COLOR)):
-            fig.add_trace(go.Scatter(
-                x=x, y=table[f"{prefix}{column}"].to_numpy(), mode="lines",
-                stackgroup=f"kind{col}", name="attention heads" if kind == "attn" else "MLPs",
-                legendgroup=kind, showlegend=col == 1, line=dict(width=0.6, color=colour),
-                fillcolor=colour,
-                hovertemplate=f"{kind}<br>s/N = %{{x:.3g}}<br>share %{{y:.2f}}<extra></extra>",
-            ), row=2, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=table[f"{prefix}q{q + 1}_share"].to_numpy(),
+                    mode="lines",
+                    stackgroup=f"quart{col}",
+                    name=qname if cols == 1 else f"Q{q + 1}",
+                    legendgroup=f"q{q}",
+                    showlegend=col == 1,
+                    line=dict(width=0.6, color=QUARTILE_COLORS[q]),
+                    fillcolor=QUARTILE_COLORS[q],
+                    hovertemplate=f"{qname}<br>s/N = %{{x:.3g}}<br>share %{{y:.2f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        for kind, column, colour in (
+            ("attn", "attn_share", ATTN_COLOR),
+            ("MLP", "mlp_share", MLP_COLOR),
+        ):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=table[f"{prefix}{column}"].to_numpy(),
+                    mode="lines",
+                    stackgroup=f"kind{col}",
+                    name="attention heads" if kind == "attn" else "MLPs",
+                    legendgroup=kind,
+                    showlegend=col == 1,
+                    line=dict(width=0.6, color=colour),
+                    fillcolor=colour,
+                    hovertemplate=f"{kind}<br>s/N = %{{x:.3g}}<br>share %{{y:.2f}}<extra></extra>",
+                ),
+                row=2,
+                col=col,
+            )
         base = float(table["base_attn_share"].iloc[0])
-        fig.add_trace(go.Scatter(
-            x=[x.min(), x.max()], y=[base, base], mode="lines",
-            name="attention share of all nodes", legendgroup="base", showlegend=col == 1,
-            line=dict(color="#222222", width=1.4, dash="dash"), hoverinfo="skip",
-        ), row=2, col=col)
+        fig.add_trace(
+            go.Scatter(
+                x=[x.min(), x.max()],
+                y=[base, base],
+                mode="lines",
+                name="attention share of all nodes",
+                legendgroup="base",
+                showlegend=col == 1,
+                line=dict(color="#222222", width=1.4, dash="dash"),
+                hoverinfo="skip",
+            ),
+            row=2,
+            col=col,
+        )
     what = "nodes entering at each size" if entering else "nodes in the subgraph"
     x_lo = min(float(r.relative_sizes.min()) for _, r in pairs)
     ticks = log_ticks(x_lo, 1.0)
@@ -91,10 +124,11 @@ def composition(results: Results, entering: bool = False) -> go.Figure:
     fig.update_yaxes(title_text="share by kind", row=2, col=1)
     fig.update_layout(
         template=TEMPLATE,
-        title=dict(text="Composition versus size",
-                   subtitle=dict(text=f"shares among the {what}, mean over prompts")),
-        legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0,
-                    yanchor="bottom"),
+        title=dict(
+            text="Composition versus size",
+            subtitle=dict(text=f"shares among the {what}, mean over prompts"),
+        ),
+        legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0, yanchor="bottom"),
         margin=dict(t=100 if cols > 1 else 80, b=120),
         width=max(600, 120 + 360 * cols),
         height=720,
@@ -125,23 +159,38 @@ def usage(
         raise KeyError(f"Sizes {missing} are not in this result's grid {grid}.")
     colours = sample_colorscale("Viridis", list(np.linspace(0.0, 0.85, max(len(sizes), 2))))
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="even use",
-                             line=dict(color="#888888", dash="dash", width=1.2)))
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1],
+            y=[0, 1],
+            mode="lines",
+            name="even use",
+            line=dict(color="#888888", dash="dash", width=1.2),
+        )
+    )
     for s, colour in zip(sizes, colours):
         part = table[table["size"] == s]
         gini = float(part["gini"].iloc[0])
-        fig.add_trace(go.Scatter(
-            x=part["node_share"].to_numpy(), y=part["usage_share"].to_numpy(), mode="lines",
-            name=f"s = {s} ({100 * s / n_cand:.2g}%), Gini {gini:.2f}",
-            line=dict(color=colour, width=2.2),
-            hovertemplate=f"s = {s}<br>%{{x:.2f}} of nodes make %{{y:.2f}} of uses<extra></extra>",
-        ))
-    note = (f"per-input masks over {result.n_prompts} prompts" if result.per != "dataset"
-            else "a per-dataset mask: one subgraph, so use is all-or-nothing")
+        fig.add_trace(
+            go.Scatter(
+                x=part["node_share"].to_numpy(),
+                y=part["usage_share"].to_numpy(),
+                mode="lines",
+                name=f"s = {s} ({100 * s / n_cand:.2g}%), Gini {gini:.2f}",
+                line=dict(color=colour, width=2.2),
+                hovertemplate=(
+                    f"s = {s}<br>%{{x:.2f}} of nodes make %{{y:.2f}} of uses<extra></extra>"
+                ),
+            )
+        )
+    note = (
+        f"per-input masks over {result.n_prompts} prompts"
+        if result.per != "dataset"
+        else "a per-dataset mask: one subgraph, so use is all-or-nothing"
+    )
     fig.update_layout(
         template=TEMPLATE,
-        title=dict(text="How evenly nodes are used (Lorenz)",
-                   subtitle=dict(text=note)),
+        title=dict(text="How evenly nodes are used (Lorenz)", subtitle=dict(text=note)),
         xaxis=dict(title="share of nodes, least used first", range=[0, 1]),
         yaxis=dict(title="share of all uses", range=[0, 1]),
         # Lorenz curves lie below the diagonal: the top-left corner is free for the legend.

@@ -113,26 +113,37 @@ def fidelity(
             x = part["relative_size"].to_numpy()
             group = f"{name}{suffix}"
             if spread and curve == "trace":
-                fig.add_trace(go.Scatter(
-                    x=np.concatenate([x, x[::-1]]),
-                    y=np.concatenate([part["q75"].to_numpy(), part["q25"].to_numpy()[::-1]]),
-                    fill="toself", fillcolor=_fill(colour, 0.13), line=dict(width=0),
-                    hoverinfo="skip", showlegend=False, legendgroup=group,
-                    name=f"{group} IQR",
-                ))
-            fig.add_trace(go.Scatter(
-                x=x,
-                y=part["mean"].to_numpy(),
-                mode="lines",
-                name=group,
-                legendgroup=group,
-                line=dict(color=colour, width=width, dash="dot" if curve == "inverse" else dash),
-                customdata=np.stack([part["median"], part["n"]], axis=1),
-                hovertemplate=(
-                    f"<b>{group}</b><br>s/N = %{{x:.3g}}<br>mean {metric} = %{{y:.3g}}"
-                    "<br>median %{customdata[0]:.3g} over %{customdata[1]} prompts<extra></extra>"
-                ),
-            ))
+                fig.add_trace(
+                    go.Scatter(
+                        x=np.concatenate([x, x[::-1]]),
+                        y=np.concatenate([part["q75"].to_numpy(), part["q25"].to_numpy()[::-1]]),
+                        fill="toself",
+                        fillcolor=_fill(colour, 0.13),
+                        line=dict(width=0),
+                        hoverinfo="skip",
+                        showlegend=False,
+                        legendgroup=group,
+                        name=f"{group} IQR",
+                    )
+                )
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=part["mean"].to_numpy(),
+                    mode="lines",
+                    name=group,
+                    legendgroup=group,
+                    line=dict(
+                        color=colour, width=width, dash="dot" if curve == "inverse" else dash
+                    ),
+                    customdata=np.stack([part["median"], part["n"]], axis=1),
+                    hovertemplate=(
+                        f"<b>{group}</b><br>s/N = %{{x:.3g}}<br>mean {metric} = %{{y:.3g}}"
+                        "<br>median %{customdata[0]:.3g} over %{customdata[1]} prompts"
+                        "<extra></extra>"
+                    ),
+                )
+            )
 
     ticks = log_ticks(min(x_min, PAPER_CONSTRUCTION[0]) if bands == "paper" else x_min, 1.0)
     subtitle = f"mean over prompts{', IQR shaded' if spread else ''}"
@@ -146,33 +157,40 @@ def fidelity(
             edge = core_boundary(primary, core_nucleus)
             rule = (
                 f"construction: up to the median core size (≥{core_nucleus:g}% shared nucleus)"
-                if math.isfinite(edge) else "no core reached: no bands"
+                if math.isfinite(edge)
+                else "no core reached: no bands"
             )
         if math.isfinite(edge):
             fig.add_vrect(x0=x_lo, x1=edge, fillcolor=CORE_BAND, line_width=0, layer="below")
-            fig.add_vrect(x0=edge, x1=1.0, fillcolor=REFINEMENT_BAND, line_width=0,
-                          layer="below")
-            for text, x0, x1, colour in (("construction", x_lo, edge, CORE_COLOR),
-                                         ("refinement", edge, 1.0, REFINEMENT_COLOR)):
+            fig.add_vrect(x0=edge, x1=1.0, fillcolor=REFINEMENT_BAND, line_width=0, layer="below")
+            for text, x0, x1, colour in (
+                ("construction", x_lo, edge, CORE_COLOR),
+                ("refinement", edge, 1.0, REFINEMENT_COLOR),
+            ):
                 fig.add_annotation(
-                    x=(math.log10(x0) + math.log10(x1)) / 2, y=1, yref="paper", yanchor="bottom",
-                    text=text, showarrow=False, font=dict(color=colour, size=11),
+                    x=(math.log10(x0) + math.log10(x1)) / 2,
+                    y=1,
+                    yref="paper",
+                    yanchor="bottom",
+                    text=text,
+                    showarrow=False,
+                    font=dict(color=colour, size=11),
                 )
         subtitle += f"; {rule}"
     fig.update_layout(
         template=TEMPLATE,
-        title=dict(text=f"Fidelity versus size ({metric.upper()})",
-                   subtitle=dict(text=subtitle)),
+        title=dict(text=f"Fidelity versus size ({metric.upper()})", subtitle=dict(text=subtitle)),
         xaxis=dict(type="log", title=RELATIVE_SIZE_TITLE, tickvals=ticks[0], ticktext=ticks[1]),
         yaxis=dict(title=METRIC_TITLES.get(metric, metric), rangemode="tozero"),
-        legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0,
-                    yanchor="bottom"),
+        legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0, yanchor="bottom"),
         margin=dict(t=90, b=120),
         width=760,
         height=540,
-        meta=dict(strace_lens="fidelity", metric=metric,
-                  bands=None if bands is None else [x_lo if bands == "paper" else x_min,
-                                                     edge]),
+        meta=dict(
+            strace_lens="fidelity",
+            metric=metric,
+            bands=None if bands is None else [x_lo if bands == "paper" else x_min, edge],
+        ),
     )
     if metric in ("tv",):
         fig.update_yaxes(range=[0, 1.02])
@@ -203,35 +221,52 @@ def nucleus_recovery(results: Results) -> go.Figure:
         q75 = table["q75"].to_numpy(dtype=float)
         beyond = ~np.isfinite(med)
         med_d, q25_d, q75_d = (np.where(np.isfinite(v), v, top) for v in (med, q25, q75))
-        fig.add_trace(go.Scatter(
-            x=x,
-            y=med_d,
-            mode="lines+markers",
-            name=name,
-            line=dict(color=colour, width=1.6, dash=METHOD_DASH.get(result.method, "solid")),
-            marker=dict(size=9, color=colour,
-                        symbol=["triangle-up" if b else "circle" for b in beyond]),
-            error_y=dict(type="data", symmetric=False, array=q75_d - med_d,
-                         arrayminus=med_d - q25_d, color=colour, thickness=1.4, width=4),
-            customdata=np.stack([level, table["n_reached"], table["n_unreached"]], axis=1),
-            hovertemplate=(
-                f"<b>{name}</b><br>k = %{{customdata[0]:g}}%<br>median s/N = %{{y:.3g}}"
-                "<br>reached by %{customdata[1]} prompts, not by %{customdata[2]}<extra></extra>"
-            ),
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=med_d,
+                mode="lines+markers",
+                name=name,
+                line=dict(color=colour, width=1.6, dash=METHOD_DASH.get(result.method, "solid")),
+                marker=dict(
+                    size=9, color=colour, symbol=["triangle-up" if b else "circle" for b in beyond]
+                ),
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=q75_d - med_d,
+                    arrayminus=med_d - q25_d,
+                    color=colour,
+                    thickness=1.4,
+                    width=4,
+                ),
+                customdata=np.stack([level, table["n_reached"], table["n_unreached"]], axis=1),
+                hovertemplate=(
+                    f"<b>{name}</b><br>k = %{{customdata[0]:g}}%<br>median s/N = %{{y:.3g}}"
+                    "<br>reached by %{customdata[1]} prompts, not by %{customdata[2]}"
+                    "<extra></extra>"
+                ),
+            )
+        )
     levels = _recovery(pairs[0][1])["level"].tolist()
     y_lo = min(float(r.relative_sizes.min()) for _, r in pairs)
     yt = log_ticks(y_lo, 1.0)
     fig.update_layout(
         template=TEMPLATE,
-        title=dict(text="Size needed for the top-k % nucleus",
-                   subtitle=dict(text="subgraph's top-k % tokens = full model's, in order; "
-                                      "median over prompts, bars: IQR; ▲ = beyond the grid")),
-        xaxis=dict(title="nucleus target k (% of probability mass)",
-                   tickvals=list(range(len(levels))), ticktext=[f"{v:g}%" for v in levels],
-                   range=[-0.5, len(levels) - 0.5]),
-        yaxis=dict(type="log", title="size needed s/N (log)",
-                   tickvals=yt[0], ticktext=yt[1]),
+        title=dict(
+            text="Size needed for the top-k % nucleus",
+            subtitle=dict(
+                text="subgraph's top-k % tokens = full model's, in order; "
+                "median over prompts, bars: IQR; ▲ = beyond the grid"
+            ),
+        ),
+        xaxis=dict(
+            title="nucleus target k (% of probability mass)",
+            tickvals=list(range(len(levels))),
+            ticktext=[f"{v:g}%" for v in levels],
+            range=[-0.5, len(levels) - 0.5],
+        ),
+        yaxis=dict(type="log", title="size needed s/N (log)", tickvals=yt[0], ticktext=yt[1]),
         legend=dict(x=0.01, xanchor="left", y=1, yanchor="top"),
         margin=dict(t=90),
         width=700,

@@ -60,18 +60,22 @@ def density_vs_entropy(
         corr = _uncertainty(result, metric, n_boot=n_boot)
         row = corr[corr["against"] == against].iloc[0].to_dict()
         stats.append((name, row))
-        fig.add_trace(go.Scatter(
-            x=table[against].to_numpy(),
-            y=table["density"].to_numpy(),
-            mode="markers",
-            name=f"{name} (ρ = {row['rho']:.2f})" if len(pairs) > 1 else name,
-            marker=dict(color=colour, size=8, opacity=0.75, line=dict(width=0.5, color="white")),
-            text=[short(t, 60) for t in table["text"]],
-            hovertemplate=(
-                f"<b>{name}</b><br>%{{text}}<br>{against} %{{x:.3g}} nats"
-                "<br>density %{y:.3g}<extra></extra>"
-            ),
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=table[against].to_numpy(),
+                y=table["density"].to_numpy(),
+                mode="markers",
+                name=f"{name} (ρ = {row['rho']:.2f})" if len(pairs) > 1 else name,
+                marker=dict(
+                    color=colour, size=8, opacity=0.75, line=dict(width=0.5, color="white")
+                ),
+                text=[short(t, 60) for t in table["text"]],
+                hovertemplate=(
+                    f"<b>{name}</b><br>%{{text}}<br>{against} %{{x:.3g}} nats"
+                    "<br>density %{y:.3g}<extra></extra>"
+                ),
+            )
+        )
     if len(stats) == 1:
         title = _rho_text(stats[0][1])
         subtitle = f"{stats[0][0]}: density vs {against}, one point per prompt; 95% bootstrap CI"
@@ -88,7 +92,10 @@ def density_vs_entropy(
         margin=dict(t=75 + 17 * len(stats)),
         width=680,
         height=480 + 17 * len(stats),
-        meta=dict(strace_lens="density_vs_entropy", against=against,
-                  rho=[float(r["rho"]) for _, r in stats]),
+        meta=dict(
+            strace_lens="density_vs_entropy",
+            against=against,
+            rho=[float(r["rho"]) for _, r in stats],
+        ),
     )
     return fig
