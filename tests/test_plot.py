@@ -206,8 +206,13 @@ def test_circuit_per_dataset_and_bad_arguments():
     fig = sp.circuit(r)
     assert len(all_node_names(fig)) == len(r.graph)
     assert "shared by 6 prompts" in fig.layout.title.text
-    with pytest.raises(KeyError, match="not in this result's sizes"):
-        sp.circuit(r, size=int(r.sizes.max()) + 1)
+    biggest = int(r.sizes.max())
+    with pytest.warns(UserWarning, match=f"nearest traced size, {biggest}"):
+        off_grid = sp.circuit(r, size=biggest + 1)
+    assert f"s = {biggest} of" in off_grid.layout.title.text
+    assert f"nearest traced to the asked {biggest + 1}" in off_grid.layout.title.subtitle.text
+    with pytest.raises(ValueError, match="at least 1"):
+        sp.circuit(r, size=0)
     with pytest.raises(IndexError, match="outside"):
         sp.circuit(r, prompt=6)
 

@@ -62,7 +62,8 @@ def circuit(
         prompt: which prompt's subgraph to draw for a per-input result (default 0). For a
             per-dataset result the shared subgraph is drawn, and ``prompt`` only picks whose
             fidelity the hover shows (default: the mean over prompts).
-        size: the subgraph size to draw; must be on the result's size grid. Default
+        size: the subgraph size to draw. A size that was not traced draws the nearest traced
+            one (ties to the smaller), with a warning and said in the subtitle. Default
             (:func:`default_size`, said in the figure's subtitle): the early core, the
             smallest traced subgraph that predicts the full model's top-1 token, when it
             holds at most half the candidate nodes; otherwise the largest traced size that
@@ -103,7 +104,9 @@ def _row_and_size(
         raise IndexError(f"prompt={prompt} is outside this result's {n_prompts} prompts.")
     row = 0 if per_dataset else (prompt or 0)
     if size is not None:
-        return row, size, ""
+        # off the grid: the nearest traced size, with a warning, as TraceResult.nodes does
+        traced = int(result.sizes[result.nearest_size_index(size)])
+        return row, traced, "" if traced == int(size) else f"nearest traced to the asked {size}"
     size, rule = _default_size(result, row, core_nucleus)
     return row, size, rule
 
@@ -270,7 +273,7 @@ def _titles(
     return (
         (
             f"{lead}s = {size} of {n_cand} nodes, {where}",
-            (f"default size: {rule}; " if rule else "")
+            (f"{'' if rule.startswith('nearest') else 'default size: '}{rule}; " if rule else "")
             + f"{core_text}; bigger = entered earlier; ○ head, □ MLP",
         ),
         (
