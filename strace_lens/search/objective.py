@@ -110,7 +110,11 @@ class SubgraphObjective:
         (filled by ``kl_backward(..., capture=store)``, read by ``kl(..., cache=store)``)."""
         n_p, width = self.batch.tokens.shape
         d_model = int(self.model.cfg.d_model)
-        return torch.zeros(n_p, self.graph.n_layers, width, d_model, device=self.logp_full.device)
+        # the model's own dtype: a bf16/fp16 model's residual is stored and resumed exactly
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(
+            n_p, self.graph.n_layers, width, d_model, device=self.logp_full.device, dtype=dtype
+        )
 
     @torch.no_grad()
     def logprobs(
