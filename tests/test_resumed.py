@@ -124,3 +124,29 @@ def test_nested_growth_is_the_same_with_and_without_resuming(tiny, prompts, per,
     assert objective.rows_evaluated == rows_resumed
     # the same rows, fewer blocks run
     assert layer_rows_resumed < objective.layer_rows == rows_resumed * objective.graph.n_layers
+
+
+def test_a_model_without_start_at_layer_falls_back_to_whole_forwards(tiny, prompts, monkeypatch):
+    """TransformerLens 3.x's bridge raises NotImplementedError for ``start_at_layer``: the
+    growth then runs whole forwards, with the same result, and stops trying to resume."""
+    import strace_lens.search.objective as objective_module
+
+    n, sizes = 15, torch.tensor([1, 2, 4, 9, 15])
+    gen = torch.Generator().manual_seed(5)
+    ranking, guide = torch.randn(len(prompts), n, generator=gen), torch.randn(3, n, generator=gen)
+    with model_untouched(tiny):
+        expected = grow_nested(
+            _objective(tiny, prompts), ranking, sizes, "input", MaskOptions(), guide
+        )
+        calls = []
+
+        def refuse(*args, **kwargs):
+            calls.append(1)
+            raise NotImplementedError("start_at_layer is not supported")
+
+        monkeypatch.setattr(objective_module, "resumed_logprobs", refuse)
+        objective = _objective(tiny, prompts)
+        got = grow_nested(objective, ranking, sizes, "input", MaskOptions(), guide)
+    assert torch.equal(got, expected)
+    assert len(calls) == 1 and not objective.can_resume()
+    assert objective.layer_rows == objective.rows_evaluated * objective.graph.n_layers

@@ -49,6 +49,9 @@ class SubgraphObjective:
     layer_rows: int = 0
     #: whether the model's blocks return tuples (probed on the first resumed run)
     _block_tuples: bool | None = None
+    #: False once the model refused ``start_at_layer`` (TransformerLens 3.x's bridge raises
+    #: NotImplementedError): rows then run whole forwards, which give the same log-probs
+    _resumes: bool = True
 
     @property
     def n_prompts(self) -> int:
@@ -88,13 +91,20 @@ class SubgraphObjective:
         hooks = node_hooks(self.graph, masks, self.ablation, rows)
         if capture is not None:
             hooks += capture_hooks(capture, prompt_index)
-        if start_layer > 0 and cache is not None:
+        logp = None
+        if start_layer > 0 and cache is not None and self._resumes:
             width = rows.tokens.shape[1]
             resid = cache[prompt_index, start_layer, :width].to(self.logp_full.device)
-            if self._block_tuples is None:
-                self._block_tuples = blocks_return_tuples(self.model, self.batch)
-            logp = resumed_logprobs(self.model, rows, hooks, start_layer, resid, self._block_tuples)
-        else:
+            try:
+                if self._block_tuples is None:
+                    self._block_tuples = blocks_return_tuples(self.model, self.batch)
+                logp = resumed_logprobs(
+                    self.model, rows, hooks, start_layer, resid, self._block_tuples
+                )
+            except NotImplementedError:
+                self._resumes = False
+        if logp is None:
+            start_layer = 0
             logp = forward_logprobs(self.model, rows, hooks)
         self.rows_evaluated += len(prompt_index)
         rows_ran(len(prompt_index))
@@ -103,7 +113,7 @@ class SubgraphObjective:
 
     def can_resume(self) -> bool:
         """Whether rows can be run from a cached residual stream (``residual_store``)."""
-        return can_resume(self.model, self.batch)
+        return self._resumes and can_resume(self.model, self.batch)
 
     def residual_store(self) -> Float[Tensor, "prompt layer pos d_model"]:
         """An empty store for the residual entering every block, one base row per prompt
