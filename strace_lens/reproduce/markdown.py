@@ -16,12 +16,6 @@ from strace_lens.atomic import write_text
 from strace_lens.reproduce.claims import ALPHA, ModelRun, Reproduction
 
 
-# -- writing ---------------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str, root: Path | None = None) -> None:
-    """Atomic, normal permissions, and no link inside ``root`` followed (atomic.write_text)."""
-    write_text(path, text, root)
-
-
 # -- tracing (resumable) ---------------------------------------------------------------------
 def slug_of(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
@@ -373,7 +367,7 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
         "",
     ]
     path = repro.out_dir / "report.md"
-    write_text_atomic(path, "\n".join(lines), repro.out_dir)
+    write_text(path, "\n".join(lines), repro.out_dir)
     return path
 
 
@@ -384,5 +378,4 @@ __all__ = [
     "model_section",
     "slug_of",
     "write_report",
-    "write_text_atomic",
 ]

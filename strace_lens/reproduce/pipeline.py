@@ -14,7 +14,7 @@ import pandas as pd
 
 from strace_lens import analysis as an
 from strace_lens.ablation import MeanAblation
-from strace_lens.atomic import refuse_links, sha256_file
+from strace_lens.atomic import refuse_links, sha256_file, write_text
 from strace_lens.models import model_identity
 from strace_lens.reproduce.claims import (
     MIN_PROMPTS,
@@ -26,7 +26,7 @@ from strace_lens.reproduce.claims import (
     claims_of,
     with_multiplicity,
 )
-from strace_lens.reproduce.markdown import git_commit, slug_of, write_report, write_text_atomic
+from strace_lens.reproduce.markdown import git_commit, slug_of, write_report
 from strace_lens.result import TraceResult
 from strace_lens.types import ABLATIONS
 
@@ -238,7 +238,7 @@ def reproduce(
             mask, tables, counts, str(name), n_boot, seed, min_prompts, small_core, random=random
         )
         for key, frame in tables.items():
-            write_text_atomic(out / "tables" / slug / f"{key}.csv", frame.to_csv(index=False), out)
+            write_text(out / "tables" / slug / f"{key}.csv", frame.to_csv(index=False), out)
         runs.append(ModelRun(str(name), identity, mask, random, tables, claims, seconds))
 
     agreement = agreement_table = None
@@ -246,13 +246,13 @@ def reproduce(
     if len(runs) == 2:
         agreement, agreement_table, extra = agreement_claims(runs, n_boot, seed, min_prompts)
         all_claims = pd.concat([all_claims, pd.DataFrame(extra)], ignore_index=True)
-        write_text_atomic(out / "tables" / "agreement.csv", agreement.to_csv(index=False), out)
-        write_text_atomic(
+        write_text(out / "tables" / "agreement.csv", agreement.to_csv(index=False), out)
+        write_text(
             out / "tables" / "agreement_controls.csv", agreement_table.to_csv(index=False), out
         )
     # the multiplicity correction runs over every judged row of the report, both models' too
     all_claims = with_multiplicity(all_claims)
-    write_text_atomic(out / "claims.csv", all_claims.to_csv(index=False), out)
+    write_text(out / "claims.csv", all_claims.to_csv(index=False), out)
 
     first = runs[0].mask
     commit = git_commit()
