@@ -127,24 +127,30 @@ def test_phase_quantities_equal_a_hand_count(hand):
     phases = edge_phases(hand, core_size=0.04)
     values, full, outside = phase_values(hand, core_size=0.04)
     # 2 edges: r5.mlp:2 and m5:2, both into block 5; one component, MLP 5, of 6 * 3
-    assert values[0, 1] == pytest.approx([0, 0, 1.0, 1 / 18, 0, 1.0])
+    assert values[0, 1, :6] == pytest.approx([0, 0, 1.0, 1 / 18, 0, 1.0])
+    # per kind: no attention edge or head yet; the MLP edge m5:2 is outside the first quartile
+    assert np.isnan(values[0, 1, [6, 8]]).all() and values[0, 1, [7, 9]] == pytest.approx([0, 1])
     # 4 edges: + a5.h1:0->2 and r4.attn:2 (block 4, depth 0.8); components m5 and a5.h1
-    assert values[0, 2] == pytest.approx([0, 1 / 4, 3.8 / 4, 2 / 18, 1 / 2, 1.0])
+    assert values[0, 2, :6] == pytest.approx([0, 1 / 4, 3.8 / 4, 2 / 18, 1 / 2, 1.0])
     # 8 edges: + m3:1, a0.h0:0->1, r1.mlp:0, a2.h1:1->2; blocks 0 and 1 form the first quartile
     depths = [_depth(n) for n in FIRST]
     assert depths == [1.0, 1.0, 1.0, 0.8, 0.6, 0.0, 0.2, 0.4]
     assert values[0, 3] == pytest.approx(
-        [2 / 8, 3 / 8, sum(depths) / 8, 5 / 18, 3 / 5, (1 + 1 + 0.6 + 0 + 0.4) / 5]
-    )
+        [2 / 8, 3 / 8, sum(depths) / 8, 5 / 18, 3 / 5, (1 + 1 + 0.6 + 0 + 0.4) / 5,
+         1 / 3, 0 / 2, (1 + 0 + 0.4) / 3, (1 + 0.6) / 2]
+    )  # fmt: skip
     # the empty subgraph: no share or depth is defined; it touches no component
-    assert np.isnan(values[0, 0]).sum() == 5 and values[0, 0, 3] == 0
+    assert np.isnan(values[0, 0]).sum() == 9 and values[0, 0, 3] == 0
     # the whole graph by brute force over its edge names
     graph = EdgeGraph(6, 2, 3)
     names = graph.names(torch.arange(graph.n_edges))
     d = np.array([_depth(n) for n in names])
     attn = np.array([n.startswith("a") for n in names])
     assert full[0, :3] == pytest.approx([(d <= 0.2).mean(), attn.mean(), d.mean()])
-    assert full[0, 3:] == pytest.approx([1.0, 12 / 18, 0.5])
+    assert full[0, 3:6] == pytest.approx([1.0, 12 / 18, 0.5])
+    mlp = np.array([n.startswith("m") for n in names])
+    q1 = d <= 0.2
+    assert full[0, 6:] == pytest.approx([q1[attn].mean(), q1[mlp].mean(), 0.5, 0.5])
     # outside the core (the 4-edge subgraph at s = 0.04): 110 edges, 16 untouched components
     core = set(FIRST[:4])
     rest = [i for i, n in enumerate(names) if n not in core]
@@ -226,6 +232,8 @@ def _planted_tables(n: int, refinement: str, seed: int) -> dict[str, pd.DataFram
         "edge_q1_share": (0.4, 0.3, 0.3), "edge_attn_share": (0.0, ref, pool),
         "edge_mean_depth": (0.2, 0.5, 0.5), "component_share": (0.1, 0.9, 0.9),
         "component_head_share": (0.0, ref, pool), "component_mean_depth": (0.3, 0.5, 0.5),
+        "attn_edge_q1_share": (0.5, 0.3, 0.3), "mlp_edge_q1_share": (0.25, 0.25, 0.25),
+        "head_mean_depth": (0.4, 0.5, 0.5), "mlp_mean_depth": (0.6, 0.5, 0.5),
     }.items():  # fmt: skip
         rows.append(pd.DataFrame({
             "prompt": np.arange(n), "quantity": q,
@@ -266,6 +274,10 @@ def test_a_planted_base_rate_makes_1d_inconclusive_at_edge():
     # 1b: construction q1 share 0.4 against 0.3 of all edges; 3.control ~ 0: not shown
     assert claims.loc["1b", "estimate"] == pytest.approx(0.1, abs=0.01)
     assert claims.loc["1b", "verdict"] == HOLDS and claims.loc["3", "verdict"] == HOLDS
+    # per kind at the minimal core: early heads (0.4 against 0.5), late MLPs (0.6)
+    assert claims.loc["1b.attn.components", "verdict"] == HOLDS
+    assert claims.loc["1b.mlp.components", "verdict"] == FAILS
+    assert claims.loc["1b.attn", "estimate"] == pytest.approx(0.5 - 0.3)
     assert claims.loc["3.control", "verdict"] == INCONCLUSIVE
     assert claims.loc["2a.random", "role"] == REFERENCE and np.isnan(
         claims.loc["2a.random", "p_holm"]
@@ -311,7 +323,8 @@ def test_edge_reproduce_end_to_end_resumes_the_direct_trace_dataset_folders(
         assert len(list((out / "runs" / "native_tiny" / label / "shards").iterdir())) == 1
     claims = pd.read_csv(out / "claims.csv")
     assert list(claims["id"]) == [
-        "1a", "1a.components", "1b", "1b.components", "1c", "1c.components", "1d", "1d.base",
+        "1a", "1a.components", "1b", "1b.components", "1b.attn", "1b.mlp", "1b.attn.components",
+        "1b.mlp.components", "1c", "1c.components", "1d", "1d.base",
         "1d.components", "1d.base.components", "2a", "2a.random", "2a.partial", "2a.density",
         "S1", "3", "3.random", "3.control",
     ]  # fmt: skip

@@ -9,7 +9,11 @@ For each prompt and traced size, from the subgraph's kept edges (:data:`PHASE_QU
 - in components (the node projection, :func:`strace_lens.edges.project`: a head or MLP is
   touched when one of its edges is kept): ``component_share`` (touched over the model's
   L (H + 1)), ``component_head_share`` (heads over touched components) and
-  ``component_mean_depth`` (mean relative depth of the touched components).
+  ``component_mean_depth`` (mean relative depth of the touched components);
+- per kind (1b's control: a kind against its own layer spread): ``attn_edge_q1_share`` and
+  ``mlp_edge_q1_share`` (first-quartile share among the attention / MLP edges kept),
+  ``head_mean_depth`` and ``mlp_mean_depth`` (mean depth of the touched heads / MLPs); NaN
+  where the subgraph holds none of that kind.
 
 Each prompt's curves go on the common log grid (:mod:`strace_lens.analysis._edge_grid`) and
 are read in the paper's bands and at its minimal core (:mod:`strace_lens.analysis.edge_bands`).
@@ -57,6 +61,10 @@ PHASE_QUANTITIES = (
     "component_share",
     "component_head_share",
     "component_mean_depth",
+    "attn_edge_q1_share",
+    "mlp_edge_q1_share",
+    "head_mean_depth",
+    "mlp_mean_depth",
 )
 
 
@@ -77,17 +85,24 @@ def subgraph_quantities(
     depth = _depths(graph.n_layers)
     out = np.full(len(PHASE_QUANTITIES), np.nan)
     if len(edges):
-        layer = f["layer"][edges]
-        quart = torch.from_numpy(block_quartiles(graph.n_layers))[layer]
-        out[0] = float((quart == 0).double().mean())
-        out[1] = float((f["kind"][edges] == 0).double().mean())
+        layer, kind = f["layer"][edges], f["kind"][edges]
+        first = torch.from_numpy(block_quartiles(graph.n_layers))[layer] == 0
+        out[0] = float(first.double().mean())
+        out[1] = float((kind == 0).double().mean())
         out[2] = float(depth[layer].mean())
-    per_layer = heads.sum(1).double() + mlps.double()  # components touched per block
-    n_touched = float(per_layer.sum())
+        for column, code in ((6, 0), (7, 2)):  # attention, MLP edges
+            of_kind = kind == code
+            if of_kind.any():
+                out[column] = float(first[of_kind].double().mean())
+    n_heads, n_mlps = heads.sum(1).double(), mlps.double()  # touched per block
+    n_touched = float(n_heads.sum() + n_mlps.sum())
     out[3] = n_touched / (graph.n_layers * (graph.n_heads + 1))
     if n_touched > 0:
-        out[4] = float(heads.sum()) / n_touched
-        out[5] = float((per_layer * depth).sum()) / n_touched
+        out[4] = float(n_heads.sum()) / n_touched
+        out[5] = float(((n_heads + n_mlps) * depth).sum()) / n_touched
+    for column, count in ((8, n_heads), (9, n_mlps)):
+        if count.sum() > 0:
+            out[column] = float((count * depth).sum() / count.sum())
     return out
 
 

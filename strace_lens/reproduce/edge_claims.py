@@ -12,7 +12,12 @@ the mean of its curve over log10 s across the band (:mod:`strace_lens.analysis.e
   the threshold); in components: the share of heads and MLPs that core touches, against 0.1.
 - **1b** edges: the construction band's first-quartile share minus the first quartile's
   share of all the prompt's edges (> 0: the early core); components: mean depth of all
-  components minus the construction band's component mean depth.
+  components minus the construction band's component mean depth. Controls **1b.attn /
+  1b.mlp** (and ``.components``): 1b per kind, each kind against its own layer spread, at
+  the minimal core (s = 1e-3) rather than over the construction band, whose smallest
+  subgraphs mostly hold no attention edge (a kind's share is undefined there): the
+  first-quartile share among the core's attention (MLP) edges minus that share among all
+  attention (MLP) edges; the mean depth of all heads (MLPs) minus that of those it touches.
 - **1c** refinement-band minus construction-band mean depth (of the edges' target blocks;
   of the touched components).
 - **1d** refinement-band minus construction-band attention share (of edges; of touched
@@ -28,10 +33,8 @@ the mean of its curve over log10 s across the band (:mod:`strace_lens.analysis.e
   traced minus random (control).
 - **S1** AUC of the random control minus the traced family's (> 0: traced beats random).
 
-No edge analogue: 2b (the true next token's loss is not recorded at edge granularity), S2
-(inverse subgraphs are not scored there), and 1b's per-kind depth control (a kind's share in
-a band is undefined wherever a subgraph has no edge of that kind, which the smallest
-subgraphs mostly do not).
+No edge analogue: 2b (the true next token's loss is not recorded at edge granularity) and S2
+(inverse subgraphs are not scored there).
 """
 
 from __future__ import annotations
@@ -66,9 +69,6 @@ from strace_lens.reproduce.config import EDGE_SMALL_CORE, NODE_SMALL_CORE
 NO_EDGE_ANALOGUE = {
     "2b": "the loss on the true next word: targets are not recorded at edge granularity",
     "S2": "removing the subgraph: inverse subgraphs are not scored at edge granularity",
-    "1b.mlp / 1b.attn": "depth per node kind: a kind's quartile share in a band is undefined "
-    "wherever a subgraph holds no edge of that kind, as most of the smallest subgraphs do "
-    "not; 1b is given in components instead (1b.components)",
 }
 
 
@@ -197,6 +197,24 @@ def _phase_claims(
          "mean over prompts of (mean depth of all heads and MLPs - mean depth of those the "
          "construction band touches); depth 0 = first block, 1 = last",
          diff("component_mean_depth", "full", "construction"), "mean", "greater", 0.0),
+        ("1b.attn", CONTROL, "Control of 1b: the core's attention edges lie earlier than all "
+         "attention edges", "mean over prompts of (first-quartile share of the attention edges "
+         "of the subgraph at s = 1e-3 - that share among all attention edges)",
+         diff("attn_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0),
+        ("1b.mlp", CONTROL, "Control of 1b: the core's MLP edges lie earlier than all MLP edges",
+         "mean over prompts of (first-quartile share of the MLP edges of the subgraph at "
+         "s = 1e-3 - that share among all MLP edges)",
+         diff("mlp_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0),
+        ("1b.attn.components", CONTROL,
+         "Control of 1b: the core's heads lie earlier than the average head",
+         "mean over prompts of (mean depth of all heads - mean depth of the heads the subgraph "
+         "at s = 1e-3 touches), over prompts whose core touches a head",
+         diff("head_mean_depth", "full", "minimal_core"), "mean", "greater", 0.0),
+        ("1b.mlp.components", CONTROL,
+         "Control of 1b: the core's MLPs lie earlier than the average MLP",
+         "mean over prompts of (mean depth of all MLPs - mean depth of the MLPs the subgraph at "
+         "s = 1e-3 touches)", diff("mlp_mean_depth", "full", "minimal_core"), "mean",
+         "greater", 0.0),
         ("1c", CLAIM, "1c. Two phases: refinement edges lie in later layers than the core",
          f"mean over prompts of (refinement - construction) mean target-block depth; {bands}",
          diff("edge_mean_depth", "refinement", "construction"), "mean", "greater", 0.0),

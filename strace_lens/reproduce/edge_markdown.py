@@ -54,7 +54,11 @@ for information. The random control is `trace_dataset(..., method="random")`: on
 drawn edge subgraph per prompt and grid size, the same edge counts. 2a/2c: the same rho for
 random subgraphs, and the partial Spearman rho with random-subgraph AUC partialled out (ranks
 of both variables regressed by least squares on the control's ranks, Pearson correlation of
-the residuals; t-test with n - 2 - k degrees of freedom; percentile bootstrap). 1d.base: the
+the residuals; t-test with n - 2 - k degrees of freedom; percentile bootstrap). 1b.attn,
+1b.mlp: 1b per kind at the minimal core (s = 1e-3), each kind against its own layer spread
+(first-quartile share among the core's attention or MLP edges minus that share among all
+edges of the kind; in components, the mean depth of all heads or MLPs minus that of those
+the core touches; prompts whose core holds none of the kind are left out). 1d.base: the
 refinement band's attention share against the pool outside the minimal core. 3.control:
 traced minus random log10-rank difference per prompt.
 
