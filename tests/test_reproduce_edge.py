@@ -15,7 +15,14 @@ import pytest
 import torch
 from edge_handmade import handmade
 
-from strace_lens.analysis import edge_core_sizes, edge_phases, edge_uncertainty_controls, holm
+from strace_lens.analysis import (
+    edge_composition,
+    edge_core_sizes,
+    edge_phases,
+    edge_uncertainty_controls,
+    holm,
+    partial_spearman_ci,
+)
 from strace_lens.analysis.edge_bands import REFINEMENT_BAND, band_average
 from strace_lens.analysis.edge_controls import sparse_rank_diffs
 from strace_lens.analysis.edge_phases import phase_values
@@ -29,7 +36,7 @@ from strace_lens.reproduce.claims import (
     UNDETERMINED,
 )
 from strace_lens.reproduce.config import ReproduceConfig
-from strace_lens.reproduce.edge_claims import edge_claims_of
+from strace_lens.reproduce.edge_claims import EdgeModelRun, edge_agreement_claims, edge_claims_of
 
 # the hand-made result of tests/test_edge_analysis.py: 6 blocks, 2 heads, 3 tokens, 114 edges
 FIRST = ["r5.mlp:2", "m5:2", "a5.h1:0->2", "r4.attn:2", "m3:1", "a0.h0:0->1", "r1.mlp:0",
@@ -218,6 +225,30 @@ def test_a_planted_prompt_effect_vanishes_under_the_partial_correlation_at_edge(
     # flat curves: AUC = TV x span and density = TV, the same ranks
     assert line.loc[("density", "traced"), "rho"] == pytest.approx(line.loc[("auc", "traced"),
                                                                              "rho"])  # fmt: skip
+
+
+def test_a_planted_cross_model_prompt_effect_vanishes_under_the_partial_correlation():
+    rng = np.random.default_rng(4)
+    n = 60
+    h = rng.uniform(0, 1, n)
+    entropy = np.ones(n)
+    runs = []
+    for name, slope in (("A", 0.3), ("B", 0.5)):  # both models' densities follow h only
+        traced = _flat_edges(slope * h + 0.03 * rng.normal(size=n), entropy)
+        random = _flat_edges(0.5 + 0.4 * h + 0.001 * rng.normal(size=n), entropy)
+        comp = edge_composition(traced)
+        runs.append(EdgeModelRun(name, {}, traced, random, comp, {}, pd.DataFrame(), {}))
+    controls, rows = edge_agreement_claims(runs, n_boot=300, min_n=3)
+    by = {row["id"]: row for row in rows}
+    assert [row["id"] for row in rows] == ["2c", "2c.random", "2c.partial"]
+    assert by["2c"]["model"] == "A vs B" and by["2c.random"]["role"] == REFERENCE
+    assert by["2c"]["verdict"] == HOLDS and by["2c.random"]["verdict"] == HOLDS
+    assert by["2c.partial"]["verdict"] == INCONCLUSIVE
+    # the row is the two-control partial Spearman of the matched AUCs (flat TV x one span)
+    auc = [r.metrics["tv"][:, 0].double().numpy() for run in runs for r in (run.traced, run.random)]
+    expected = partial_spearman_ci(auc[0], auc[2], np.stack([auc[1], auc[3]], 1), n_boot=300)
+    assert by["2c.partial"]["estimate"] == pytest.approx(expected["rho"])
+    assert set(controls["measure"]) == {"auc", "density"} and (controls["model_a"] == "A").all()
 
 
 def _planted_tables(n: int, refinement: str, seed: int) -> dict[str, pd.DataFrame]:
