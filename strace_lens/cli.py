@@ -564,7 +564,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if located == str(err):
             raise
         raise BadInput(located) from err
-    _finish(result, args, f"strace-lens trace: {args.model}, {result.n_prompts} prompts")
+    title = f"strace-lens trace: {args.model}, {result.n_prompts} prompts"
+    _finish(result, args, title, model=model)
     return EXIT_OK
 
 
@@ -633,8 +634,7 @@ def edge_summary_table(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _finish_edges(result: Any, args: argparse.Namespace) -> None:
-    """Print the summary of an edge run; the HTML page draws node-level results only."""
+def _print_edge_summary(result: Any, args: argparse.Namespace) -> None:
     opts = result.options
     print(
         f"{result.n_prompts} prompt(s), edge granularity, method={opts.get('method')}, "
@@ -642,40 +642,38 @@ def _finish_edges(result: Any, args: argparse.Namespace) -> None:
         f"tokens={opts.get('tokens')}; run folder: {args.out}"
     )
     print(edge_summary_table(result))
-    if not args.no_html:
+
+
+def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None) -> None:
+    """Print the summary and write the HTML page (one worker at a time, under a lease).
+
+    ``model``, when at hand, puts the prompt's tokens on the token-level circuit's axis.
+    """
+    edges = hasattr(result, "grid")  # an EdgeTraceResult
+    if edges:
+        _print_edge_summary(result, args)
+    else:
         print(
-            "HTML page: not written for edge runs (its plots draw node-level results only); "
-            f"strace_lens.load({str(args.out)!r}) reads the run as one EdgeTraceResult."
+            f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
+            f"method={result.method}, per={result.per}; run folder: {args.out}"
         )
-
-
-def _finish(result: Any, args: argparse.Namespace, title: str) -> None:
-    """Print the summary and write the HTML page (one worker at a time, under a lease)."""
-    if hasattr(result, "grid"):  # an EdgeTraceResult
-        _finish_edges(result, args)
-        return
-    print(
-        f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
-        f"method={result.method}, per={result.per}; run folder: {args.out}"
-    )
-    print(summary_table(result))
+        print(summary_table(result))
     if args.no_html:
         return
     from strace_lens.leases import DEFAULT_LEASE_TIMEOUT, try_acquire, worker_id
-    from strace_lens.plot import report_html  # plotly is slow to import: only when needed
+    from strace_lens.plot import edge_report_html, report_html  # plotly imports slowly
 
     timeout = getattr(args, "lease_timeout", None) or DEFAULT_LEASE_TIMEOUT
     lease = try_acquire(args.out, "report", worker_id(), timeout)
     if lease is None:  # another worker is writing the same page right now
         print(f"HTML page: {args.out / HTML_PAGE} (written by another worker)")
         return
+    notes = shlex.join(["strace-lens", *getattr(args, "argv", [])])
     with lease:
-        page = report_html(
-            result,
-            args.out / HTML_PAGE,
-            title=title,
-            notes=shlex.join(["strace-lens", *getattr(args, "argv", [])]),
-        )
+        if edges:
+            page = edge_report_html(result, args.out / HTML_PAGE, title, notes, model=model)
+        else:
+            page = report_html(result, args.out / HTML_PAGE, title=title, notes=notes)
     print(f"HTML page: {page}")
 
 
