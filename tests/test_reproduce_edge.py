@@ -398,8 +398,11 @@ def test_edge_reproduce_end_to_end_resumes_the_direct_trace_dataset_folders(
     ]
     for needed in needed_words:
         assert needed in report, needed
-    page = (out / "figures.html").read_text(encoding="utf-8")
-    assert page.count("<h2>") == 2 and "fig-0" in page and "fig-1" in page
+    # the project's edge page: fidelity of traced and random, composition, token circuit
+    page = (out / "figures" / "native_tiny.html").read_text(encoding="utf-8")
+    for div in ("fig-edge_fidelity", "fig-edge_composition", "fig-token_circuit"):
+        assert div in page, div
+    assert "figures/native_tiny.html" in report
 
     # the command line resumes the same folders, records itself, prints both verdicts
     status = main(["reproduce", "--model", "native:tiny", "--prompts", str(prompts), "--n", "5",

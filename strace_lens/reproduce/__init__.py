@@ -16,7 +16,7 @@ With ``granularity="edge"`` (``strace-lens reproduce --granularity edge``) the s
 paper's own granularity: the greedy or learned edge masks and a random control traced by
 ``trace_dataset`` (:mod:`strace_lens.reproduce.edge_pipeline`), the claims in the paper's
 units, in edges and in components (:mod:`strace_lens.reproduce.edge_claims`), ``report.md``
-and ``figures.html``. :class:`ReproduceConfig` holds a run's checked options.
+and ``figures/<model>.html``. :class:`ReproduceConfig` holds a run's checked options.
 
 Verdicts come only from the numbers, by the rule printed in the report (see
 :func:`verdict`): a claim *holds* when its whole confidence interval lies on the side the

@@ -96,7 +96,8 @@ class EdgeReproduction:
     claims: pd.DataFrame
     agreement_controls: pd.DataFrame | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-    figures: Path | None = None
+    #: the HTML figure page of each model (fidelity, composition, token-level circuit)
+    figures: list[Path] = field(default_factory=list)
 
 
 def analyse_edges(

@@ -1,10 +1,11 @@
 """The edge-granularity report: ``report.md`` (setup, claims in edges and in components, the
-rules, the band tables) and ``figures.html`` (the composition figure in edge units and one
-prompt's token-level circuit per model, through the project's plotly template)."""
+rules, the band tables), beside one HTML figure page per model (``figures/<model>.html``,
+written by :func:`strace_lens.plot.edge_report_html`: fidelity of the traced family and the
+random control, the composition figure in edge units, the first prompt's token-level
+circuit)."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,11 @@ from strace_lens.reproduce.claims import ALPHA
 from strace_lens.reproduce.edge_claims import NO_EDGE_ANALOGUE, EdgeModelRun, EdgeReproduction
 from strace_lens.reproduce.markdown import markdown_table, settings_lines, slug_of
 
-FIGURES_FILE = "figures.html"
+
+def figures_path(model: str) -> str:
+    """Where a model's figure page goes, relative to the output folder."""
+    return f"figures/{slug_of(model)}.html"
+
 
 EDGE_RULES = """\
 Each claim is one statistic whose sign (or position against a threshold) the paper
@@ -195,9 +200,11 @@ def write_edge_report(repro: EdgeReproduction, settings: dict[str, Any]) -> Path
     lines += [
         "## Figures and tables",
         "",
-        f"`{FIGURES_FILE}`: the composition figure in edge units (all models) and the "
-        "token-level circuit of the first prompt per model. Every table is a CSV next to "
-        "this report: "
+        "Figures (one page per model: fidelity of the traced subgraphs and the random "
+        "control, the composition in edge units, the token-level circuit of the first "
+        "prompt): "
+        + ", ".join(f"[`{figures_path(r.name)}`]({figures_path(r.name)})" for r in repro.runs)
+        + ". Every table is a CSV next to this report: "
         + ", ".join(f"`tables/{slug_of(repro.runs[0].name)}/{k}.csv`"
                     for k in sorted(repro.runs[0].tables))
         + (" (one folder per model), `tables/agreement_controls.csv`"
@@ -210,22 +217,4 @@ def write_edge_report(repro: EdgeReproduction, settings: dict[str, Any]) -> Path
     return path
 
 
-def write_figures(path: Path, figures: list[tuple[str, Any]], title: str, root: Path) -> Path:
-    """One self-contained HTML page (plotly.js embedded once) with the given figures, written
-    atomically (no link inside ``root`` followed)."""
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:Arial,Helvetica,sans-serif;max-width:1300px;margin:24px auto;"
-        "color:#222} h1{font-size:22px} h2{font-size:17px;margin-top:32px}</style>",
-        "</head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
-    for i, (heading, fig) in enumerate(figures):
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"fig-{i}"))
-    parts.append("</body></html>")
-    return write_text(path, "\n".join(parts), root)
-
-
-__all__ = ["EDGE_RULES", "FIGURES_FILE", "model_section", "write_edge_report", "write_figures"]
+__all__ = ["EDGE_RULES", "figures_path", "model_section", "write_edge_report"]

@@ -35,7 +35,7 @@ from strace_lens.reproduce.edge_claims import (
     edge_agreement_claims,
     edge_claims_of,
 )
-from strace_lens.reproduce.edge_markdown import FIGURES_FILE, write_edge_report, write_figures
+from strace_lens.reproduce.edge_markdown import figures_path, write_edge_report
 from strace_lens.reproduce.markdown import git_commit, slug_of
 from strace_lens.reproduce.runs import load_spec, shard_seconds
 
@@ -97,7 +97,6 @@ def run_edge(config: ReproduceConfig) -> EdgeReproduction:
     prompts = pfile.prompts
     small_core = config.number("small_core")
     runs: list[EdgeModelRun] = []
-    circuits: list[tuple[str, Any]] = []
     for spec in config.models:
         name, loaded, identity, traced, random, seconds = _trace_model(
             config, spec, prompts, out, [slug_of(r.name) for r in runs]
@@ -112,11 +111,16 @@ def run_edge(config: ReproduceConfig) -> EdgeReproduction:
                 out / "tables" / slug_of(name) / f"{key}.csv", frame.to_csv(index=False), out
             )
         runs.append(EdgeModelRun(name, identity, traced, random, comp, tables, claims, seconds))
-        circuits.append(
-            (
-                f"{name}: token-level circuit of prompt 0",
-                plot.token_circuit(traced, 0, model=loaded),
-            )
+        # the project's edge page: fidelity (traced and random), composition, token circuit;
+        # one page per model, so each circuit's axis is decoded by that model's tokenizer
+        page = out / figures_path(name)
+        refuse_links(out, page)
+        plot.edge_report_html(
+            {str(config.method): traced, "random": random},
+            page,
+            title=f"s-Trace reproduction, edge granularity: {name}",
+            notes=config.command or config.python_call(),
+            model=loaded,
         )
 
     agreement = None
@@ -130,14 +134,8 @@ def run_edge(config: ReproduceConfig) -> EdgeReproduction:
     all_claims = with_multiplicity(all_claims)  # one Holm family over the whole report
     write_text(out / "claims.csv", all_claims.to_csv(index=False), out)
 
-    composition = plot.edge_composition({r.name: r.composition for r in runs})
-    figures = write_figures(
-        out / FIGURES_FILE,
-        [("Edge composition versus size (paper's phase bands shaded)", composition), *circuits],
-        "s-Trace reproduction: edge-granularity figures",
-        out,
-    )
     settings = _settings(config, runs, pfile, started)
+    figures = [out / figures_path(r.name) for r in runs]
     repro = EdgeReproduction(out, out / "report.md", runs, all_claims, agreement, settings, figures)
     write_edge_report(repro, settings)
     return repro
