@@ -25,7 +25,7 @@ from strace_lens.analysis import (
 )
 from strace_lens.analysis.edge_bands import REFINEMENT_BAND, band_average
 from strace_lens.analysis.edge_controls import sparse_rank_diffs
-from strace_lens.analysis.edge_phases import phase_values
+from strace_lens.analysis.edge_phases import RAW_QUANTITIES, EdgePhases, derive, phase_values
 from strace_lens.edges import EdgeGraph
 from strace_lens.reproduce.claims import (
     CONTROL,
@@ -132,7 +132,7 @@ def hand():
 
 def test_phase_quantities_equal_a_hand_count(hand):
     phases = edge_phases(hand, core_size=0.04)
-    values, full, outside = phase_values(hand, core_size=0.04)
+    values, full, outside = (derive(v, 18) for v in phase_values(hand, core_size=0.04))
     # 2 edges: r5.mlp:2 and m5:2, both into block 5; one component, MLP 5, of 6 * 3
     assert values[0, 1, :6] == pytest.approx([0, 0, 1.0, 1 / 18, 0, 1.0])
     # per kind: no attention edge or head yet; the MLP edge m5:2 is outside the first quartile
@@ -175,6 +175,31 @@ def test_phase_quantities_equal_a_hand_count(hand):
     refinement = band_average(phases.log_grid, phases.curves, REFINEMENT_BAND)
     assert table.loc["edge_q1_share", "refinement"] == pytest.approx(refinement[0, 0],
                                                                       nan_ok=True)  # fmt: skip
+
+
+def test_component_quantities_of_a_band_are_ratios_of_band_means():
+    # one prompt: residual edges only below s = 1e-3 (no component), then 1 head and 3 MLPs
+    grid = np.linspace(-5, 0, 151)
+    raw = np.zeros((1, len(grid), len(RAW_QUANTITIES)))
+    later = grid >= -3
+    raw[0, :, :5] = 0.5  # edge shares, defined everywhere
+    raw[0, later, 5] = 1.0  # heads, at depth 1
+    raw[0, later, 6] = 3.0  # MLPs, at depths summing to 0.6
+    raw[0, later, 7], raw[0, later, 8] = 1.0, 0.6
+    ref = raw[0, -1][None]
+    phases = EdgePhases(grid, raw, ref, ref, 1e-3, n_components=12)
+    table = phases.per_prompt().set_index("quantity")
+    heads = band_average(grid, raw[:, :, [5]], (1e-4, 1e-2))[0, 0]
+    assert 0 < heads < 1  # half the band's decades touch no component
+    # a mean of per-size ratios would be undefined here; the ratio of band means is not
+    assert table.loc["component_head_share", "construction"] == pytest.approx(heads / (4 * heads))
+    assert table.loc["component_mean_depth", "construction"] == pytest.approx(1.6 / 4)
+    assert table.loc["component_share", "construction"] == pytest.approx(4 * heads / 12)
+    assert table.loc["head_mean_depth", "minimal_core"] == pytest.approx(1.0)
+    assert table.loc["mlp_mean_depth", "full"] == pytest.approx(0.2)
+    bands = phases.bands().set_index(["band", "quantity"])
+    assert bands.loc[("construction", "component_head_share"), "n"] == 1
+    assert bands.loc[("construction", "component_head_share"), "lo"] == 1e-4
 
 
 def test_core_sizes_and_sparse_ranks_by_hand(hand):

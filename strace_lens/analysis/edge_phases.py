@@ -17,6 +17,11 @@ For each prompt and traced size, from the subgraph's kept edges (:data:`PHASE_QU
 
 Each prompt's curves go on the common log grid (:mod:`strace_lens.analysis._edge_grid`) and
 are read in the paper's bands and at its minimal core (:mod:`strace_lens.analysis.edge_bands`).
+An edge share is averaged over a band as it is (the paper's composition); a component
+quantity is a ratio of band averages of counts and depth sums (:data:`RAW_QUANTITIES`, e.g.
+the head share of a band is its mean head count over its mean component count), so that it is
+defined wherever the band touches any component: the smallest subgraphs often hold residual
+edges only, which touch none.
 Two reference values per prompt, computed exactly (no grid):
 
 - ``full``: the whole graph (every edge; every component), the base rate a band is read
@@ -44,9 +49,9 @@ from strace_lens.analysis._stats import mean_ci
 from strace_lens.analysis.edge_bands import (
     CONSTRUCTION_BAND,
     MINIMAL_CORE_SIZE,
+    PHASE_BANDS,
     REFINEMENT_BAND,
     band_average,
-    band_summary,
     point_value,
 )
 from strace_lens.analysis.edge_composition import block_quartiles
@@ -66,6 +71,19 @@ PHASE_QUANTITIES = (
     "head_mean_depth",
     "mlp_mean_depth",
 )
+#: what is interpolated and averaged over a band: edge shares as they are, components as
+#: counts and depth sums (a ratio of band means, defined wherever the band touches any)
+RAW_QUANTITIES = (
+    "edge_q1_share",
+    "edge_attn_share",
+    "edge_mean_depth",
+    "attn_edge_q1_share",
+    "mlp_edge_q1_share",
+    "heads",
+    "mlps",
+    "head_depth_sum",
+    "mlp_depth_sum",
+)
 
 
 def _depths(n_layers: int) -> Tensor:
@@ -78,32 +96,47 @@ def subgraph_quantities(
     edges: Int[Tensor, " k"],
     heads: Bool[Tensor, "layer head"],
     mlps: Bool[Tensor, " layer"],
-) -> Float[np.ndarray, " quantity"]:
-    """:data:`PHASE_QUANTITIES` of a set of edges (compact ids) and of a set of components
-    (heads ``[L, H]``, MLPs ``[L]``); NaN for what an empty set leaves undefined."""
+) -> Float[np.ndarray, " raw"]:
+    """:data:`RAW_QUANTITIES` of a set of edges (compact ids) and of a set of components
+    (heads ``[L, H]``, MLPs ``[L]``); an edge share is NaN when no edge defines it."""
     f = graph.edge_fields
     depth = _depths(graph.n_layers)
-    out = np.full(len(PHASE_QUANTITIES), np.nan)
+    out = np.full(len(RAW_QUANTITIES), np.nan)
     if len(edges):
         layer, kind = f["layer"][edges], f["kind"][edges]
         first = torch.from_numpy(block_quartiles(graph.n_layers))[layer] == 0
         out[0] = float(first.double().mean())
         out[1] = float((kind == 0).double().mean())
         out[2] = float(depth[layer].mean())
-        for column, code in ((6, 0), (7, 2)):  # attention, MLP edges
+        for column, code in ((3, 0), (4, 2)):  # attention, MLP edges
             of_kind = kind == code
             if of_kind.any():
                 out[column] = float(first[of_kind].double().mean())
     n_heads, n_mlps = heads.sum(1).double(), mlps.double()  # touched per block
-    n_touched = float(n_heads.sum() + n_mlps.sum())
-    out[3] = n_touched / (graph.n_layers * (graph.n_heads + 1))
-    if n_touched > 0:
-        out[4] = float(n_heads.sum()) / n_touched
-        out[5] = float(((n_heads + n_mlps) * depth).sum()) / n_touched
-    for column, count in ((8, n_heads), (9, n_mlps)):
-        if count.sum() > 0:
-            out[column] = float((count * depth).sum() / count.sum())
+    out[5], out[6] = float(n_heads.sum()), float(n_mlps.sum())
+    out[7], out[8] = float((n_heads * depth).sum()), float((n_mlps * depth).sum())
     return out
+
+
+def derive(
+    raw: Float[np.ndarray, "*batch raw"], n_components: int
+) -> Float[np.ndarray, "*batch quantity"]:
+    """:data:`PHASE_QUANTITIES` from :data:`RAW_QUANTITIES` (read in a band, or of one set):
+    the edge shares as they are, the component ones as ratios of counts and depth sums (NaN
+    where no component of the kind is touched)."""
+    e_q1, e_attn, e_depth, a_q1, m_q1, heads, mlps, h_depth, m_depth = np.moveaxis(raw, -1, 0)
+    touched = heads + mlps
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+    return np.stack(
+        [e_q1, e_attn, e_depth, touched / n_components, ratio(heads, touched),
+         ratio(h_depth + m_depth, touched), a_q1, m_q1, ratio(h_depth, heads),
+         ratio(m_depth, mlps)],
+        axis=-1,
+    )  # fmt: skip
 
 
 def core_index(result: EdgeTraceResult, prompt: int, core_size: float = MINIMAL_CORE_SIZE) -> int:
@@ -120,9 +153,9 @@ def phase_values(
     Float[np.ndarray, "prompt quantity"],
     Float[np.ndarray, "prompt quantity"],
 ]:
-    """Per prompt: the quantities of each traced subgraph ``[P, S, K]``, of the whole graph
-    ``[P, K]`` and of what the core leaves ``[P, K]`` (module docstring)."""
-    n_p, n_s, k = result.n_prompts, len(result.grid), len(PHASE_QUANTITIES)
+    """Per prompt: the :data:`RAW_QUANTITIES` of each traced subgraph ``[P, S, R]``, of the
+    whole graph ``[P, R]`` and of what the core leaves ``[P, R]`` (module docstring)."""
+    n_p, n_s, k = result.n_prompts, len(result.grid), len(RAW_QUANTITIES)
     values = np.full((n_p, n_s, k), np.nan)
     full = np.full((n_p, k), np.nan)
     outside = np.full((n_p, k), np.nan)
@@ -149,56 +182,63 @@ def phase_values(
 
 @dataclass
 class EdgePhases:
-    """:data:`PHASE_QUANTITIES` of each prompt on a common log grid, and its references."""
+    """:data:`RAW_QUANTITIES` of each prompt on a common log grid, and its references; read
+    as :data:`PHASE_QUANTITIES` by :meth:`per_prompt` and :meth:`bands`."""
 
     log_grid: Float[np.ndarray, " grid"]
-    #: each prompt's curves, NaN outside its traced range
-    curves: Float[np.ndarray, "prompt grid quantity"]
-    #: the whole graph's value per prompt
-    full: Float[np.ndarray, "prompt quantity"]
-    #: the value of what the core subgraph leaves, per prompt
-    outside_core: Float[np.ndarray, "prompt quantity"]
+    #: each prompt's raw curves, NaN outside its traced range
+    curves: Float[np.ndarray, "prompt grid raw"]
+    #: the whole graph's raw values per prompt
+    full: Float[np.ndarray, "prompt raw"]
+    #: the raw values of what the core subgraph leaves, per prompt
+    outside_core: Float[np.ndarray, "prompt raw"]
     core_size: float
+    #: heads and MLPs of the model, L (H + 1)
+    n_components: int
 
-    def bands(self) -> pd.DataFrame:
-        """Per band (construction, refinement, minimal_core; then ``full`` and
-        ``outside_core``) and quantity: mean over prompts, 95 % interval, n (columns of
-        :func:`strace_lens.analysis.band_summary`)."""
-        frame = band_summary(self.log_grid, self.curves, PHASE_QUANTITIES, core_size=self.core_size)
-        rows = []
-        for band, values in (("full", self.full), ("outside_core", self.outside_core)):
-            for q, name in enumerate(PHASE_QUANTITIES):
-                stats = mean_ci(values[:, q])
-                rows.append(
-                    {"band": band, "lo": np.nan, "hi": np.nan, "quantity": name,
-                     "mean": stats["mean"], "ci_low": stats["ci_low"],
-                     "ci_high": stats["ci_high"], "n": int(stats["n"])}
-                )  # fmt: skip
-        return pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)
+    def per_band(self) -> dict[str, np.ndarray]:
+        """Each prompt's :data:`PHASE_QUANTITIES` ``[P, K]`` per band name."""
+        raw = {
+            "construction": band_average(self.log_grid, self.curves, CONSTRUCTION_BAND),
+            "refinement": band_average(self.log_grid, self.curves, REFINEMENT_BAND),
+            "minimal_core": point_value(self.log_grid, self.curves, self.core_size),
+            "full": self.full,
+            "outside_core": self.outside_core,
+        }
+        return {band: derive(values, self.n_components) for band, values in raw.items()}
 
     def per_prompt(self) -> pd.DataFrame:
         """One row per (prompt, quantity): ``construction``, ``refinement``,
         ``minimal_core``, ``full`` and ``outside_core`` (NaN where a prompt's curve does not
-        cover a band)."""
-        construction = band_average(self.log_grid, self.curves, CONSTRUCTION_BAND)
-        refinement = band_average(self.log_grid, self.curves, REFINEMENT_BAND)
-        core = point_value(self.log_grid, self.curves, self.core_size)
+        cover a band, or the band touches no component the quantity needs)."""
+        bands = self.per_band()
         n_p = self.curves.shape[0]
         frames = [
             pd.DataFrame(
-                {
-                    "prompt": np.arange(n_p),
-                    "quantity": name,
-                    "construction": construction[:, q],
-                    "refinement": refinement[:, q],
-                    "minimal_core": core[:, q],
-                    "full": self.full[:, q],
-                    "outside_core": self.outside_core[:, q],
-                }
+                {"prompt": np.arange(n_p), "quantity": name,
+                 **{band: values[:, q] for band, values in bands.items()}}
             )
             for q, name in enumerate(PHASE_QUANTITIES)
-        ]
+        ]  # fmt: skip
         return pd.concat(frames, ignore_index=True)
+
+    def bands(self) -> pd.DataFrame:
+        """Per band (construction, refinement, minimal_core, full, outside_core) and quantity:
+        mean over prompts, bootstrap 95 % interval, n (prompts with a value). Columns:
+        ``band``, ``lo``, ``hi`` (the band's sizes; NaN for the references), ``quantity``,
+        ``mean``, ``ci_low``, ``ci_high``, ``n``."""
+        edges = {**PHASE_BANDS, "minimal_core": (self.core_size, self.core_size)}
+        rows = []
+        for band, values in self.per_band().items():
+            lo, hi = edges.get(band, (np.nan, np.nan))
+            for q, name in enumerate(PHASE_QUANTITIES):
+                stats = mean_ci(values[:, q])
+                rows.append(
+                    {"band": band, "lo": lo, "hi": hi, "quantity": name, "mean": stats["mean"],
+                     "ci_low": stats["ci_low"], "ci_high": stats["ci_high"],
+                     "n": int(stats["n"])}
+                )  # fmt: skip
+        return pd.DataFrame(rows)
 
 
 def edge_phases(
@@ -212,7 +252,9 @@ def edge_phases(
     grid = check_log_grid(log_grid)
     values, full, outside = phase_values(result, core_size)
     relative = result.relative_sizes().numpy()
-    return EdgePhases(grid, on_common_grid(relative, values, grid, along), full, outside, core_size)
+    curves = on_common_grid(relative, values, grid, along)
+    n_components = result.n_layers * (result.n_heads + 1)
+    return EdgePhases(grid, curves, full, outside, core_size, n_components)
 
 
 def edge_core_sizes(result: EdgeTraceResult) -> pd.DataFrame:
@@ -256,8 +298,10 @@ def edge_core_sizes(result: EdgeTraceResult) -> pd.DataFrame:
 
 __all__ = [
     "PHASE_QUANTITIES",
+    "RAW_QUANTITIES",
     "EdgePhases",
     "core_index",
+    "derive",
     "edge_core_sizes",
     "edge_phases",
     "phase_values",

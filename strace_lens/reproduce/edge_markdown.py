@@ -39,6 +39,9 @@ mean of its curve over log10 s across the band (curves interpolated linearly in 
 left out of it). Each phase claim is stated in edges and, with the id suffix
 `.components`, in components: the heads and MLPs the same subgraph touches (a head is
 touched when one of its attention edges is kept, at any position; residual edges touch none).
+An edge share is averaged over a band as it is; a component share or depth is a ratio of
+band means (e.g. the band's mean head count over its mean component count), defined wherever
+the band touches a component (the smallest subgraphs often hold residual edges only).
 Quartiles of blocks as the released code splits them (numpy.array_split); depth = block /
 (L - 1). *full*: the prompt's whole graph; *outside core*: the edges outside the prompt's
 subgraph at s = 1e-3, and the components it does not touch (the pool the refinement adds
