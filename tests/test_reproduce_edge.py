@@ -123,6 +123,48 @@ def test_cli_refuses_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("options", [{}, {"steps": 2, "lr": 0.5}])
+def test_edge_runs_are_traced_by_exactly_the_direct_call(tmp_path, monkeypatch, options):
+    """The arguments trace_dataset receives: those of the documented direct call, the
+    learned search's options only when given."""
+    from strace_lens import dataset
+    from strace_lens.reproduce import reproduce
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two three\nfour five six\n", encoding="utf-8")
+    calls = []
+
+    def first_call(model, prompt_list, folder, **kwargs):
+        calls.append((prompt_list, folder, kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(dataset, "trace_dataset", first_call)
+    with pytest.raises(_Stop):
+        reproduce("native:tiny", prompts, n=2, out_dir=tmp_path / "out", granularity="edge",
+                  method="mask", ablate_attention_edges=False, seed=3, chunk_size=8,
+                  batch_size=4, device="cpu", progress=False, **options)  # fmt: skip
+    prompt_list, folder, kwargs = calls[0]
+    assert prompt_list == ["one two three", "four five six"]
+    assert folder == tmp_path / "out" / "runs" / "native_tiny" / "mask"
+    expected = {
+        "chunk_size": 8,
+        "progress": False,
+        "batch_size": 4,
+        "granularity": "edge",
+        "method": "mask",
+        "sizes": "paper",
+        "ablate_attention_edges": False,
+        "seed": 3,
+    }
+    if options:
+        expected["mask_search"] = options
+    assert kwargs == expected  # fmt: skip
+
+
 # -- the phase quantities, by hand ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def hand():
