@@ -120,7 +120,7 @@ def test_step_zero_is_the_greedy_and_selection_is_never_worse(byte_tiny):
     full = byte_tiny(batch.tokens)[0, -1].double().log_softmax(-1)[None]
     greedy_kl = kl_divergence(full.expand_as(logp), logp)
     assert torch.allclose(fit.kl[0], greedy_kl, atol=1e-9)
-    assert fit.kl.shape == (FAST.steps + 1, len(budgets)) and fit.passes == FAST.steps + 1
+    assert fit.kl.shape == (FAST.steps, len(budgets)) and fit.passes == FAST.steps
     # the kept step's hard subgraphs are the learned order's prefixes, and no worse on average
     best = fit.kl[fit.best_step]
     assert float((best + 1e-12).log().mean()) <= float((greedy_kl + 1e-12).log().mean()) + 1e-9
