@@ -20,8 +20,11 @@ position), and the ranking is still one nested order of the edges:
   annealed geometrically. The loss is ``sum_b log KL_b`` (every budget counts, whatever its
   scale); the step is normalised by the 99th percentile of ``|grad|`` and clipped, so the
   steepest edges move by ``lr`` log-rank units.
-- Every step measures the hard subgraphs exactly, so the scores kept are those of the step
-  with the lowest mean ``log KL`` over the trained budgets (step 0, the greedy, included).
+- Every step measures the hard subgraphs of its ranking exactly (that forward is also the
+  one the gradient is taken in); the kept step is the measured one with the lowest mean
+  ``log KL`` over the trained budgets (step 0, the greedy, included). The ranking after the
+  last update is not measured by the learning (a forward-only pass of the budget rows used
+  to do that); the merge measures it.
 - One ranking for all sizes trades sizes against each other: on SmolLM2 (2 prompts, before
   the merge) the kept step was better than the greedy at s = 0.02 and much worse from 0.08
   to 0.4. So the result is by default (``MaskSearch.merge``) not one learned ranking but a
@@ -39,9 +42,14 @@ Known weakness of the learning: the gradient is taken at the hard masks, so an e
 path whose other edges are all absent gets no gradient (a product of masks), and with
 attention edges ablated the greedy's small subgraphs are such dead ends.
 
-Cost: one all-edges forward row (the reference), ``steps + 1`` forward and backward passes
-of ``len(budgets)`` rows, one greedy ranking (a heap pass over the edges) per step, and for
-the merge one forward of at most ``max_candidates`` rows per grid size.
+Cost per prompt: one all-edges forward row (the reference), ``steps`` forward and backward
+passes of ``len(budgets)`` rows, ``steps + 1`` greedy rankings (heap passes over the edges,
+about 1 s each on 0.3 M edges) and for the merge at most ``max_candidates`` rows per grid
+size. ``batch_prompts`` prompts run side by side: one forward per learning step and one per
+merge size carries the rows of all of them, and the model is entered
+(:func:`model_untouched`, the hook check) once per search, which a profile of the
+one-prompt-at-a-time search found to cost as much as the forwards themselves
+(docs/edge-learned.md, "Where the time went").
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ class MaskSearch:
     The defaults are the settings measured on SmolLM2 and Gemma (docs/edge-learned.md).
     """
 
-    steps: int = 3
+    steps: int = 1
     lr: float = 0.3
     temperature: tuple[float, float] = (2.0, 0.3)
     budgets: tuple[float, ...] | None = None
@@ -87,7 +95,7 @@ class MaskSearch:
     noise: float = 0.0
     seed: int = 0
     merge: bool = True
-    max_candidates: int = 3
+    max_candidates: int = 2
     batch_prompts: int = 4
     max_rows: int = 64
 
