@@ -1,22 +1,26 @@
 """Learned nested edge masks (``method="mask"``) against the paper's greedy, on the paper's grid.
 
-For each model and each semantics (attention edges ``ablated`` / ``kept``), per dev prompt:
-the greedy's subgraphs on the grid from ``--min-size`` (one edge-masked batch with an
-all-edges reference row), and the learned nested ranking of
-:func:`strace_lens.edges.learned.learned_nested_order` (``--steps`` of learning from the
-greedy, then the measured nested merge of the greedy's and the learned rankings). The merged
-subgraphs' TV and top-1 come from the merge's own hard-mask measurement, scored against the
-same reference row as the greedy's (tests/test_edge_learned.py checks that the merge's
-measurement equals an independent masked run).
+For each model and each semantics (attention edges ``ablated`` / ``kept``), the dev prompts
+in chunks of ``--batch-prompts`` (the prompts one search runs side by side): per chunk the
+edge weights, the greedy rankings and the learned nested rankings of
+:func:`strace_lens.edges.learned.learned_nested_orders` (the search of
+``trace(granularity="edge", method="mask")``: ``--steps`` of learning from the greedy, then
+the measured nested merge of the greedy's and the learned rankings), each timed, with the
+bare forward of the same chunk timed before and after (median); then per prompt the
+greedy's subgraphs on the grid from ``--min-size`` (one edge-masked batch with an all-edges
+reference row). The merged subgraphs' TV and top-1 come from the merge's own hard-mask
+measurement, scored against the same reference row as the greedy's
+(tests/test_edge_learned.py checks that the merge's measurement equals an independent
+masked run).
 
 Prints, per size: median TV of greedy and learned, the share of prompts keeping the full
-model's top-1 token; the smallest size at which half of the prompts keep it; and the
-search's cost (learning + merge, seconds summed over prompts) as a multiple of one bare
-forward of the whole prompt batch (median of ``--repeats``, timed in the same process).
-Each (model, semantics, prompt) is saved as JSON in ``--out`` as soon as it is done, and a
-rerun with the same options resumes from there (a changed option raises); ``--report``
-prints the table of the prompts saved so far (e.g. from several processes, one per model
-and semantics), timing the bare forward of their batch in the reporting process.
+model's top-1 token; the smallest size at which half of the prompts keep it; and the cost:
+the search (learning + merge, which measures the learned curve) and the whole learned curve
+(edge weights + greedy rankings + search) as multiples of the chunks' bare forwards, and,
+for the chunks run by this process, of the bare forward of the whole prompt batch timed
+before the first and after the last of them. Each (model, semantics, prompt) is saved as
+JSON in ``--out`` when its chunk is done, and a rerun with the same options resumes from
+there (a changed option raises); ``--report`` prints the table of the prompts saved so far.
 
     nice -n 10 python benchmarks/edge_learned.py --model smollm2-135m --n 16 --out runs/el
 """
@@ -159,7 +163,9 @@ def load_saved(path: Path, options: dict[str, Any], prompt: str) -> dict[str, An
 
 def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: MaskSearch):
     grid = [s for s in PAPER_GRID if s >= args.min_size]
-    options = {"search": {k: getattr(search, k) for k in search.__dataclass_fields__}}
+    options: dict[str, Any] = {
+        "search": {k: getattr(search, k) for k in search.__dataclass_fields__}
+    }
     options |= {"min_size": args.min_size, "model": name}
     semantics = [("ablated", True), ("kept", False)]
     semantics = [(label, a) for label, a in semantics if label in args.semantics]
@@ -185,24 +191,43 @@ def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: M
             load_saved(f, options, prompts[p]) if f.exists() else None
             for p, f in enumerate(paths[label][: len(prompts)])
         ]
+        ran: list[dict[str, Any]] = []
+        whole: list[float] = []
         for start in range(0, len(prompts), search.batch_prompts):
             part = list(range(start, min(start + search.batch_prompts, len(prompts))))
             if all(results[p] is not None for p in part):
                 continue
+            if not ran:  # the whole batch's bare forward, before the first chunk run here
+                whole += bare_forward_times(model, batch, args.repeats)
             sub = batch.select(part).trimmed()
             outs = one_chunk(model, sub, grid, search, ablate, args.repeats)
             for p, out in zip(part, outs):
                 out |= {"options": options, "prompt": prompts[p]}
                 write_text(paths[label][p], json.dumps(out))
                 results[p] = out
+            ran.append(outs[0])
             print(
                 f"{name} {label} prompts {part[0]}-{part[-1]}: search "
                 f"{outs[0]['chunk_sec_search']:.0f} s = "
                 f"{outs[0]['chunk_sec_search'] / outs[0]['chunk_sec_bare']:.1f} x bare",
                 flush=True,
             )
-        bare = statistics.median(bare_forward_times(model, batch, args.repeats))
+        after = bare_forward_times(model, batch, args.repeats)
+        bare = statistics.median(after)
         report(name, label, [r for r in results if r is not None], grid, bare)
+        if ran:
+            t_whole = statistics.median(whole + after)
+            search_s = sum(r["chunk_sec_search"] for r in ran)
+            curve = search_s + sum(
+                r["chunk_sec_weights"] + r["chunk_sec_greedy_order"] for r in ran
+            )
+            print(
+                f"this process ran {sum(r['chunk_prompts'] for r in ran)} of the {len(prompts)} "
+                f"prompts, between bare forwards of the {len(prompts)}-prompt batch (median "
+                f"{t_whole:.2f} s, before and after): search {search_s:.1f} s = "
+                f"{search_s / t_whole:.1f} x, whole learned curve {curve:.1f} s = "
+                f"{curve / t_whole:.1f} x (one run, side by side when it ran every prompt)"
+            )
 
 
 def main() -> None:
