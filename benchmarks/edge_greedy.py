@@ -25,13 +25,8 @@ remaining prompts are evaluated afterwards and count in the table only. The note
 
     nice -n 10 python benchmarks/edge_greedy.py --n 30 --cost-n 16
 
-``--learned`` adds the learned ranking (``method="mask"``, :mod:`strace_lens.edges.learned`),
-searched from the greedy's separately for each semantics: median TV of greedy and learned
-per size (sizes from ``--min-size`` up), the smallest size at which at least half of the
-prompts keep the full model's top-1 token, and the search's cost as a multiple of the bare
-forward. ``--steps``, ``--lr`` and ``--budgets`` set the search.
-
-    nice -n 10 python benchmarks/edge_greedy.py --model smollm2-135m --n 2 --learned
+The learned ranking (``method="mask"``) against this greedy: benchmarks/edge_learned.py (the
+same search as ``trace(granularity="edge", method="mask")``).
 """
 
 from __future__ import annotations
@@ -56,7 +51,6 @@ from strace_lens.edges import (
     evaluate_subgraphs,
     greedy_order,
 )
-from strace_lens.edges.learned import MaskSearch, learn_order, pick_budgets
 from strace_lens.edges.weights import clean_cache, prompt_weights
 from strace_lens.masked_forward import forward_logprobs
 from strace_lens.metrics import tv_distance
@@ -88,73 +82,6 @@ def half_top1_size(top1: torch.Tensor, grid: list[float]) -> str:
     """The smallest size at which at least half of the prompts keep the top-1 token."""
     ok = (top1.mean(0) >= 0.5).tolist()
     return next((f"{s:g}" for s, good in zip(grid, ok) if good), "none")
-
-
-def compare_learned(
-    model: Any,
-    batch: sl.TokenBatch,
-    graphs: list[EdgeGraph],
-    orders: list[torch.Tensor],
-    search: MaskSearch,
-    min_size: float,
-    bare: float,
-) -> None:
-    """Greedy against learned rankings on the grid from ``min_size``, both semantics."""
-    grid = [s for s in PAPER_GRID if s >= min_size]
-    print(f"\nlearned ranking (method='mask'): {search}")
-    for label, ablate in (("ablated", True), ("kept", False)):
-        start = time.perf_counter()
-        tv: dict[str, list[torch.Tensor]] = {"greedy": [], "learned": []}
-        top1: dict[str, list[torch.Tensor]] = {"greedy": [], "learned": []}
-        fits = []
-        search_sec = 0.0
-        for p, (graph, order) in enumerate(zip(graphs, orders)):
-            row = batch.select([p]).trimmed()
-            budgets = pick_budgets(grid, graph.n_edges, search)
-            t_fit = time.perf_counter()
-            fit = learn_order(
-                model, row, graph, order, budgets, search=search, ablate_attention_edges=ablate
-            )
-            fits.append(fit)
-            search_sec += time.perf_counter() - t_fit
-            counts = edge_counts(grid, graph.n_edges)
-            for which, ranking in (("greedy", order), ("learned", fit.order)):
-                logp_sub, logp_full = evaluate_subgraphs(
-                    model,
-                    row,
-                    graph,
-                    [ranking[: int(k)] for k in counts],
-                    ablate_attention_edges=ablate,
-                    max_rows=len(grid) + 1,
-                )
-                tv[which].append(tv_distance(logp_full.expand_as(logp_sub), logp_sub))
-                top1[which].append((logp_sub.argmax(-1) == logp_full.argmax(-1)).float())
-        sec = time.perf_counter() - start
-        tv_g, tv_l = torch.stack(tv["greedy"]), torch.stack(tv["learned"])
-        top_g, top_l = torch.stack(top1["greedy"]), torch.stack(top1["learned"])
-        print(f"\n### attention edges {label}: median TV over {len(orders)} prompts")
-        print(f"{'s':>8} | {'greedy':>8} {'learned':>8} | {'top1 g':>6} {'top1 l':>6}")
-        for i, s in enumerate(grid):
-            print(
-                f"{'full' if s == 1.0 else f'{s:g}':>8} | {tv_g[:, i].median():8.4f} "
-                f"{tv_l[:, i].median():8.4f} | {top_g[:, i].mean():6.2f} {top_l[:, i].mean():6.2f}"
-            )
-        print(
-            f"half of the prompts keep top-1 from: greedy {half_top1_size(top_g, grid)}, "
-            f"learned {half_top1_size(top_l, grid)}"
-        )
-        print(
-            "trained budgets "
-            + "; ".join(str(f.budgets.tolist()) for f in fits)
-            + "; best step "
-            + ", ".join(str(f.best_step) for f in fits)
-            + f"; {sum(f.passes for f in fits)} forward+backward passes"
-        )
-        print(
-            f"search alone, {label}: {search_sec:.1f} s = {search_sec / bare:.0f} x the bare "
-            f"forward of the {len(orders)}-prompt batch; with both evaluations {sec:.1f} s = "
-            f"{sec / bare:.0f} x"
-        )
 
 
 @dataclass
@@ -270,11 +197,9 @@ def run_model(
     prompts: list[str],
     cost_n: int,
     repeats: int,
-    search: MaskSearch | None = None,
-    min_size: float = 1e-4,
 ) -> None:
-    """The table over every prompt; the cost (and the learned comparison) on the first
-    ``cost_n``, timed side by side with the bare forward of that batch."""
+    """The table over every prompt; the cost on the first ``cost_n``, timed side by side
+    with the bare forward of that batch."""
     model = sl.load_model(name, device="cpu")
     batch = edge_tokenize(model, prompts[:cost_n])
     with torch.no_grad():
@@ -290,8 +215,6 @@ def run_model(
         print_table(f"{name} (the timed prompts only)", curves)
         curves.append(greedy_curve(model, edge_tokenize(model, prompts[cost_n:])))
     print_table(name, curves)
-    if search is not None:
-        compare_learned(model, batch, timed.graphs, timed.orders, search, min_size, bare)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(
         f"memory: edge weights {mib(timed.weight_bytes)} (float64, {cost_n} prompts), clean-run "
@@ -312,16 +235,7 @@ def main() -> None:
         help="the first this many prompts are timed (default: --n)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="bare forward repeats")
-    parser.add_argument("--learned", action="store_true", help="compare method='mask'")
-    parser.add_argument("--steps", type=int, default=MaskSearch.steps)
-    parser.add_argument("--lr", type=float, default=MaskSearch.lr)
-    parser.add_argument("--budgets", type=float, nargs="*", default=None)
-    parser.add_argument("--min-size", type=float, default=1e-4)
     args = parser.parse_args()
-    search = None
-    if args.learned:
-        budgets = tuple(args.budgets) if args.budgets else None
-        search = MaskSearch(steps=args.steps, lr=args.lr, budgets=budgets)
     torch.manual_seed(0)
     prompts = read_prompts(args.prompts, args.n)
     cost_n = len(prompts) if args.cost_n is None else args.cost_n
@@ -334,7 +248,7 @@ def main() -> None:
         f"{torch.get_num_threads()}"
     )
     for name in args.model:
-        run_model(name, prompts, cost_n, args.repeats, search, args.min_size)
+        run_model(name, prompts, cost_n, args.repeats)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,26 @@
 """Learned nested edge masks (``method="mask"``) against the paper's greedy, on the paper's grid.
 
-For each model and each semantics (attention edges ``ablated`` / ``kept``), per dev prompt:
-the greedy's subgraphs on the grid from ``--min-size`` (one edge-masked batch with an
-all-edges reference row), and the learned nested ranking of
-:func:`strace_lens.edges.learned.learned_nested_order` (``--steps`` of learning from the
-greedy, then the measured nested merge of the greedy's and the learned rankings). The merged
-subgraphs' TV and top-1 come from the merge's own hard-mask measurement, scored against the
-same reference row as the greedy's (tests/test_edge_learned.py checks that the merge's
-measurement equals an independent masked run).
+For each model and each semantics (attention edges ``ablated`` / ``kept``), the dev prompts
+in chunks of ``--batch-prompts`` (the prompts one search runs side by side): per chunk the
+edge weights, the greedy rankings and the learned nested rankings of
+:func:`strace_lens.edges.learned.learned_nested_orders` (the search of
+``trace(granularity="edge", method="mask")``: ``--steps`` of learning from the greedy, then
+the measured nested merge of the greedy's and the learned rankings), each timed, with the
+bare forward of the same chunk timed before and after (median); then per prompt the
+greedy's subgraphs on the grid from ``--min-size`` (one edge-masked batch with an all-edges
+reference row). The merged subgraphs' TV and top-1 come from the merge's own hard-mask
+measurement, scored against the same reference row as the greedy's
+(tests/test_edge_learned.py checks that the merge's measurement equals an independent
+masked run).
 
 Prints, per size: median TV of greedy and learned, the share of prompts keeping the full
-model's top-1 token; the smallest size at which half of the prompts keep it; and the
-search's cost (learning + merge, seconds summed over prompts) as a multiple of one bare
-forward of the whole prompt batch (median of ``--repeats``, timed in the same process).
-Each (model, semantics, prompt) is saved as JSON in ``--out`` as soon as it is done, and a
-rerun with the same options resumes from there (a changed option raises); ``--report``
-prints the table of the prompts saved so far (e.g. from several processes, one per model
-and semantics), timing the bare forward of their batch in the reporting process.
+model's top-1 token; the smallest size at which half of the prompts keep it; and the cost:
+the search (learning + merge, which measures the learned curve) and the whole learned curve
+(edge weights + greedy rankings + search) as multiples of the chunks' bare forwards, and,
+for the chunks run by this process, of the bare forward of the whole prompt batch timed
+before the first and after the last of them. Each (model, semantics, prompt) is saved as
+JSON in ``--out`` when its chunk is done, and a rerun with the same options resumes from
+there (a changed option raises); ``--report`` prints the table of the prompts saved so far.
 
     nice -n 10 python benchmarks/edge_learned.py --model smollm2-135m --n 16 --out runs/el
 """
@@ -44,51 +48,69 @@ from strace_lens.edges import (
     evaluate_subgraphs,
     greedy_order,
 )
-from strace_lens.edges.learned import MaskSearch, learned_nested_order
+from strace_lens.edges.learned import MaskSearch, learned_nested_orders
 from strace_lens.metrics import tv_distance
 
 
-def one_prompt(
+def one_chunk(
     model: Any,
-    row: sl.TokenBatch,
-    graph: EdgeGraph,
-    order: torch.Tensor,
+    batch: sl.TokenBatch,
     grid: list[float],
     search: MaskSearch,
     ablate: bool,
-) -> dict[str, Any]:
-    counts = edge_counts(grid, graph.n_edges)
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """Greedy and learned curves of the prompts of ``batch`` (one search chunk), each step
+    timed, with the bare forward of the same batch timed before and after (median)."""
+    bare = bare_forward_times(model, batch, repeats)
     start = time.perf_counter()
-    logp_g, logp_full = evaluate_subgraphs(
-        model,
-        row,
-        graph,
-        [order[: int(k)] for k in counts],
-        ablate_attention_edges=ablate,
-        max_rows=len(grid) + 1,
-    )
-    t_greedy = time.perf_counter() - start
+    weights = edge_weights(model, batch)[0]
+    t_weights = time.perf_counter() - start
+    lengths = (batch.predict_pos + 1).tolist()
+    graphs = [EdgeGraph.from_model(model, n) for n in lengths]
     start = time.perf_counter()
-    fit = learned_nested_order(
-        model, row, graph, order, grid, search=search, ablate_attention_edges=ablate
+    orders = [greedy_order(g, w) for g, w in zip(graphs, weights)]
+    t_order = time.perf_counter() - start
+    start = time.perf_counter()
+    fits = learned_nested_orders(
+        model, batch, orders, grid, search=search, ablate_attention_edges=ablate
     )
     t_search = time.perf_counter() - start
-    assert fit.merge is not None
-    where = {int(k): i for i, k in enumerate(fit.merge.counts.tolist())}
-    # sizes the merge did not measure are the empty and the whole graph: the full row's
-    logp_l = torch.stack(
-        [
-            fit.merge.logp[where[int(k)]] if int(k) in where else logp_full.detach().cpu()
-            for k in counts
-        ]
-    )
-    full = logp_full.detach().cpu()
-    out: dict[str, Any] = {"n_edges": graph.n_edges, "counts": counts.tolist()}
-    for which, logp in (("greedy", logp_g.detach().cpu()), ("learned", logp_l)):
-        out[f"tv_{which}"] = tv_distance(full.expand_as(logp), logp).tolist()
-        out[f"top1_{which}"] = (logp.argmax(-1) == full.argmax(-1)).float().tolist()
-    out |= {"sec_greedy_eval": t_greedy, "sec_search": t_search} | fit.summary()
-    return out
+    bare += bare_forward_times(model, batch, repeats)
+    chunk = {
+        "chunk_prompts": len(lengths),
+        "chunk_sec_bare": statistics.median(bare),
+        "chunk_sec_weights": t_weights,
+        "chunk_sec_greedy_order": t_order,
+        "chunk_sec_search": t_search,
+    }
+    outs = []
+    for p, (graph, order, fit) in enumerate(zip(graphs, orders, fits)):
+        counts = edge_counts(grid, graph.n_edges)
+        start = time.perf_counter()
+        logp_g, logp_full = evaluate_subgraphs(
+            model,
+            batch.select([p]).trimmed(),
+            graph,
+            [order[: int(k)] for k in counts],
+            ablate_attention_edges=ablate,
+            max_rows=len(grid) + 1,
+        )
+        t_greedy = time.perf_counter() - start
+        assert fit.merge is not None
+        where = {int(k): i for i, k in enumerate(fit.merge.counts.tolist())}
+        full = logp_full.detach().cpu()
+        # sizes the merge did not measure are the empty and the whole graph: the full row's
+        logp_l = torch.stack(
+            [fit.merge.logp[where[int(k)]] if int(k) in where else full for k in counts]
+        )
+        out: dict[str, Any] = {"n_edges": graph.n_edges, "counts": counts.tolist()}
+        for which, logp in (("greedy", logp_g.detach().cpu()), ("learned", logp_l)):
+            out[f"tv_{which}"] = tv_distance(full.expand_as(logp), logp).tolist()
+            out[f"top1_{which}"] = (logp.argmax(-1) == full.argmax(-1)).float().tolist()
+        out |= {"sec_greedy_eval": t_greedy, "chunk_first": p == 0} | chunk | fit.summary()
+        outs.append(out)
+    return outs
 
 
 def report(name: str, label: str, results: list[dict[str, Any]], grid: list[float], bare: float):
@@ -109,15 +131,26 @@ def report(name: str, label: str, results: list[dict[str, Any]], grid: list[floa
         f"half of the prompts keep top-1 from: greedy {half_top1_size(top['greedy'], grid)}, "
         f"learned {half_top1_size(top['learned'], grid)}"
     )
-    search = sum(r["sec_search"] for r in results)
+    chunks = [r for r in results if r["chunk_first"]]
+    search = sum(r["chunk_sec_search"] for r in chunks)
+    curve = search + sum(r["chunk_sec_weights"] + r["chunk_sec_greedy_order"] for r in chunks)
+    side = sum(r["chunk_sec_bare"] for r in chunks)
     evals = sum(r["sec_greedy_eval"] for r in results)
-    passes = sum(r["passes"] for r in results)
+    passes = max(r["passes"] for r in results)
     rows = sum(r["merge_rows"] for r in results)
+    sizes = "+".join(str(r["chunk_prompts"]) for r in chunks)
     print(
-        f"search (learning: {passes} forward+backward passes of {len(results[0]['budgets'])} "
-        f"rows; merge: {rows} forward rows) {search:.1f} s = {search / bare:.1f} x the bare "
-        f"forward of the {n}-prompt batch ({bare:.2f} s); greedy's evaluation {evals:.1f} s "
-        f"= {evals / bare:.1f} x"
+        f"learned search ({passes} forward+backward passes of {len(results[0]['budgets'])} rows "
+        f"per prompt; merge: {rows} forward rows in all), chunks of {sizes} prompts, each timed "
+        f"side by side with the bare forward of the same chunk (median of before and after):\n"
+        f"  search {search:.1f} s = {search / side:.1f} x the chunks' bare forwards "
+        f"({side:.2f} s in all)\n"
+        f"  whole learned curve (edge weights + greedy ranking + search) {curve:.1f} s = "
+        f"{curve / side:.1f} x\n"
+        f"  for scale: one bare forward of the {n}-prompt batch, timed in this process: "
+        f"{bare:.2f} s (search {search / bare:.1f} x); the greedy's evaluation (24 rows per "
+        f"prompt, one prompt per forward) {evals:.1f} s = {evals / side:.1f} x the chunks' bare "
+        f"forwards"
     )
 
 
@@ -130,7 +163,9 @@ def load_saved(path: Path, options: dict[str, Any], prompt: str) -> dict[str, An
 
 def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: MaskSearch):
     grid = [s for s in PAPER_GRID if s >= args.min_size]
-    options = {"search": {k: getattr(search, k) for k in search.__dataclass_fields__}}
+    options: dict[str, Any] = {
+        "search": {k: getattr(search, k) for k in search.__dataclass_fields__}
+    }
     options |= {"min_size": args.min_size, "model": name}
     semantics = [("ablated", True), ("kept", False)]
     semantics = [(label, a) for label, a in semantics if label in args.semantics]
@@ -151,26 +186,48 @@ def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: M
     model = sl.load_model(name, device="cpu")
     batch = edge_tokenize(model, prompts)
     bare_forward_times(model, batch, 1)  # warm-up
-    bare_times = bare_forward_times(model, batch, args.repeats)
-    if not args.report:
-        lengths = (batch.predict_pos + 1).tolist()
-        weights = edge_weights(model, batch)[0]
-        graphs = [EdgeGraph.from_model(model, n) for n in lengths]
-        orders = [greedy_order(g, w) for g, w in zip(graphs, weights)]
     for label, ablate in semantics:
-        results = []
-        for p, path in enumerate(paths[label][: len(prompts)]):
-            if path.exists():
-                results.append(load_saved(path, options, prompts[p]))
+        results: list[dict[str, Any] | None] = [
+            load_saved(f, options, prompts[p]) if f.exists() else None
+            for p, f in enumerate(paths[label][: len(prompts)])
+        ]
+        ran: list[dict[str, Any]] = []
+        whole: list[float] = []
+        for start in range(0, len(prompts), search.batch_prompts):
+            part = list(range(start, min(start + search.batch_prompts, len(prompts))))
+            if all(results[p] is not None for p in part):
                 continue
-            row = batch.select([p]).trimmed()
-            out = one_prompt(model, row, graphs[p], orders[p], grid, search, ablate)
-            out |= {"options": options, "prompt": prompts[p]}
-            write_text(path, json.dumps(out))
-            results.append(out)
-            print(f"{name} {label} prompt {p}: search {out['sec_search']:.0f} s", flush=True)
-        bare = statistics.median(bare_times + bare_forward_times(model, batch, args.repeats))
-        report(name, label, results, grid, bare)
+            if not ran:  # the whole batch's bare forward, before the first chunk run here
+                whole += bare_forward_times(model, batch, args.repeats)
+            sub = batch.select(part).trimmed()
+            outs = one_chunk(model, sub, grid, search, ablate, args.repeats)
+            for p, out in zip(part, outs):
+                out |= {"options": options, "prompt": prompts[p]}
+                write_text(paths[label][p], json.dumps(out))
+                results[p] = out
+            ran.append(outs[0])
+            print(
+                f"{name} {label} prompts {part[0]}-{part[-1]}: search "
+                f"{outs[0]['chunk_sec_search']:.0f} s = "
+                f"{outs[0]['chunk_sec_search'] / outs[0]['chunk_sec_bare']:.1f} x bare",
+                flush=True,
+            )
+        after = bare_forward_times(model, batch, args.repeats)
+        bare = statistics.median(after)
+        report(name, label, [r for r in results if r is not None], grid, bare)
+        if ran:
+            t_whole = statistics.median(whole + after)
+            search_s = sum(r["chunk_sec_search"] for r in ran)
+            curve = search_s + sum(
+                r["chunk_sec_weights"] + r["chunk_sec_greedy_order"] for r in ran
+            )
+            print(
+                f"this process ran {sum(r['chunk_prompts'] for r in ran)} of the {len(prompts)} "
+                f"prompts, between bare forwards of the {len(prompts)}-prompt batch (median "
+                f"{t_whole:.2f} s, before and after): search {search_s:.1f} s = "
+                f"{search_s / t_whole:.1f} x, whole learned curve {curve:.1f} s = "
+                f"{curve / t_whole:.1f} x (one run, side by side when it ran every prompt)"
+            )
 
 
 def main() -> None:
@@ -185,6 +242,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=MaskSearch.lr)
     parser.add_argument("--max-budgets", type=int, default=MaskSearch.max_budgets)
     parser.add_argument("--max-candidates", type=int, default=MaskSearch.max_candidates)
+    parser.add_argument(
+        "--batch-prompts",
+        type=int,
+        default=MaskSearch.batch_prompts,
+        help="prompts searched side by side (also the resume unit)",
+    )
     parser.add_argument("--min-size", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", type=Path, required=True, help="folder for per-prompt JSON")
@@ -202,6 +265,7 @@ def main() -> None:
         lr=args.lr,
         max_budgets=args.max_budgets,
         max_candidates=args.max_candidates,
+        batch_prompts=args.batch_prompts,
     )
     prompts = read_prompts(args.prompts, args.first + args.n)[args.first :]
     for name in args.model:

@@ -21,6 +21,7 @@ from strace_lens.edges.learned import (
     MaskSearch,
     learn_order,
     learned_nested_order,
+    learned_nested_orders,
     merge_nested,
     pick_budgets,
     rank_scores,
@@ -106,6 +107,29 @@ def test_same_seed_same_ranking(byte_tiny):
     assert torch.equal(a.ids, b.ids) and torch.equal(a.metrics["kl"], b.metrics["kl"])
 
 
+def test_prompts_side_by_side_give_each_prompt_its_own_search(byte_tiny):
+    """Searching prompts of different lengths in one batch (their rows share forwards,
+    right-padded) gives each the ranking and measurements it gets searched alone."""
+    prompts = ["The cat sat on", "Paris is the capital of", "A"]
+    batch = edge_tokenize(byte_tiny, prompts)
+    lengths = (batch.predict_pos + 1).tolist()
+    assert len(set(lengths)) == 3
+    weights, _ = edge_weights(byte_tiny, batch)
+    graphs = [EdgeGraph.from_model(byte_tiny, n) for n in lengths]
+    greedy = [greedy_order(g, w) for g, w in zip(graphs, weights)]
+    search = MaskSearch(steps=2, batch_prompts=3, max_rows=5)  # 5 rows: split forwards too
+    together = learned_nested_orders(byte_tiny, batch, greedy, GRID, search=search)
+    for p, fit in enumerate(together):
+        alone = learned_nested_order(
+            byte_tiny, batch.select([p]).trimmed(), graphs[p], greedy[p], GRID, search=search
+        )
+        assert torch.equal(fit.order, alone.order)
+        assert fit.merge is not None and alone.merge is not None
+        assert torch.equal(fit.merge.choice, alone.merge.choice)
+        assert torch.allclose(fit.merge.kl, alone.merge.kl, atol=1e-9)
+        assert torch.allclose(fit.kl, alone.kl, atol=1e-9)
+
+
 def test_step_zero_is_the_greedy_and_selection_is_never_worse(byte_tiny):
     batch = edge_tokenize(byte_tiny, PROMPTS[0])
     graph = EdgeGraph.from_model(byte_tiny, batch.tokens.shape[1])
@@ -120,7 +144,7 @@ def test_step_zero_is_the_greedy_and_selection_is_never_worse(byte_tiny):
     full = byte_tiny(batch.tokens)[0, -1].double().log_softmax(-1)[None]
     greedy_kl = kl_divergence(full.expand_as(logp), logp)
     assert torch.allclose(fit.kl[0], greedy_kl, atol=1e-9)
-    assert fit.kl.shape == (FAST.steps + 1, len(budgets)) and fit.passes == FAST.steps + 1
+    assert fit.kl.shape == (FAST.steps, len(budgets)) and fit.passes == FAST.steps
     # the kept step's hard subgraphs are the learned order's prefixes, and no worse on average
     best = fit.kl[fit.best_step]
     assert float((best + 1e-12).log().mean()) <= float((greedy_kl + 1e-12).log().mean()) + 1e-9
@@ -132,7 +156,7 @@ def test_step_zero_is_the_greedy_and_selection_is_never_worse(byte_tiny):
 
 
 def exhaustive_case(
-    seed: int, ablate: bool, merged: bool = False
+    seed: int, ablate: bool, merged: MaskSearch | None = None
 ) -> tuple[list[float], list[float], list[float]]:
     """KL per size k = 1..E-1 of greedy, learned (``merged``: the learned nested merge on
     every k) and the best of all subsets (1 layer, 2 heads, 3 tokens: E = 9, 511 subsets)."""
@@ -143,11 +167,10 @@ def exhaustive_case(
     graph = EdgeGraph.from_model(model, 3)
     n = graph.n_edges
     order = greedy_order(graph, w)
-    if merged:
+    if merged is not None:
         grid = [k / n for k in range(1, n)]
-        search = MaskSearch(steps=10, max_candidates=4)
         fit = learned_nested_order(
-            model, batch, graph, order, grid, search=search, ablate_attention_edges=ablate
+            model, batch, graph, order, grid, search=merged, ablate_attention_edges=ablate
         )
     else:
         search = MaskSearch(steps=30, lr=0.5, max_budgets=6, merge=False)
@@ -198,14 +221,19 @@ def test_learned_against_greedy_and_exhaustive_optimum(ablate):
     assert sum(gaps_l) < sum(gaps_g)
 
 
+@pytest.mark.parametrize(
+    "search",
+    [MaskSearch(), MaskSearch(steps=10, max_candidates=4)],
+    ids=["default", "10-steps-4-candidates"],
+)
 @pytest.mark.parametrize("ablate", [True, False], ids=["ablated", "kept"])
-def test_merged_against_greedy_and_exhaustive_optimum(ablate):
+def test_merged_against_greedy_and_exhaustive_optimum(ablate, search):
     """The nested merge of the greedy's and the learned rankings, every size of 4 random
     prompts: bounded by the exhaustive optimum, never worse than the greedy at the first
     size, and better than the greedy in total (log KL) on each prompt."""
     gaps_g, gaps_m, worse = [], [], 0
     for seed in range(4):
-        g, merged, best = exhaustive_case(seed, ablate, merged=True)
+        g, merged, best = exhaustive_case(seed, ablate, merged=search)
         assert merged[0] <= g[0] + 1e-12
         for a, b, c in zip(g, merged, best):
             assert c <= a + 1e-12 and c <= b + 1e-12
@@ -215,11 +243,14 @@ def test_merged_against_greedy_and_exhaustive_optimum(ablate):
         log = lambda xs: sum(torch.tensor(xs).add(1e-12).log().tolist())  # noqa: E731
         assert log(merged) <= log(g) + 1e-9
     print(
-        f"\nablate={ablate}, merged: mean KL gap to the exhaustive optimum: greedy "
+        f"\nablate={ablate}, merged ({search.steps} steps, {search.max_candidates} "
+        f"candidates): mean KL gap to the exhaustive optimum: greedy "
         f"{sum(gaps_g) / len(gaps_g):.4f}, merged {sum(gaps_m) / len(gaps_m):.4f}; "
         f"merged worse than greedy at {worse} of {len(gaps_g)} (prompt, size) pairs"
     )
-    assert sum(gaps_m) < sum(gaps_g)
+    assert sum(gaps_m) <= sum(gaps_g) + 1e-12
+    if search.steps >= 10:  # one step of lr 0.3 need not move a 9-edge ranking at all
+        assert sum(gaps_m) < sum(gaps_g)
 
 
 def merge_case(byte_tiny, ablate: bool = True):

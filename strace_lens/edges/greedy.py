@@ -27,25 +27,31 @@ def greedy_order(graph: EdgeGraph, weights: Float[Tensor, " edge"]) -> Int[Tenso
     if weights.shape != (graph.n_edges,):
         raise ValueError(f"Expected {graph.n_edges} edge weights, got {tuple(weights.shape)}.")
     ptr_t, ids_t = graph.in_edges
-    # plain Python lists: heapq on tuples of floats and ints is fastest with no tensor access
-    w = weights.double().tolist()
+    # The heap holds each edge's position in the (-weight, id) order instead of the pair:
+    # integers compare much faster than tuples of floats (3-6x on 0.3 M edges), and a stable
+    # sort of -weight breaks ties by the smaller id, so the pops come in the same order.
+    by_rank = torch.sort(-weights.double(), stable=True).indices
+    rank_t = torch.empty_like(by_rank)
+    rank_t[by_rank] = torch.arange(len(by_rank))
+    # plain Python lists: heapq on ints is fastest with no tensor access
+    rank, edge_at = rank_t.tolist(), by_rank.tolist()
     ptr, ids = ptr_t.tolist(), ids_t.tolist()
     source = graph.edge_fields["source_node"].tolist()
     reached = bytearray(graph.n_nodes)
     out = graph.output_node
     reached[out] = 1
-    heap = [(-w[e], e) for e in ids[ptr[out] : ptr[out + 1]]]
+    heap = [rank[e] for e in ids[ptr[out] : ptr[out + 1]]]
     heapq.heapify(heap)
     order: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
     while heap:
-        _, e = pop(heap)
+        e = edge_at[pop(heap)]
         order.append(e)
         node = source[e]
         if not reached[node]:
             reached[node] = 1
             for f in ids[ptr[node] : ptr[node + 1]]:
-                push(heap, (-w[f], f))
+                push(heap, rank[f])
     return torch.tensor(order, dtype=torch.int32)
 
 

@@ -20,8 +20,11 @@ position), and the ranking is still one nested order of the edges:
   annealed geometrically. The loss is ``sum_b log KL_b`` (every budget counts, whatever its
   scale); the step is normalised by the 99th percentile of ``|grad|`` and clipped, so the
   steepest edges move by ``lr`` log-rank units.
-- Every step measures the hard subgraphs exactly, so the scores kept are those of the step
-  with the lowest mean ``log KL`` over the trained budgets (step 0, the greedy, included).
+- Every step measures the hard subgraphs of its ranking exactly (that forward is also the
+  one the gradient is taken in); the kept step is the measured one with the lowest mean
+  ``log KL`` over the trained budgets (step 0, the greedy, included). The ranking after the
+  last update is not measured by the learning (a forward-only pass of the budget rows used
+  to do that); the merge measures it.
 - One ranking for all sizes trades sizes against each other: on SmolLM2 (2 prompts, before
   the merge) the kept step was better than the greedy at s = 0.02 and much worse from 0.08
   to 0.4. So the result is by default (``MaskSearch.merge``) not one learned ranking but a
@@ -31,17 +34,23 @@ position), and the ranking is still one nested order of the edges:
   first size is the best of the candidates' own prefixes; while the chain lies inside the
   greedy's prefix it is never worse than the greedy there; after a learned block was taken
   no size is guaranteed, and the evaluation reports them as they are. On a 1-layer, 9-edge
-  model (4 prompts, every size) the merge was never worse than the greedy and cut its KL
-  gap to the exhaustive optimum by 2-3x (tests/test_edge_learned.py, ``pytest -s``).
+  model (4 prompts, every size) the merge was never worse than the greedy; with 10 steps and
+  4 candidates it cut its KL gap to the exhaustive optimum by 2-3x, with the defaults (1
+  step, 2 candidates) it is the greedy there (tests/test_edge_learned.py, ``pytest -s``).
   Measured on SmolLM2-135M and Gemma-3-270M: docs/edge-learned.md.
 
 Known weakness of the learning: the gradient is taken at the hard masks, so an edge on a
 path whose other edges are all absent gets no gradient (a product of masks), and with
 attention edges ablated the greedy's small subgraphs are such dead ends.
 
-Cost: one all-edges forward row (the reference), ``steps + 1`` forward and backward passes
-of ``len(budgets)`` rows, one greedy ranking (a heap pass over the edges) per step, and for
-the merge one forward of at most ``max_candidates`` rows per grid size.
+Cost per prompt: one all-edges forward row (the reference), ``steps`` forward and backward
+passes of ``len(budgets)`` rows, ``steps`` greedy rankings (heap passes over the edges,
+about 1 s each on 0.3 M edges; step 0 is the greedy's own) and for the merge at most
+``max_candidates`` rows per grid size. ``batch_prompts`` prompts run side by side: one
+forward per learning step and one per merge size carries the rows of all of them, and the
+model is entered (:func:`model_untouched`, the hook check) once per search: entered per
+forward, they took 32.7 s against 47.9 s of forwards in a profile of the
+one-prompt-at-a-time search (docs/edge-learned.md, "Where the time went").
 """
 
 from __future__ import annotations
@@ -55,9 +64,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from strace_lens.edges.forward import EdgeMasks, run_with_edge_masks
+from strace_lens.edges.forward import EdgeMasks, check_edge_hook_points, edge_masked_logprobs
 from strace_lens.edges.graph import EdgeGraph
 from strace_lens.edges.greedy import greedy_order
+from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch
 from strace_lens.metrics import kl_divergence
 
@@ -71,11 +81,16 @@ class MaskSearch:
     spread over them. ``noise``: scale of logistic noise added to the scores for the hard
     forward of each step (0 = deterministic; ``seed`` fixes the draws). ``merge``: build
     the ranking with :func:`merge_nested` from the greedy's and at most
-    ``max_candidates - 1`` learned steps' rankings (False: the kept step's ranking alone).
+    ``max_candidates - 1`` learned steps' rankings (False: the best *measured* step's
+    ranking alone; the ranking after the last update is measured only by the merge, so
+    with ``steps=1`` that is the greedy's).
+    ``batch_prompts``: prompts searched side by side (their rows share each forward);
+    ``max_rows``: the most rows in one forward (memory: the learning's rows keep their
+    activations for the backward). Neither changes the result beyond float rounding.
     The defaults are the settings measured on SmolLM2 and Gemma (docs/edge-learned.md).
     """
 
-    steps: int = 3
+    steps: int = 1
     lr: float = 0.3
     temperature: tuple[float, float] = (2.0, 0.3)
     budgets: tuple[float, ...] | None = None
@@ -83,10 +98,13 @@ class MaskSearch:
     noise: float = 0.0
     seed: int = 0
     merge: bool = True
-    max_candidates: int = 3
+    max_candidates: int = 2
+    batch_prompts: int = 4
+    max_rows: int = 64
 
     def __post_init__(self) -> None:
         bad = self.max_budgets < 1 or self.noise < 0 or self.max_candidates < 1
+        bad = bad or self.batch_prompts < 1 or self.max_rows < 1
         if self.steps < 0 or self.lr <= 0 or bad:
             raise ValueError(f"Invalid mask search options: {self}.")
         if min(self.temperature) <= 0:
@@ -165,6 +183,167 @@ def hard_masks(order: Tensor, counts: Tensor, n_edges: int) -> Tensor:
     return (position[None, :] < counts[:, None]).double()
 
 
+def masked_rows(
+    model: Any,
+    batch: TokenBatch,
+    prompts: Sequence[int],
+    graphs: Sequence[EdgeGraph],
+    keeps: Sequence[Tensor],
+    *,
+    ablate_attention_edges: bool,
+    max_rows: int = 64,
+) -> list[Tensor]:
+    """Log-probs of several prompts' edge-masked rows, side by side in as few forwards as
+    ``max_rows`` allows: ``keeps[i]`` (``[rows_i, edge]``, may carry a gradient) are the
+    masks of prompt ``prompts[i]`` (a row of the right-padded ``batch``), over
+    ``graphs[i]``. Must run inside :func:`model_untouched`.
+
+    One forward of the bridge costs about 0.45 s of Python and hook overhead on SmolLM2
+    whatever its rows (measured: 1 row 0.96 s, 4 rows 0.53 s per row, 48 rows 0.40 s per
+    row), so the rows of several prompts go through together."""
+    dtype = next(model.parameters()).dtype
+    out: list[Tensor] = []
+    group: list[int] = []
+
+    def flush() -> None:
+        index = [prompts[i] for i in group for _ in range(keeps[i].shape[0])]
+        rows = batch.select(index).trimmed()
+        width = int(rows.tokens.shape[1])
+        masks = EdgeMasks.cat(
+            [EdgeMasks.from_edges(graphs[i], keeps[i].to(dtype)).padded_to(width) for i in group]
+        )
+        logp = edge_masked_logprobs(
+            model, rows, masks, ablate_attention_edges=ablate_attention_edges
+        )
+        out.extend(logp.split([int(keeps[i].shape[0]) for i in group]))
+        group.clear()
+
+    for i in range(len(keeps)):
+        if group and sum(int(keeps[j].shape[0]) for j in group) + keeps[i].shape[0] > max_rows:
+            flush()
+        group.append(i)
+    if group:
+        flush()
+    return out
+
+
+def full_logprobs(
+    model: Any,
+    batch: TokenBatch,
+    graphs: Sequence[EdgeGraph],
+    *,
+    ablate_attention_edges: bool,
+) -> list[Tensor]:
+    """Each prompt's all-edges row (the reference the KL is taken against), in one forward."""
+    dtype = next(model.parameters()).dtype
+    ones = [torch.ones(1, g.n_edges, dtype=dtype) for g in graphs]
+    with torch.no_grad():
+        rows = masked_rows(
+            model,
+            batch,
+            range(len(graphs)),
+            graphs,
+            ones,
+            ablate_attention_edges=ablate_attention_edges,
+        )
+    return [r[0].detach() for r in rows]
+
+
+def _update(theta: Tensor, grad: Tensor, lr: float) -> Tensor:
+    # seen on Gemma-3-270M with attention edges kept: a non-finite backward through a
+    # fully ablated state; such edges are not moved this step
+    grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    nz = grad.abs()[grad != 0]
+    if len(nz) == 0:
+        return theta
+    scale = torch.quantile(nz.float(), 0.99).double() if len(nz) > 1 else nz[0]
+    return theta - lr * (grad / scale).clamp(-1.0, 1.0)
+
+
+def learn_orders(
+    model: Any,
+    batch: TokenBatch,
+    graphs: Sequence[EdgeGraph],
+    init_orders: Sequence[Tensor],
+    budgets: Sequence[Tensor],
+    *,
+    search: MaskSearch = MaskSearch(),
+    ablate_attention_edges: bool = True,
+    logp_full: Sequence[Tensor],
+) -> list[LearnedOrder]:
+    """:func:`learn_order` for the prompts of a right-padded ``batch`` (row p: prompt p),
+    side by side: each step is one forward and backward of every prompt's budget rows.
+    Must run inside :func:`model_untouched`. The prompts do not interact (the loss is a sum
+    over rows), so each ranking is the one a prompt would get alone, up to float rounding."""
+    n = len(graphs)
+    thetas = [rank_scores(o) for o in init_orders]
+    gens = [torch.Generator().manual_seed(search.seed) for _ in range(n)]
+    t0, t1 = search.temperature
+    history: list[list[Tensor]] = [[] for _ in range(n)]
+    step_orders: list[list[Tensor]] = [[] for _ in range(n)]
+    best = [(math.inf, 0) for _ in range(n)]
+    for step in range(search.steps):
+        temp = t0 * (t1 / t0) ** (step / max(search.steps, 1))
+        keeps, ths = [], []
+        for p, graph in enumerate(graphs):
+            noisy = thetas[p]
+            if search.noise > 0 and step > 0:
+                u = torch.rand(graph.n_edges, generator=gens[p], dtype=torch.float64)
+                u = u.clamp(1e-9, 1 - 1e-9)
+                noisy = thetas[p] + search.noise * temp * (u.log() - (-u).log1p())
+            # step 0 without noise: the scores' ranking is the initial one (rank_scores), so
+            # the heap pass (about 1 s on 0.3 M edges) is skipped
+            fresh = step > 0 or search.noise > 0
+            order = greedy_order(graph, noisy) if fresh else init_orders[p].to(torch.int32)
+            step_orders[p].append(order)
+            hard = hard_masks(order, budgets[p], graph.n_edges)
+            th = thetas[p].clone().requires_grad_(True)
+            # tau_b: the k_b-th largest score (the relaxation's boundary for budget b)
+            tau = torch.sort(thetas[p], descending=True).values[budgets[p] - 1]
+            soft = torch.sigmoid((th[None, :] - tau[:, None]) / temp)
+            keeps.append(hard + soft - soft.detach())
+            ths.append(th)
+        logps = masked_rows(
+            model,
+            batch,
+            range(n),
+            graphs,
+            keeps,
+            ablate_attention_edges=ablate_attention_edges,
+            max_rows=search.max_rows,
+        )
+        losses = []
+        for p, logp in enumerate(logps):
+            kl = kl_divergence(logp_full[p].expand_as(logp), logp).clamp(min=0)
+            history[p].append(kl.detach().double().cpu())
+            score = float(torch.log(kl.detach().double() + 1e-12).mean())
+            if score < best[p][0]:
+                best[p] = (score, step)
+            losses.append(torch.log(kl + 1e-12).sum())
+        grads = torch.autograd.grad(torch.stack(losses).sum(), ths)
+        thetas = [_update(t, g, search.lr) for t, g in zip(thetas, grads)]
+    fits = []
+    for p, graph in enumerate(graphs):
+        if search.steps == 0:
+            step_orders[p].append(init_orders[p].to(torch.int32))
+        else:  # the ranking after the last update: not measured here (the merge measures it)
+            step_orders[p].append(greedy_order(graph, thetas[p]))
+        best_step = best[p][1]
+        kl = torch.stack(history[p]) if history[p] else torch.zeros(0, len(budgets[p]))
+        fits.append(
+            LearnedOrder(
+                order=step_orders[p][best_step],
+                scores=thetas[p],
+                budgets=budgets[p],
+                best_step=best_step,
+                kl=kl,
+                passes=search.steps,
+                step_orders=step_orders[p],
+            )
+        )
+    return fits
+
+
 def learn_order(
     model: Any,
     row: TokenBatch,
@@ -179,82 +358,137 @@ def learn_order(
     """Learn a nested ranking of one prompt's edges from ``init_order`` (see module doc).
 
     ``row``: the prompt as a single-row, trimmed batch; ``budgets``: edge counts trained.
+    ``order`` is the ranking of the measured step with the lowest mean log KL (step 0: the
+    greedy's); ``step_orders`` also holds the ranking after the last update (unmeasured).
     """
-    n_edges = graph.n_edges
-    dtype = next(model.parameters()).dtype
-    if logp_full is None:
+    check_edge_hook_points(model)
+    with model_untouched(model):
+        if logp_full is None:
+            (logp_full,) = full_logprobs(
+                model, row, [graph], ablate_attention_edges=ablate_attention_edges
+            )
+        (fit,) = learn_orders(
+            model,
+            row,
+            [graph],
+            [init_order],
+            [budgets],
+            search=search,
+            ablate_attention_edges=ablate_attention_edges,
+            logp_full=[logp_full],
+        )
+    return fit
+
+
+@dataclass
+class _Chain:
+    """The state of one prompt's nested merge."""
+
+    rankings: Sequence[Tensor]
+    counts: list[int]
+    taken: Tensor
+    blocks: list[Tensor] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)
+    logps: list[Tensor] = field(default_factory=list)
+    rows: int = 0
+    prev: int = 0
+
+    def candidates(self, k: int) -> list[tuple[int, Tensor]]:
+        """Each ranking's next ``k - prev`` edges not taken yet, distinct as sets."""
+        cands: list[tuple[int, Tensor]] = []
+        keys: list[Tensor] = []
+        for i, r in enumerate(self.rankings):
+            block = r[~self.taken[r.long()]][: k - self.prev]
+            key = torch.sort(block).values
+            if not any(torch.equal(key, other) for other in keys):
+                cands.append((i, block))
+                keys.append(key)
+        return cands
+
+    def take(self, k: int, cand: tuple[int, Tensor], kl: float, logp: Tensor) -> None:
+        index, block = cand
+        self.blocks.append(block)
+        self.taken[block.long()] = True
+        self.chosen.append(index)
+        self.kls.append(kl)
+        self.logps.append(logp)
+        self.prev = k
+
+    def result(self, vocab: int) -> tuple[Tensor, MergeChoice]:
+        first = self.rankings[0]
+        blocks = [*self.blocks, first[~self.taken[first.long()]]]
+        return torch.cat(blocks).to(torch.int32), MergeChoice(
+            counts=torch.tensor(self.counts[: len(self.chosen)], dtype=torch.long),
+            choice=torch.tensor(self.chosen, dtype=torch.long),
+            kl=torch.tensor(self.kls, dtype=torch.float64),
+            logp=torch.stack(self.logps) if self.logps else torch.zeros(0, vocab),
+            rows=self.rows,
+        )
+
+
+def merge_nested_many(
+    model: Any,
+    batch: TokenBatch,
+    graphs: Sequence[EdgeGraph],
+    rankings: Sequence[Sequence[Tensor]],
+    counts: Sequence[Tensor],
+    *,
+    ablate_attention_edges: bool = True,
+    logp_full: Sequence[Tensor],
+    max_rows: int = 64,
+) -> list[tuple[Int[Tensor, " edge"], MergeChoice]]:
+    """:func:`merge_nested` for the prompts of a right-padded ``batch`` (row p: prompt p),
+    in lockstep: the candidates of every prompt at its i-th count are measured in one
+    forward. Must run inside :func:`model_untouched`."""
+    chains = []
+    for graph, ranks, count in zip(graphs, rankings, counts):
+        if not ranks:
+            raise ValueError("merge_nested needs at least one candidate ranking.")
+        for r in ranks:
+            if r.shape != (graph.n_edges,):
+                raise ValueError(f"A candidate ranking must order all {graph.n_edges} edges.")
+        ks = sorted({int(c) for c in count.tolist() if 0 < int(c) < graph.n_edges})
+        chains.append(_Chain(ranks, ks, torch.zeros(graph.n_edges, dtype=torch.bool)))
+    for i in range(max((len(c.counts) for c in chains), default=0)):
+        live = [p for p, c in enumerate(chains) if i < len(c.counts)]
+        cands = {p: chains[p].candidates(chains[p].counts[i]) for p in live}
+        keeps = []
+        for p in live:
+            keep = chains[p].taken[None].repeat(len(cands[p]), 1)
+            for c, (_, block) in enumerate(cands[p]):
+                keep[c, block.long()] = True
+            keeps.append(keep)
         with torch.no_grad():
-            ones = EdgeMasks.from_edges(graph, torch.ones(1, n_edges, dtype=dtype))
-            logp_full = run_with_edge_masks(
-                model, row, ones, ablate_attention_edges=ablate_attention_edges
-            )[0]
-    target = logp_full.detach()
-    theta = rank_scores(init_order)
-    gen = torch.Generator().manual_seed(search.seed)
-    t0, t1 = search.temperature
-    n_b = len(budgets)
-    history: list[Tensor] = []
-    step_orders: list[Tensor] = []
-    best = (math.inf, theta.clone(), 0)
-    passes = 0
-    for step in range(search.steps + 1):
-        temp = t0 * (t1 / t0) ** (step / max(search.steps, 1))
-        noisy = theta
-        if search.noise > 0 and step > 0:
-            u = torch.rand(n_edges, generator=gen, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
-            noisy = theta + search.noise * temp * (u.log() - (-u).log1p())
-        order = greedy_order(graph, noisy)
-        step_orders.append(order)
-        hard = hard_masks(order, budgets, n_edges)
-        last = step == search.steps
-        th = theta.clone().requires_grad_(not last)
-        # tau_b: the k_b-th largest score (the relaxation's boundary for budget b)
-        tau = torch.sort(theta, descending=True).values[budgets - 1]
-        soft = torch.sigmoid((th[None, :] - tau[:, None]) / temp)
-        masks_e = hard + soft - soft.detach()
-        masks = EdgeMasks.from_edges(graph, masks_e.to(dtype))
-        logp = run_with_edge_masks(model, row, masks, ablate_attention_edges=ablate_attention_edges)
-        passes += 1
-        kl = kl_divergence(target.expand_as(logp), logp).clamp(min=0)
-        history.append(kl.detach().double().cpu())
-        score = float(torch.log(kl.detach().double() + 1e-12).mean())
-        # with noise, the measured subgraphs are those of the noisy scores: keep those
-        if score < best[0]:
-            best = (score, (noisy if search.noise > 0 else theta).clone(), step)
-        if last:
-            break
-        loss = torch.log(kl + 1e-12).sum()
-        (grad,) = torch.autograd.grad(loss, th)
-        # seen on Gemma-3-270M with attention edges kept: a non-finite backward through a
-        # fully ablated state; such edges are not moved this step
-        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        nz = grad.abs()[grad != 0]
-        if len(nz) == 0:
-            continue
-        scale = torch.quantile(nz.float(), 0.99).double() if len(nz) > 1 else nz[0]
-        theta = theta - search.lr * (grad / scale).clamp(-1.0, 1.0)
-    _, scores, best_step = best
-    return LearnedOrder(
-        order=greedy_order(graph, scores),
-        scores=scores,
-        budgets=budgets,
-        best_step=best_step,
-        kl=torch.stack(history) if history else torch.zeros(0, n_b),
-        passes=passes,
-        step_orders=step_orders,
-    )
+            logps = masked_rows(
+                model,
+                batch,
+                live,
+                [graphs[p] for p in live],
+                keeps,
+                ablate_attention_edges=ablate_attention_edges,
+                max_rows=max_rows,
+            )
+        for p, logp in zip(live, logps):
+            chain = chains[p]
+            chain.rows += len(cands[p])
+            target = logp_full[p].detach()
+            kl = kl_divergence(target.expand_as(logp), logp).clamp(min=0).double().cpu()
+            best = int(torch.argmin(kl))  # the first of equal minima: the earlier ranking
+            chain.take(chain.counts[i], cands[p][best], float(kl[best]), logp[best].cpu())
+    return [c.result(int(logp_full[p].shape[-1])) for p, c in enumerate(chains)]
 
 
 def merge_nested(
     model: Any,
     row: TokenBatch,
     graph: EdgeGraph,
-    rankings: Sequence[Int[Tensor, " edge"]],
+    rankings: Sequence[Tensor],
     counts: Int[Tensor, " size"],
     *,
     ablate_attention_edges: bool = True,
     logp_full: Float[Tensor, " vocab"],
-    max_rows: int = 32,
+    max_rows: int = 64,
 ) -> tuple[Int[Tensor, " edge"], MergeChoice]:
     """One nested ranking that, size by size, continues with whichever candidate measures best.
 
@@ -270,66 +504,24 @@ def merge_nested(
     which is in ``S`` or earlier in the block. After the last count the first ranking
     continues. Cost: one masked forward of at most ``len(rankings)`` rows per count.
     """
-    n_edges = graph.n_edges
-    if not rankings:
-        raise ValueError("merge_nested needs at least one candidate ranking.")
-    for r in rankings:
-        if r.shape != (n_edges,):
-            raise ValueError(f"A candidate ranking must order all {n_edges} edges.")
-    dtype = next(model.parameters()).dtype
-    target = logp_full.detach()
-    taken = torch.zeros(n_edges, dtype=torch.bool)
-    blocks: list[Tensor] = []
-    merged, chosen, kls, logps = [], [], [], []
-    rows = 0
-    prev = 0
-    for k in sorted({int(c) for c in counts.tolist() if 0 < int(c) < n_edges}):
-        cands: list[tuple[int, Tensor]] = []
-        for i, r in enumerate(rankings):
-            block = r[~taken[r.long()]][: k - prev]
-            key = torch.sort(block).values
-            if not any(torch.equal(key, torch.sort(b).values) for _, b in cands):
-                cands.append((i, block))
-        keep = taken[None].repeat(len(cands), 1)
-        for c, (_, block) in enumerate(cands):
-            keep[c, block.long()] = True
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(cands), max_rows):
-                masks = EdgeMasks.from_edges(graph, keep[start : start + max_rows].to(dtype))
-                out.append(
-                    run_with_edge_masks(
-                        model, row, masks, ablate_attention_edges=ablate_attention_edges
-                    )
-                )
-        logp = torch.cat(out)
-        rows += len(cands)
-        kl = kl_divergence(target.expand_as(logp), logp).clamp(min=0).double().cpu()
-        best = int(torch.argmin(kl))  # the first of equal minima: the earlier ranking
-        index, block = cands[best]
-        blocks.append(block)
-        taken[block.long()] = True
-        merged.append(k)
-        chosen.append(index)
-        kls.append(float(kl[best]))
-        logps.append(logp[best].detach().cpu())
-        prev = k
-    first = rankings[0]
-    blocks.append(first[~taken[first.long()]])
-    order = torch.cat(blocks).to(torch.int32) if blocks else first.to(torch.int32)
-    vocab = int(target.shape[-1])
-    return order, MergeChoice(
-        counts=torch.tensor(merged, dtype=torch.long),
-        choice=torch.tensor(chosen, dtype=torch.long),
-        kl=torch.tensor(kls, dtype=torch.float64),
-        logp=torch.stack(logps) if logps else torch.zeros(0, vocab),
-        rows=rows,
-    )
+    check_edge_hook_points(model)
+    with model_untouched(model):
+        ((order, choice),) = merge_nested_many(
+            model,
+            row,
+            [graph],
+            [rankings],
+            [counts],
+            ablate_attention_edges=ablate_attention_edges,
+            logp_full=[logp_full],
+            max_rows=max_rows,
+        )
+    return order, choice
 
 
 def merge_candidates(fit: LearnedOrder, greedy: Tensor, most: int) -> list[Tensor]:
-    """The greedy's ranking first, then the kept step's, then the latest steps', distinct,
-    at most ``most`` in all."""
+    """The greedy's ranking first, then the kept (best measured) step's, then the latest
+    steps' (the last one unmeasured by the learning), distinct, at most ``most`` in all."""
     steps = list(range(len(fit.step_orders) - 1, 0, -1))
     picked = [greedy]
     for s in [fit.best_step, *steps]:
@@ -339,6 +531,75 @@ def merge_candidates(fit: LearnedOrder, greedy: Tensor, most: int) -> list[Tenso
         if not any(torch.equal(order, o) for o in picked):
             picked.append(order)
     return picked
+
+
+def learned_nested_orders(
+    model: Any,
+    batch: TokenBatch,
+    greedy: Sequence[Tensor],
+    grid: Sequence[float],
+    *,
+    search: MaskSearch = MaskSearch(),
+    ablate_attention_edges: bool = True,
+) -> list[LearnedOrder]:
+    """``method="mask"`` for every prompt of a right-padded ``batch``, ``search.batch_prompts``
+    prompts side by side: :func:`learn_orders` from the greedy rankings, then (``search.merge``)
+    :func:`merge_nested_many` over the greedy's and the learned steps' rankings at the grid's
+    edge counts. ``fit.merge.logp`` holds each merged subgraph's measured log-probs."""
+    if batch.has_left_padding:
+        raise ValueError("Edge graphs index positions: give right-padded token rows.")
+    lengths = (batch.predict_pos + 1).tolist()
+    if len(greedy) != len(lengths):
+        raise ValueError(f"{len(greedy)} greedy rankings for {len(lengths)} prompts.")
+    check_edge_hook_points(model)
+    fits: list[LearnedOrder] = []
+    with model_untouched(model):
+        for start in range(0, len(lengths), search.batch_prompts):
+            part = list(range(start, min(start + search.batch_prompts, len(lengths))))
+            sub = batch.select(part).trimmed()
+            graphs = [EdgeGraph.from_model(model, lengths[p]) for p in part]
+            fits += _search_part(
+                model, sub, graphs, [greedy[p] for p in part], grid, search, ablate_attention_edges
+            )
+    return fits
+
+
+def _search_part(
+    model: Any,
+    batch: TokenBatch,
+    graphs: list[EdgeGraph],
+    greedy: list[Tensor],
+    grid: Sequence[float],
+    search: MaskSearch,
+    ablate: bool,
+) -> list[LearnedOrder]:
+    logp_full = full_logprobs(model, batch, graphs, ablate_attention_edges=ablate)
+    budgets = [pick_budgets(grid, g.n_edges, search) for g in graphs]
+    fits = learn_orders(
+        model,
+        batch,
+        graphs,
+        greedy,
+        budgets,
+        search=search,
+        ablate_attention_edges=ablate,
+        logp_full=logp_full,
+    )
+    if not search.merge:
+        return fits
+    merged = merge_nested_many(
+        model,
+        batch,
+        graphs,
+        [merge_candidates(f, o, search.max_candidates) for f, o in zip(fits, greedy)],
+        [torch.tensor([int(s * g.n_edges) for s in grid], dtype=torch.long) for g in graphs],
+        ablate_attention_edges=ablate,
+        logp_full=logp_full,
+        max_rows=search.max_rows,
+    )
+    for fit, (order, choice) in zip(fits, merged):
+        fit.order, fit.merge = order, choice
+    return fits
 
 
 def learned_nested_order(
@@ -351,38 +612,11 @@ def learned_nested_order(
     search: MaskSearch = MaskSearch(),
     ablate_attention_edges: bool = True,
 ) -> LearnedOrder:
-    """``method="mask"`` for one prompt: :func:`learn_order` from the greedy ranking, then
-    (``search.merge``) :func:`merge_nested` over the greedy's and the learned steps'
-    rankings at the grid's edge counts."""
-    n_edges = graph.n_edges
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        ones = EdgeMasks.from_edges(graph, torch.ones(1, n_edges, dtype=dtype))
-        logp_full = run_with_edge_masks(
-            model, row, ones, ablate_attention_edges=ablate_attention_edges
-        )[0]
-    budgets = pick_budgets(grid, n_edges, search)
-    fit = learn_order(
-        model,
-        row,
-        graph,
-        greedy,
-        budgets,
-        search=search,
-        ablate_attention_edges=ablate_attention_edges,
-        logp_full=logp_full,
+    """:func:`learned_nested_orders` for one prompt (``row``: a single-row, trimmed batch
+    whose graph is ``graph``)."""
+    if graph.n_pos != int(row.predict_pos[0]) + 1:
+        raise ValueError(f"The graph is over {graph.n_pos} positions, the prompt has another.")
+    (fit,) = learned_nested_orders(
+        model, row, [greedy], grid, search=search, ablate_attention_edges=ablate_attention_edges
     )
-    if not search.merge:
-        return fit
-    counts = torch.tensor([int(s * n_edges) for s in grid], dtype=torch.long)
-    order, choice = merge_nested(
-        model,
-        row,
-        graph,
-        merge_candidates(fit, greedy, search.max_candidates),
-        counts,
-        ablate_attention_edges=ablate_attention_edges,
-        logp_full=logp_full,
-    )
-    fit.order, fit.merge = order, choice
     return fit

@@ -24,7 +24,7 @@ from torch import Tensor
 from strace_lens.edges.forward import EdgeMasks, run_with_edge_masks
 from strace_lens.edges.graph import EdgeGraph
 from strace_lens.edges.greedy import greedy_order, random_order
-from strace_lens.edges.learned import MaskSearch, learned_nested_order
+from strace_lens.edges.learned import MaskSearch, learned_nested_orders
 from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.edges.sizes import edge_counts, relative_sizes
 from strace_lens.edges.tokens import TokenConvention, edge_tokenize
@@ -112,20 +112,20 @@ def edge_trace(
     metric_rows: list[dict[str, Tensor]] = []
     full_logps = []
     sub_top = []
-    for p, n_pos in enumerate(lengths):
-        graph = EdgeGraph.from_model(model, n_pos)
+    graphs = [EdgeGraph.from_model(model, n_pos) for n_pos in lengths]
+    greedy = [greedy_order(g, w) for g, w in zip(graphs, weights)] if weights else []
+    if method == "mask":  # every prompt at once: their rows share the search's forwards
+        fits = learned_nested_orders(
+            model, batch, greedy, grid, search=search, ablate_attention_edges=ablate_attention_edges
+        )
+        greedy = [fit.order for fit in fits]
+        learned = [fit.summary() for fit in fits]
+    for p, graph in enumerate(graphs):
         count = edge_counts(grid, graph.n_edges)
         counts.append(count)
         row = batch.select([p]).trimmed()
         if weights is not None:
-            order = greedy_order(graph, weights[p])
-            if method == "mask":
-                ablate = ablate_attention_edges
-                fit = learned_nested_order(
-                    model, row, graph, order, grid, search=search, ablate_attention_edges=ablate
-                )
-                order = fit.order
-                learned.append(fit.summary())
+            order = greedy[p]
             subgraphs = [order[: int(k)] for k in count]
             id_lists.append(order)
             offsets.append(offsets[-1] + len(order))
