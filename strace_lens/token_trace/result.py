@@ -68,18 +68,18 @@ class TokenTraceResult:
 
     # -- building --------------------------------------------------------------------------
     @staticmethod
-    def encode(
-        masks: Sequence[Bool[Tensor, "size unit"]],
-    ) -> tuple[bool, Int[Tensor, " total"], Int[Tensor, " lists_plus_1"]]:
-        """(nested, ids, offsets) storing one hard ``[S, units]`` mask family per prompt
-        (sizes ascending): one entry-ordered list per prompt when every family is nested."""
+    def encode(masks: Sequence[Tensor]) -> tuple[bool, Tensor, Tensor]:
+        """(nested, ids, offsets) storing one hard bool ``[S, units]`` mask family per prompt
+        (sizes ascending; prompts may have different unit counts): one entry-ordered list
+        per prompt when every family is nested."""
         nested = all(bool((m[:-1] & ~m[1:]).sum() == 0) for m in masks)
         lists: list[Tensor] = []
         for m in masks:
             if nested:
-                entry = (~m).sum(0)  # sizes that do not hold the unit: earlier entry, larger
+                # the sizes that do not hold a unit: 0 for the smallest subgraph's units
+                entry = (~m).sum(0)
                 inside = torch.nonzero(m[-1]).flatten()
-                order = torch.argsort(-entry[inside], stable=True)  # by entry, then by id
+                order = torch.argsort(entry[inside], stable=True)  # by entry, then by id
                 lists.append(inside[order])
             else:
                 lists += [torch.nonzero(row).flatten() for row in m]
