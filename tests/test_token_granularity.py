@@ -43,9 +43,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def small():
-    """2 layers x 2 heads in float64: 6 components, 18 units on a 3-token prompt, small
-    enough to search every subset of a few units."""
-    return make_tiny(torch.float64, n_layers=2, n_heads=2)
+    """2 layers x 2 heads: 6 components, 18 units on a 3-token prompt, small enough to
+    search every subset of a few units."""
+    return make_tiny(n_layers=2, n_heads=2)
 
 
 def hand_kl(logp_full: torch.Tensor, logp_sub: torch.Tensor) -> torch.Tensor:
@@ -227,7 +227,7 @@ def brute_force_optimum(model, tokens, size):
     row = tokenize(model, tokens)
     graph = TokenGraph.from_model(model, int(tokens.shape[1]))
     subsets = list(itertools.combinations(range(len(graph)), size))
-    masks = torch.zeros(len(subsets), len(graph), dtype=torch.float64)
+    masks = torch.zeros(len(subsets), len(graph))
     for i, subset in enumerate(subsets):
         masks[i, list(subset)] = 1.0
     with torch.no_grad(), model_untouched(model):
@@ -239,8 +239,8 @@ def brute_force_optimum(model, tokens, size):
     return float(torch.cat(kls).min())
 
 
-#: learned independent masks within 5 % (relative) of the exhaustive optimum, plus 1e-9
-#: absolute for optima at 0; measured below on 3 prompts x sizes 1, 2, 3
+#: learned independent masks within 5 % (relative) of the exhaustive optimum, plus 1e-6
+#: absolute (float32); checked below on 3 prompts x sizes 1, 2, 3
 OPTIMUM_TOLERANCE = 0.05
 
 
@@ -256,10 +256,11 @@ def test_learned_and_exhaustive_masks_reach_the_exhaustive_optimum(small):
     for p in range(3):
         for j, s in enumerate(sizes):
             best = brute_force_optimum(small, tokens[p : p + 1], s)
-            assert float(exhaustive.metrics["kl"][p, j]) == pytest.approx(best, abs=1e-9)
-            limit = best * (1 + OPTIMUM_TOLERANCE) + 1e-9
+            # float32 forwards in other batches: equal to 1e-6
+            assert float(exhaustive.metrics["kl"][p, j]) == pytest.approx(best, abs=1e-6)
+            limit = best * (1 + OPTIMUM_TOLERANCE) + 1e-6
             assert float(learned.metrics["kl"][p, j]) <= limit, (p, s, best)
-            assert float(nested.metrics["kl"][p, j]) >= best - 1e-9
+            assert float(nested.metrics["kl"][p, j]) >= best - 1e-6
 
 
 # -- per="dataset" --------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ TENSORS_FILE = "token.safetensors"
 META_FILE = "token.json"
 #: options that vary from run to run (wall time), left out of ``equals`` and summed by concat
 VOLATILE_OPTIONS = ("seconds",)
+#: options that count work or describe the prompts (summed or left out when joining)
+PER_CALL_OPTIONS = ("search_rows", "eval_rows", "ablation")
 
 
 @dataclass
@@ -161,7 +163,7 @@ class TokenTraceResult:
             same = (r.n_layers, r.n_heads, r.grid, r.per) == (
                 first.n_layers, first.n_heads, first.grid, first.per
             )  # fmt: skip
-            if not same or _stable(r.options) != _stable(first.options) or r.per == "dataset":
+            if not same or _shared(r.options) != _shared(first.options) or r.per == "dataset":
                 raise ValueError(
                     f"Result {i} was traced with another model shape, grid, method or options "
                     "than result 0 (or per='dataset', whose one subgraph cannot be joined): "
@@ -181,8 +183,9 @@ class TokenTraceResult:
                 start += int(r.offsets[-1])
             ids, offsets, nested = torch.cat(id_parts), torch.cat(off_parts), first.nested
         options = dict(first.options)
-        if "seconds" in options:
-            options["seconds"] = sum(float(r.options.get("seconds", 0.0)) for r in results)
+        for key in ("seconds", "search_rows", "eval_rows"):
+            if key in options:
+                options[key] = sum(r.options.get(key, 0) for r in results)
         return TokenTraceResult(
             n_layers=first.n_layers,
             n_heads=first.n_heads,
@@ -291,6 +294,15 @@ class TokenTraceResult:
             prompts=list(meta["prompts"]),
             options=dict(meta.get("options", {})),
         )
+
+
+def _shared(options: dict[str, Any]) -> dict[str, Any]:
+    """What every part of one configuration shares: the options without the work counts and
+    the ablation's description of its own reference prompts (its name is kept)."""
+    kept = {k: v for k, v in _stable(options).items() if k not in PER_CALL_OPTIONS}
+    ablation = options.get("ablation")
+    kept["ablation"] = ablation.get("name") if isinstance(ablation, dict) else ablation
+    return kept
 
 
 def _stable(options: dict[str, Any]) -> dict[str, Any]:
