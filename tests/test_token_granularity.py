@@ -160,8 +160,9 @@ def test_encoding_stores_each_family_exactly():
         if is_nested:  # one list per prompt, in entry order
             assert ids[: offsets[1]].tolist()[:1] == [7] and int(offsets[1]) == 5
         counts = torch.stack([m.sum(-1) for m in family])
+        n_pos = torch.tensor([m.shape[1] // 2 for m in family])  # 1 layer x (1 head + MLP)
         result = TokenTraceResult(
-            n_layers=1, n_heads=1, grid=(1, 3, 5), n_pos=torch.tensor([m.shape[1] // 2 for m in family]), counts=counts,
+            n_layers=1, n_heads=1, grid=(1, 3, 5), n_pos=n_pos, counts=counts,
             nested=is_nested, ids=ids, offsets=offsets, metrics={}, entropy=torch.zeros(2),
             top_tokens=torch.zeros(2, 3, 5, dtype=torch.long),
             full_top_tokens=torch.zeros(2, 5, dtype=torch.long), prompts=["a", "b"],
