@@ -117,6 +117,9 @@ def test_nested_by_default_and_reproducible(model):
         assert bool((m[:-1] & ~m[1:]).sum() == 0)
     b = trace(model, PROMPTS[2:], granularity="token", sizes=[2, 5, 12, 40], **QUICK)
     assert a.equals(b)
+    config = a.config
+    assert config.granularity == "token" and config.nested and config.method == "mask"
+    assert config.options.search.steps == 3
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])

@@ -37,6 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from strace_lens.atomic import read_versioned_json, sha256_file, write_text, written_file
+from strace_lens.config import TraceConfig
 from strace_lens.edges.token_level import TokenGraph
 
 FORMAT = "strace-lens/token-trace-result"
@@ -101,6 +102,11 @@ class TokenTraceResult:
     @property
     def per(self) -> str:
         return str(self.options.get("per", "input"))
+
+    @property
+    def config(self) -> TraceConfig:
+        """The trace configuration this result records (sizes: ``grid``)."""
+        return TraceConfig.from_record(self.options)
 
     def graph(self, prompt: int) -> TokenGraph:
         return TokenGraph(self.n_layers, self.n_heads, int(self.n_pos[prompt]))
