@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce",
         help="trace prompts, run every analysis and judge the paper's claims (resumable)",
         description="Run strace_lens.report.reproduce: trace the first N prompts with learned "
-        "masks and a random baseline (resumable), run every analysis, and write report.md and "
-        "the tables as CSV into --out. Give --model twice for the cross-model agreement.",
+        "masks (or, at --granularity edge, the paper's greedy or learned edge masks) and a "
+        "random baseline (resumable), run every analysis, and write report.md and the tables "
+        "as CSV into --out. Give --model twice for the cross-model agreement.",
     )
     rp.add_argument(
         "--model",
@@ -253,18 +254,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument(
+        "--granularity",
+        choices=("node", "edge"),
+        default="node",
+        help="heads and MLPs (node), or the paper's token-level edges (edge) with its size "
+        "grid, phase bands and zero ablation (default: %(default)s)",
+    )
+    rp.add_argument(
+        "--method",
+        choices=("greedy", "mask"),
+        default=None,
+        help="--granularity edge: the paper's greedy (default) or learned edge masks; node "
+        "reproduce always learns masks",
+    )
+    rp.add_argument(
+        "--ablate-attention-edges",
+        choices=("true", "false"),
+        default=None,
+        help="--granularity edge: false counts attention edges in s but keeps them, as the "
+        "released code's evaluation appears to (default: true)",
+    )
+    rp.add_argument(
         "--ablation",
-        default="mean",
+        default=None,
         metavar="{" + ",".join(ABLATIONS) + "}",
-        help="what replaces a removed node (default: %(default)s)",
+        help="what replaces a removed node (default: mean; at --granularity edge only zero)",
     )
     rp.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
     rp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
     rp.add_argument(
         "--random-draws",
         type=int,
-        default=5,
-        help="random subgraphs per (prompt, size) for the baseline (default 5)",
+        default=None,
+        help="random subgraphs per (prompt, size) for the baseline (default 5; at "
+        "--granularity edge one)",
     )
     rp.add_argument(
         "--corpus",
@@ -284,22 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--core-nucleus",
         type=float,
-        default=1.0,
+        default=None,
         help="phase rule: the core is the smallest subgraph whose shared nucleus "
-        "reaches this %% (default 1: it gives the top-1 token)",
+        "reaches this %% (default 1: it gives the top-1 token; node only)",
     )
     rp.add_argument(
         "--refined-nucleus",
         type=float,
-        default=90.0,
+        default=None,
         help="phase rule: the refinement ends at the smallest subgraph reaching "
-        "this %% (default 90)",
+        "this %% (default 90; node only: edge uses the paper's fixed bands)",
     )
     rp.add_argument(
         "--small-core",
         type=float,
-        default=0.1,
-        help="claim 1a calls a core small below this fraction of the nodes (default 0.1)",
+        default=None,
+        help="claim 1a calls a core small below this fraction of the nodes (default 0.1) or, "
+        "at --granularity edge, of the edges (default 0.01)",
     )
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -542,7 +566,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if located == str(err):
             raise
         raise BadInput(located) from err
-    _finish(result, args, f"strace-lens trace: {args.model}, {result.n_prompts} prompts")
+    title = f"strace-lens trace: {args.model}, {result.n_prompts} prompts"
+    _finish(result, args, title, model=model)
     return EXIT_OK
 
 
@@ -622,8 +647,7 @@ def edge_summary_table(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _finish_edges(result: Any, args: argparse.Namespace) -> None:
-    """Print the summary of an edge run; the HTML page draws node-level results only."""
+def _print_edge_summary(result: Any, args: argparse.Namespace) -> None:
     opts = result.options
     print(
         f"{result.n_prompts} prompt(s), edge granularity, method={opts.get('method')}, "
@@ -631,11 +655,6 @@ def _finish_edges(result: Any, args: argparse.Namespace) -> None:
         f"tokens={opts.get('tokens')}; run folder: {args.out}"
     )
     print(edge_summary_table(result))
-    if not args.no_html:
-        print(
-            "HTML page: not written for edge runs (its plots draw node-level results only); "
-            f"strace_lens.load({str(args.out)!r}) reads the run as one EdgeTraceResult."
-        )
 
 
 def token_summary_table(result: Any) -> str:
@@ -655,7 +674,7 @@ def token_summary_table(result: Any) -> str:
 
 
 def _finish_tokens(result: Any, args: argparse.Namespace) -> None:
-    """Print the summary of a token run; the HTML page draws node-level results only."""
+    """Print the summary of a token run; the HTML page is not drawn for token runs."""
     opts = result.options
     print(
         f"{result.n_prompts} prompt(s), token granularity, method={opts.get('method')}, "
@@ -664,44 +683,47 @@ def _finish_tokens(result: Any, args: argparse.Namespace) -> None:
     print(token_summary_table(result))
     if not args.no_html:
         print(
-            "HTML page: not written for token runs (its plots draw node-level results only); "
+            "HTML page: not written for token runs (its plots draw node and edge results); "
             f"strace_lens.load({str(args.out)!r}) reads the run as one TokenTraceResult."
         )
 
 
-def _finish(result: Any, args: argparse.Namespace, title: str) -> None:
-    """Print the summary and write the HTML page (one worker at a time, under a lease)."""
+def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None) -> None:
+    """Print the summary and write the HTML page (one worker at a time, under a lease).
+
+    ``model``, when at hand, puts the prompt's tokens on the token-level circuit's axis.
+    """
     from strace_lens.edges.result import EdgeTraceResult
     from strace_lens.token_trace.result import TokenTraceResult
 
-    if isinstance(result, EdgeTraceResult):
-        _finish_edges(result, args)
-        return
     if isinstance(result, TokenTraceResult):
         _finish_tokens(result, args)
         return
-    print(
-        f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
-        f"method={result.method}, per={result.per}; run folder: {args.out}"
-    )
-    print(summary_table(result))
+    edges = isinstance(result, EdgeTraceResult)
+    if edges:
+        _print_edge_summary(result, args)
+    else:
+        print(
+            f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
+            f"method={result.method}, per={result.per}; run folder: {args.out}"
+        )
+        print(summary_table(result))
     if args.no_html:
         return
     from strace_lens.leases import DEFAULT_LEASE_TIMEOUT, try_acquire, worker_id
-    from strace_lens.plot import report_html  # plotly is slow to import: only when needed
+    from strace_lens.plot import edge_report_html, report_html  # plotly imports slowly
 
     timeout = getattr(args, "lease_timeout", None) or DEFAULT_LEASE_TIMEOUT
     lease = try_acquire(args.out, "report", worker_id(), timeout)
     if lease is None:  # another worker is writing the same page right now
         print(f"HTML page: {args.out / HTML_PAGE} (written by another worker)")
         return
+    notes = shlex.join(["strace-lens", *getattr(args, "argv", [])])
     with lease:
-        page = report_html(
-            result,
-            args.out / HTML_PAGE,
-            title=title,
-            notes=shlex.join(["strace-lens", *getattr(args, "argv", [])]),
-        )
+        if edges:
+            page = edge_report_html(result, args.out / HTML_PAGE, title, notes, model=model)
+        else:
+            page = report_html(result, args.out / HTML_PAGE, title=title, notes=notes)
     print(f"HTML page: {page}")
 
 
@@ -720,51 +742,38 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from strace_lens.reproduce import cli_command, reproduce
+    import dataclasses
+
+    from strace_lens.reproduce import cli_command
+    from strace_lens.reproduce.config import ReproduceConfig
+    from strace_lens.reproduce.pipeline import run
 
     models = args.model or [DEFAULT_REPRODUCE_MODEL]
     if len(models) > 2:
         raise BadInput(f"reproduce takes one or two --model, got {len(models)}.")
     _check_arguments(args, "mask")
-    if args.random_draws < 1:
+    if args.random_draws is not None and args.random_draws < 1:
         raise BadInput(f"--random-draws must be at least 1, got {args.random_draws}.")
     for flag, value, high in (
         ("--core-nucleus", args.core_nucleus, 100.0),
         ("--refined-nucleus", args.refined_nucleus, 100.0),
         ("--small-core", args.small_core, 1.0),
     ):
-        if not (math.isfinite(value) and 0 < value <= high):
+        if value is not None and not (math.isfinite(value) and 0 < value <= high):
             raise BadInput(f"{flag} must be in (0, {high:g}], got {value}.")
     if args.corpus is not None and not args.corpus.is_file():
         raise BadInput(f"--corpus {args.corpus}: no such file.")
     sizes = _parse_sizes(args.sizes)
-    # the command as a user would retype it, every setting explicit
-    argv = ["strace-lens", "reproduce"]
-    for name in models:
-        argv += ["--model", name]
-    argv += ["--prompts", str(args.prompts), "--n", str(args.n), "--out", str(args.out)]
-    if sizes is not None:
-        argv += ["--sizes", *map(str, sizes)]
-    argv += ["--seed", str(args.seed), "--ablation", args.ablation]
-    argv += ["--chunk-size", str(args.chunk_size), "--random-draws", str(args.random_draws)]
-    if args.corpus is not None:
-        argv += ["--corpus", str(args.corpus)]
-    argv += [
-        "--core-nucleus",
-        f"{args.core_nucleus:g}",
-        "--refined-nucleus",
-        f"{args.refined_nucleus:g}",
-        "--small-core",
-        f"{args.small_core:g}",
-    ]
-    for key, value in args.option:
-        argv += ["--option", f"{key}={json.dumps(value)}"]
-    repro = reproduce(
-        models if len(models) > 1 else models[0],
-        args.prompts,
+    aae = None if args.ablate_attention_edges is None else args.ablate_attention_edges == "true"
+    config = ReproduceConfig(
+        models=tuple(models),
+        prompts_file=args.prompts,
         n=args.n,
         out_dir=args.out,
-        sizes=sizes,
+        granularity=args.granularity,
+        method=args.method,
+        ablate_attention_edges=aae,
+        sizes=None if sizes is None else tuple(sizes),
         seed=args.seed,
         ablation=args.ablation,
         chunk_size=args.chunk_size,
@@ -776,12 +785,41 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         small_core=args.small_core,
         device=args.device,
         progress=False if args.quiet else None,
-        command=cli_command(argv),
-        **dict(args.option),
+        mask_options=dict(args.option),
     )
-    print(repro.claims[["model", "claim", "verdict"]].to_string(index=False))
+    config = dataclasses.replace(config, command=cli_command(_reproduce_argv(config)))
+    repro = run(config)
+    print(repro.claims[["model", "id", "claim", "verdict", "verdict_holm"]].to_string(index=False))
     print(f"Report: {repro.report}")
     return EXIT_OK
+
+
+def _reproduce_argv(config: Any) -> list[str]:
+    """The command as a user would retype it, every setting explicit."""
+    argv = ["strace-lens", "reproduce"]
+    for name in config.models:
+        argv += ["--model", str(name)]
+    argv += ["--prompts", str(config.prompts_file), "--n", str(config.n)]
+    argv += ["--out", str(config.out_dir)]
+    if config.granularity == "edge":
+        argv += ["--granularity", "edge", "--method", config.method, "--ablate-attention-edges"]
+        argv += [str(config.ablate_attention_edges).lower(), "--seed", str(config.seed)]
+        argv += ["--chunk-size", str(config.chunk_size)]
+    else:
+        if config.sizes is not None:
+            argv += ["--sizes", *map(str, config.sizes)]
+        argv += ["--seed", str(config.seed), "--ablation", config.ablation]
+        argv += ["--chunk-size", str(config.chunk_size)]
+        argv += ["--random-draws", str(config.random_draws)]
+    if config.corpus is not None:
+        argv += ["--corpus", str(config.corpus)]
+    if config.granularity == "node":
+        argv += ["--core-nucleus", f"{config.core_nucleus:g}"]
+        argv += ["--refined-nucleus", f"{config.refined_nucleus:g}"]
+    argv += ["--small-core", f"{config.small_core:g}"]
+    for key, value in config.mask_options.items():
+        argv += ["--option", f"{key}={json.dumps(value)}"]
+    return argv
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -324,8 +324,10 @@ def test_cli_traces_edges_prints_the_table_and_merges(prompt_file, tmp_path, cap
         assert float(row[2]) == pytest.approx(float(result.metrics["tv"][:, j].mean()), abs=1e-4)
         top1 = 100 * float(result.metrics["top1"][:, j].mean())
         assert float(row[3]) == pytest.approx(top1, abs=0.05)
-    assert lines[-1].startswith("HTML page: not written for edge runs")
-    assert not (out / "report.html").exists()
+    assert lines[-1] == f"HTML page: {out / 'report.html'}"
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for div in ("fig-edge_fidelity", "fig-edge_composition", "fig-token_circuit"):
+        assert f'id="{div}"' in page
     # merge reads the finished run and prints the same summary
     assert main(["merge", str(out)]) == 0
     assert capsys.readouterr().out == printed

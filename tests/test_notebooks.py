@@ -86,8 +86,9 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 @pytest.mark.integration
 def test_paper_figures_runs(tmp_path, monkeypatch):
     nb = run_notebook("paper_figures", tmp_path, monkeypatch)
-    # 2 circuits, 2 fidelity, recovery, 2 composition, usage, 2 density
-    assert figure_outputs(nb) == 10
+    # node level: 2 circuits, 2 fidelity, recovery, 2 composition, usage, 2 density;
+    # edge level (one model on small settings): fidelity, composition, 1 token circuit
+    assert figure_outputs(nb) == 10 + 3
     names = {p.name for p in tmp_path.iterdir()}
     for key in (
         "circuit",
@@ -96,6 +97,10 @@ def test_paper_figures_runs(tmp_path, monkeypatch):
         "composition",
         "usage",
         "density_vs_entropy",
+        "edge_fidelity",
+        "edge_composition",
+        "token_circuit_0",  # the ablated and kept runs: one circuit each
+        "token_circuit_1",
     ):
         assert f"{key}.pdf" in names and f"{key}.png" in names
-    assert "report.html" in names
+    assert {"report.html", "edges.html"} <= names

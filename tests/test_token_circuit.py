@@ -208,3 +208,46 @@ def test_edge_composition_figure_draws_the_analysis_with_bands(hand):
     assert fig.layout.xaxis.type == "log" and math.isclose(fig.layout.xaxis.range[0], -4)
     two = sp.edge_composition({"ablated": r, "kept": composition_of(r)})
     assert [a.text for a in two.layout.annotations][:2] == ["ablated", "kept"]
+
+
+def test_edge_fidelity_draws_median_quartiles_and_top1_per_size():
+    tv = [[0.9, 0.8, 0.5, 0.2, 0.0], [0.7, 0.6, 0.1, 0.1, 0.0], [1.0, 0.9, 0.9, 0.3, 0.0]]
+    top1 = [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    three = handmade(6, 2, [3, 3, 3], [FIRST] * 3, [COUNTS] * 3, GRID, tv=tv, top1=top1)
+    three.options.update(method="greedy", ablate_attention_edges=False)
+    fig = sp.edge_fidelity(three)
+    band, median, share = fig.data
+    assert median.name == "greedy, attention edges kept"
+    assert list(median.x) == list(GRID)
+    # the median prompt at each size, by hand: 0.9, 0.8, 0.5, 0.2, 0
+    assert np.allclose(median.y, [0.9, 0.8, 0.5, 0.2, 0.0])
+    # numpy's linear quartiles of three values: q1 halfway between the two lowest
+    assert np.allclose(np.asarray(band.y)[:5], [0.95, 0.85, 0.7, 0.25, 0.0])  # q3, left to right
+    assert np.allclose(np.asarray(band.y)[5:], [0.8, 0.7, 0.3, 0.15, 0.0][::-1])  # q1, reversed
+    assert np.allclose(share.y, [0, 100 / 3, 200 / 3, 100, 100])
+    assert fig.layout.template.layout.font.family  # the project's named template is applied
+    with pytest.raises(TypeError, match="EdgeTraceResult"):  # run-time checks name it too
+        sp.edge_fidelity({"x": "nope"})
+
+
+def test_edge_report_page_holds_fidelity_composition_and_circuit(hand, tmp_path):
+    random = handmade(6, 2, [3], [FIRST], [COUNTS], GRID)
+    random.nested = False  # independent draws: fidelity only (no entry order to draw)
+    random.offsets = torch.tensor([0, *np.cumsum(COUNTS).tolist()])
+    random.ids = torch.cat([torch.arange(c, dtype=torch.int32) for c in COUNTS])
+    random.options["method"] = "random"
+    figs = sp.edge_figures({"greedy": hand, "random": random})
+    assert list(figs) == ["edge_fidelity", "edge_composition", "token_circuit"]
+    assert [t.name for t in figs["edge_fidelity"].data if t.showlegend is not False] == [
+        "greedy",
+        "random",
+    ]
+    assert sorted(drawn(figs["token_circuit"])) == sorted(
+        hand.edge_names(0, len(GRID) - 1)  # the whole graph here: 114 edges <= 600
+    )
+    page = sp.edge_report_html({"greedy": hand, "random": random}, tmp_path / "r.html", "T")
+    text = page.read_text(encoding="utf-8")
+    for div in ("fig-edge_fidelity", "fig-edge_composition", "fig-token_circuit"):
+        assert f'id="{div}"' in text
+    assert text.count("<tr>") == 3  # header + two results
+    assert "114–114" in text  # edges per prompt

@@ -22,6 +22,11 @@ Edge granularity (``strace_lens.edges.EdgeTraceResult``), in the paper's units:
   (:data:`CONSTRUCTION_BAND`, :data:`REFINEMENT_BAND`, :data:`MINIMAL_CORE_SIZE`).
 - :func:`edge_density`: AUC of TV against log10 s (TV x decades) and per decade.
 - :func:`edge_projection`, :func:`projection_bands`: the components the same subgraphs touch.
+- :func:`edge_phases`, :func:`edge_core_sizes`: the phase claims' quantities per prompt, in
+  edges and in components, read in the bands against the whole graph and the pool outside
+  the minimal core; the smallest subgraph giving the top-1 token.
+- :func:`edge_uncertainty_controls`, :func:`edge_agreement_controls`,
+  :func:`sparse_rank_diffs`: the random-subgraph controls of 2a, 2c and 3 at edge level.
 """
 
 from strace_lens.analysis._stats import (
@@ -50,7 +55,18 @@ from strace_lens.analysis.edge_bands import (
     band_summary,
 )
 from strace_lens.analysis.edge_composition import EdgeComposition, edge_composition
+from strace_lens.analysis.edge_controls import (
+    edge_agreement_controls,
+    edge_uncertainty_controls,
+    sparse_rank_diffs,
+)
 from strace_lens.analysis.edge_density import edge_density
+from strace_lens.analysis.edge_phases import (
+    PHASE_QUANTITIES,
+    EdgePhases,
+    edge_core_sizes,
+    edge_phases,
+)
 from strace_lens.analysis.edge_projection import edge_projection, projection_bands
 from strace_lens.analysis.phases import phases, split_core, split_refinement
 from strace_lens.analysis.recovery import RECOVERY_LEVELS, nucleus_recovery, recovery_sizes
@@ -62,9 +78,11 @@ __all__ = [
     "CONSTRUCTION_BAND",
     "MINIMAL_CORE_SIZE",
     "PHASE_BANDS",
+    "PHASE_QUANTITIES",
     "RECOVERY_LEVELS",
     "REFINEMENT_BAND",
     "EdgeComposition",
+    "EdgePhases",
     "agreement",
     "agreement_controls",
     "band_summary",
@@ -74,9 +92,13 @@ __all__ = [
     "core_depth_by_kind",
     "density",
     "density_curve",
+    "edge_agreement_controls",
     "edge_composition",
+    "edge_core_sizes",
     "edge_density",
+    "edge_phases",
     "edge_projection",
+    "edge_uncertainty_controls",
     "frequency_ranks",
     "gini",
     "gini_by_size",
@@ -92,6 +114,7 @@ __all__ = [
     "projection_bands",
     "recovery_sizes",
     "refinement_base_rate",
+    "sparse_rank_diffs",
     "spearman_ci",
     "split_core",
     "split_refinement",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 
 from strace_lens.analysis._common import relative_depth
 from strace_lens.analysis._stats import DEFAULT_BOOT, partial_spearman_ci, spearman_ci
@@ -53,12 +54,8 @@ def uncertainty_controls(
     for against in ("entropy", "loss"):
         values = traced[against].to_numpy()
         d = traced["density"].to_numpy()
-        for statistic, stats in (
-            ("traced", spearman_ci(d, values, n_boot, ci, seed)),
-            ("random", spearman_ci(rand, values, n_boot, ci, seed)),
-            ("partial", partial_spearman_ci(d, values, rand, n_boot, ci, seed)),
-        ):
-            rows.append({"against": against, "statistic": statistic, **stats, "ci": ci})
+        for line in correlation_lines(d, rand, values, n_boot, ci, seed):
+            rows.append({"against": against, **line})
     out = pd.DataFrame(rows)
     out["n"] = out["n"].astype(int)
     return out
@@ -95,16 +92,54 @@ def agreement_controls(
             "at least 3 (the partial line, 5). Trace the same prompts with both models."
         )
     da, ra, db, rb = (np.asarray(s.loc[common], dtype=float) for s in per_text)
-    rows = []
-    for statistic, stats in (
-        ("traced", spearman_ci(da, db, n_boot, ci, seed)),
-        ("random", spearman_ci(ra, rb, n_boot, ci, seed)),
-        ("partial", partial_spearman_ci(da, db, np.stack([ra, rb], 1), n_boot, ci, seed)),
-    ):
-        rows.append({"statistic": statistic, **stats, "ci": ci})
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(cross_model_lines(da, ra, db, rb, n_boot, ci, seed))
     out["n"] = out["n"].astype(int)
     return out
+
+
+def correlation_lines(
+    traced: Float[np.ndarray, " prompt"],
+    random: Float[np.ndarray, " prompt"],
+    against: Float[np.ndarray, " prompt"],
+    n_boot: int = DEFAULT_BOOT,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> list[dict[str, float | str]]:
+    """The three lines of a density correlation and its control, from per-prompt values:
+    ``traced`` (Spearman rho(traced, against)), ``random`` (rho(random, against)) and
+    ``partial`` (rho(traced, against | random)); each ``{"statistic", "rho", "ci_low",
+    "ci_high", "p_value", "n", "ci"}``. Node and edge densities alike."""
+    return [
+        {"statistic": statistic, **stats, "ci": ci}
+        for statistic, stats in (
+            ("traced", spearman_ci(traced, against, n_boot, ci, seed)),
+            ("random", spearman_ci(random, against, n_boot, ci, seed)),
+            ("partial", partial_spearman_ci(traced, against, random, n_boot, ci, seed)),
+        )
+    ]
+
+
+def cross_model_lines(
+    traced_a: Float[np.ndarray, " prompt"],
+    random_a: Float[np.ndarray, " prompt"],
+    traced_b: Float[np.ndarray, " prompt"],
+    random_b: Float[np.ndarray, " prompt"],
+    n_boot: int = DEFAULT_BOOT,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> list[dict[str, float | str]]:
+    """The three lines of a cross-model agreement from matched per-prompt values: ``traced``
+    (rho(traced A, traced B)), ``random`` (rho(random A, random B)) and ``partial``
+    (rho(traced A, traced B | random A, random B))."""
+    both = np.stack([random_a, random_b], 1)
+    return [
+        {"statistic": statistic, **stats, "ci": ci}
+        for statistic, stats in (
+            ("traced", spearman_ci(traced_a, traced_b, n_boot, ci, seed)),
+            ("random", spearman_ci(random_a, random_b, n_boot, ci, seed)),
+            ("partial", partial_spearman_ci(traced_a, traced_b, both, n_boot, ci, seed)),
+        )
+    ]
 
 
 def core_depth_by_kind(result: TraceResult, core_nucleus: float = 1.0) -> pd.DataFrame:
@@ -181,6 +216,8 @@ def refinement_base_rate(
 __all__ = [
     "agreement_controls",
     "core_depth_by_kind",
+    "correlation_lines",
+    "cross_model_lines",
     "refinement_base_rate",
     "uncertainty_controls",
 ]

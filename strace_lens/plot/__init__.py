@@ -10,9 +10,10 @@
 - :func:`token_circuit`: one prompt's edge subgraph (``strace_lens.edges``) over its tokens
   and graph layers, core and refinement edges coloured; :func:`edge_composition`: the
   composition figure in edge units (quartile and attention / MLP / residual shares, the
-  paper's phase bands shaded).
-- :func:`save`: .html / .png / .svg / .pdf by suffix, paper presets; :func:`report_html`:
-  one self-contained HTML page with all of them.
+  paper's phase bands shaded); :func:`edge_fidelity`: median TV and top-1 agreement of edge
+  subgraphs against size.
+- :func:`save`: .html / .png / .svg / .pdf by suffix, paper presets; :func:`report_html` /
+  :func:`edge_report_html`: one self-contained HTML page with all of them.
 
 All figures use the ``"strace_lens"`` plotly template (Okabe-Ito colours); the numbers they
 draw come from :mod:`strace_lens.analysis`.
@@ -23,8 +24,15 @@ from strace_lens.plot.composition import composition, usage
 from strace_lens.plot.curves import fidelity, nucleus_recovery
 from strace_lens.plot.density import density_vs_entropy
 from strace_lens.plot.edge_composition import edge_composition
+from strace_lens.plot.edge_fidelity import edge_fidelity
 from strace_lens.plot.export import PRESETS, apply_preset, export_session, save, to_image
-from strace_lens.plot.html_report import fidelity_heading, paper_figures, report_html
+from strace_lens.plot.html_report import (
+    edge_figures,
+    edge_report_html,
+    fidelity_heading,
+    paper_figures,
+    report_html,
+)
 from strace_lens.plot.style import OKABE_ITO, TEMPLATE
 from strace_lens.plot.token_circuit import token_circuit
 
@@ -38,6 +46,9 @@ __all__ = [
     "default_size",
     "density_vs_entropy",
     "edge_composition",
+    "edge_fidelity",
+    "edge_figures",
+    "edge_report_html",
     "export_session",
     "fidelity",
     "fidelity_heading",

@@ -1,23 +1,30 @@
 """Every figure of a set of results, and one self-contained HTML page holding them.
 
-``strace-lens trace`` and ``strace-lens reproduce`` call :func:`report_html`; notebooks call
-:func:`paper_figures` to get the figures as objects.
+``strace-lens trace`` and ``strace-lens reproduce`` call :func:`report_html` (node results) and
+:func:`edge_report_html` (edge results); notebooks call :func:`paper_figures` /
+:func:`edge_figures` to get the figures as objects.
 """
 
 from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import plotly.graph_objects as go
 
 from strace_lens.atomic import write_bytes
+from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.plot._common import Results, as_labelled
 from strace_lens.plot.circuit import circuit
 from strace_lens.plot.composition import composition, usage
 from strace_lens.plot.curves import fidelity, nucleus_recovery
 from strace_lens.plot.density import density_vs_entropy
+from strace_lens.plot.edge_composition import edge_composition
+from strace_lens.plot.edge_fidelity import EdgeResultSet, as_edge_pairs, edge_fidelity
+from strace_lens.plot.token_circuit import token_circuit
 
 MIN_PROMPTS_FOR_CORRELATION = 3  # Spearman over fewer prompts is undefined
 
@@ -68,6 +75,19 @@ def report_html(
     """
     pairs = as_labelled(results)
     figs = paper_figures(dict(pairs), core_nucleus=core_nucleus)
+    headings = {**_HEADINGS, "fidelity": fidelity_heading(dict(pairs))}
+    return _write_page(path, title, notes, _results_table(pairs), figs, headings)
+
+
+def _write_page(
+    path: str | os.PathLike[str],
+    title: str,
+    notes: str,
+    table: str,
+    figs: dict[str, go.Figure],
+    headings: dict[str, str],
+) -> Path:
+    """One self-contained page: title, notes, the results table, then each figure."""
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -80,8 +100,7 @@ def report_html(
     ]
     if notes:
         parts.append(f"<p class='note'>{html.escape(notes)}</p>")
-    parts.append(_results_table(pairs))
-    headings = {**_HEADINGS, "fidelity": fidelity_heading(dict(pairs))}
+    parts.append(table)
     first = True
     for name, fig in figs.items():
         parts.append(f"<h2>{html.escape(headings.get(name.rstrip('_0123456789'), name))}</h2>")
@@ -92,6 +111,43 @@ def report_html(
     target.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(target, "\n".join(parts).encode("utf-8"))
     return target
+
+
+def edge_figures(
+    results: EdgeResultSet, model: Any = None, tokens: Sequence[str] | None = None
+) -> dict[str, go.Figure]:
+    """The figures of edge results, keyed by a file-safe name: fidelity (every result), the
+    composition in edge units and the token-level circuit of the first prompt (nested results:
+    greedy or learned; random draws have no entry order).
+
+    ``model`` (or ``tokens``, the first prompt's token strings) labels the circuit's axis with
+    the prompt's tokens; without either it shows positions.
+    """
+    pairs = as_edge_pairs(results)
+    figs: dict[str, go.Figure] = {"edge_fidelity": edge_fidelity(dict(pairs))}
+    nested = [(name, r) for name, r in pairs if r.nested]
+    if nested:
+        figs["edge_composition"] = edge_composition(dict(nested))
+    for i, (_name, r) in enumerate(nested):
+        suffix = f"_{i}" if len(nested) > 1 else ""
+        figs[f"token_circuit{suffix}"] = token_circuit(r, 0, tokens=tokens, model=model)
+    return figs
+
+
+def edge_report_html(
+    results: EdgeResultSet,
+    path: str | os.PathLike[str],
+    title: str = "strace-lens edge report",
+    notes: str = "",
+    model: Any = None,
+) -> Path:
+    """Write one HTML page with the figures of edge results (:func:`edge_figures`).
+
+    Self-contained (plotly.js embedded once), written atomically. Returns the path written.
+    """
+    pairs = as_edge_pairs(results)
+    figs = edge_figures(dict(pairs), model=model)
+    return _write_page(path, title, notes, _edge_table(pairs), figs, _EDGE_HEADINGS)
 
 
 def fidelity_heading(results: Results) -> str:
@@ -106,6 +162,12 @@ def fidelity_heading(results: Results) -> str:
         parts.append("inverse subgraphs")
     return "Fidelity versus subgraph size" + (f", with {' and '.join(parts)}" if parts else "")
 
+
+_EDGE_HEADINGS = {
+    "edge_fidelity": "Fidelity versus size (the paper's edge graph)",
+    "edge_composition": "Composition in edge units: target-layer quartile and edge kind",
+    "token_circuit": "Token-level circuit of the first prompt: core and refinement edges",
+}
 
 _HEADINGS = {
     "circuit": "Circuit: the subgraph drawn (its subtitle says which size and why)",
@@ -138,5 +200,26 @@ def _results_table(pairs: list) -> str:
             )
             + "</tr>"
         )
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _edge_table(pairs: list[tuple[str, EdgeTraceResult]]) -> str:
+    rows = [
+        "<table><tr><th>result</th><th>method</th><th>attention edges</th><th>tokens</th>"
+        "<th>prompts</th><th>edges per prompt (min–max)</th><th>sizes</th></tr>"
+    ]
+    for name, r in pairs:
+        totals = [r.n_edges(p) for p in range(r.n_prompts)]
+        cells = (
+            name,
+            r.options.get("method", "?"),
+            "kept" if r.options.get("ablate_attention_edges") is False else "ablated",
+            r.options.get("tokens", "?"),
+            r.n_prompts,
+            f"{min(totals):,}–{max(totals):,}" if totals else "",
+            f"{len(r.grid)} ({r.grid[0]:g} to {r.grid[-1]:g})",
+        )
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>")
     rows.append("</table>")
     return "".join(rows)

@@ -12,6 +12,12 @@ What it does, per model:
    confidence interval and a verdict, the rules that give the verdicts, and the supporting
    tables. With two models it adds the cross-model agreement of per-prompt density.
 
+With ``granularity="edge"`` (``strace-lens reproduce --granularity edge``) the same at the
+paper's own granularity: the greedy or learned edge masks and a random control traced by
+``trace_dataset`` (:mod:`strace_lens.reproduce.edge_pipeline`), the claims in the paper's
+units, in edges and in components (:mod:`strace_lens.reproduce.edge_claims`), ``report.md``
+and ``figures/<model>.html``. :class:`ReproduceConfig` holds a run's checked options.
+
 Verdicts come only from the numbers, by the rule printed in the report (see
 :func:`verdict`): a claim *holds* when its whole confidence interval lies on the side the
 paper predicts, *does not hold* when the whole interval lies on the other side (or on the
@@ -35,8 +41,10 @@ from strace_lens.reproduce.claims import (
     verdict,
     with_multiplicity,
 )
+from strace_lens.reproduce.config import ReproduceConfig
+from strace_lens.reproduce.edge_claims import EdgeModelRun, EdgeReproduction
 from strace_lens.reproduce.markdown import markdown_table, write_report
-from strace_lens.reproduce.pipeline import cli_command, reproduce
+from strace_lens.reproduce.pipeline import cli_command, reproduce, run
 
 __all__ = [
     "FAILS",
@@ -45,13 +53,17 @@ __all__ = [
     "MIN_PROMPTS",
     "SMALL_CORE",
     "UNDETERMINED",
+    "EdgeModelRun",
+    "EdgeReproduction",
     "ModelRun",
+    "ReproduceConfig",
     "Reproduction",
     "analyse",
     "claims_of",
     "cli_command",
     "markdown_table",
     "reproduce",
+    "run",
     "verdict",
     "with_multiplicity",
     "write_report",

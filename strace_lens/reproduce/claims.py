@@ -253,7 +253,7 @@ def sign_test(lower: np.ndarray, upper: np.ndarray, threshold: float) -> float:
     return float(scipy_stats.binomtest(below, below + above, 0.5).pvalue)
 
 
-def _rows(
+def claim_rows(
     specs: Sequence[Spec],
     min_n: int,
     model: str,
@@ -348,7 +348,7 @@ def _phase_claims(
          "mean over prompts of (refinement attention share - attention share of the "
          "candidates outside the core)", mean(excess), "mean", "greater", 0.0),
     ]  # fmt: skip
-    return _rows(specs, min_n, model)
+    return claim_rows(specs, min_n, model)
 
 
 def _uncertainty_claims(
@@ -387,7 +387,7 @@ def _uncertainty_claims(
              "residuals after least squares on the control's ranks",
              line.loc["partial"].to_dict(), "rho", "greater", 0.0),
         ]  # fmt: skip
-    return _rows(specs, min_n, model)
+    return claim_rows(specs, min_n, model)
 
 
 def _frequency_claims(
@@ -430,7 +430,7 @@ def _frequency_claims(
              f"token (sizes {sizes})",
              an.mean_ci(diffs - random_diffs, n_boot, seed=seed), "mean", "less", 0.0),
         ]  # fmt: skip
-    return _rows(specs, min_n, model)
+    return claim_rows(specs, min_n, model)
 
 
 def _sanity_claims(
@@ -460,7 +460,7 @@ def _sanity_claims(
              "mean over prompts of density(inverse) - density(trace)", stats, "mean",
              "greater", 0.0)
         )  # fmt: skip
-    return _rows(specs, min_n, model)
+    return claim_rows(specs, min_n, model)
 
 
 def claims_of(
@@ -518,7 +518,7 @@ def agreement_claims(
          "ranks, residuals after least squares on the controls' ranks",
          line.loc["partial"].to_dict(), "rho", "greater", 0.0),
     ]  # fmt: skip
-    return agreement, controls, _rows(specs, min_n, model)
+    return agreement, controls, claim_rows(specs, min_n, model)
 
 
 def _sparse_rank_diffs(mask: TraceResult, ranks: np.ndarray, sizes: list[int]) -> np.ndarray:
@@ -544,9 +544,11 @@ __all__ = [
     "UNDETERMINED",
     "ModelRun",
     "Reproduction",
+    "Spec",
     "agreement_claims",
     "analyse",
     "claim",
+    "claim_rows",
     "claims_of",
     "sign_test",
     "verdict",

@@ -137,7 +137,7 @@ adjusted p-value is not below {alpha:g} becomes *inconclusive*; the other verdic
 """
 
 
-def _settings_lines(settings: dict[str, Any]) -> list[str]:
+def settings_lines(settings: dict[str, Any]) -> list[str]:
     out = []
     for key, value in settings.items():
         if isinstance(value, (dict, list)):
@@ -296,7 +296,7 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
         "",
         "## Setup",
         "",
-        *_settings_lines(settings),
+        *settings_lines(settings),
         "",
         "## Claims and verdicts",
         "",
@@ -376,6 +376,7 @@ __all__ = [
     "git_commit",
     "markdown_table",
     "model_section",
+    "settings_lines",
     "slug_of",
     "write_report",
 ]

@@ -18,7 +18,6 @@ from strace_lens.atomic import refuse_links, sha256_file, write_text
 from strace_lens.models import model_identity
 from strace_lens.reproduce.claims import (
     MIN_PROMPTS,
-    SMALL_CORE,
     ModelRun,
     Reproduction,
     agreement_claims,
@@ -26,9 +25,13 @@ from strace_lens.reproduce.claims import (
     claims_of,
     with_multiplicity,
 )
+from strace_lens.reproduce.config import ReproduceConfig, models_of, sizes_of
+from strace_lens.reproduce.edge_claims import EdgeReproduction
+from strace_lens.reproduce.edge_pipeline import run_edge
 from strace_lens.reproduce.markdown import git_commit, slug_of, write_report
+from strace_lens.reproduce.runs import load_spec, shard_seconds
 from strace_lens.result import TraceResult
-from strace_lens.types import ABLATIONS
+from strace_lens.types import AblationName, Granularity, MethodName
 
 
 def _trace_run(
@@ -59,27 +62,6 @@ def _trace_run(
     return result
 
 
-def _load(name: str, device: str | None) -> Any:
-    """An embedded model, a local folder, or ``native:tiny`` (the seeded test model)."""
-    from strace_lens.models import load_model
-    from strace_lens.tiny_model import TINY_MODEL_NAMES, tiny_model
-
-    if name in TINY_MODEL_NAMES:
-        return tiny_model(device=device)
-    return load_model(name, device=device)
-
-
-def _shard_seconds(folder: Path) -> float:
-    """Total tracing time recorded by a run's shards (all sessions of a resumed run)."""
-    total = 0.0
-    for timing in folder.glob("shards/*/timing.json"):
-        try:
-            total += float(json.loads(timing.read_text()).get("seconds", 0.0))
-        except (ValueError, OSError):
-            continue
-    return total
-
-
 # -- the entry point -------------------------------------------------------------------------
 def reproduce(
     model: str | Any | Sequence[str | Any],
@@ -89,21 +71,24 @@ def reproduce(
     sizes: Sequence[int | float] | None = None,
     seed: int = 0,
     *,
-    ablation: str = "mean",
+    granularity: Granularity = "node",
+    method: MethodName | None = None,
+    ablate_attention_edges: bool | None = None,
+    ablation: AblationName | None = None,
     chunk_size: int = 16,
     batch_size: int | None = None,
-    random_draws: int = 5,
+    random_draws: int | None = None,
     corpus: str | os.PathLike[str] | None = None,
-    core_nucleus: float = 1.0,
-    refined_nucleus: float = 90.0,
-    small_core: float = SMALL_CORE,
+    core_nucleus: float | None = None,
+    refined_nucleus: float | None = None,
+    small_core: float | None = None,
     min_prompts: int = MIN_PROMPTS,
     n_boot: int = 2000,
     device: str | None = None,
     progress: bool | None = None,
     command: str | None = None,
     **mask_options: Any,
-) -> Reproduction:
+) -> Reproduction | EdgeReproduction:
     """Trace the first ``n`` prompts of a file, run every analysis, and write ``report.md``.
 
     Args:
@@ -111,79 +96,97 @@ def reproduce(
             folder, a loaded TransformerLens model, or a list of two of these (the report then
             adds the cross-model agreement of per-prompt density).
         prompts_file: a plain-text (one prompt a line) or 6-column TSV prompt file; with a TSV
-            the true next token (column 6) gives the loss on the true next word.
+            the true next token (column 6) gives the loss on the true next word (node only).
         n: how many prompts, from the top of the file.
-        out_dir: where runs (``runs/<model>/mask``, ``runs/<model>/random``), tables
+        out_dir: where runs (``runs/<model>/<method>``, ``runs/<model>/random``), tables
             (``tables/<model>/*.csv``, ``claims.csv``) and ``report.md`` go. Calling again
             with the same arguments resumes the traces and rewrites tables and report.
-        sizes: node counts or relative sizes (default: the trace's log grid, 1 to N).
+        sizes: node counts or relative sizes (default: the trace's log grid, 1 to N). Node
+            only: edge runs use the paper's grid.
         seed: seeds the traces, the random baseline and every bootstrap.
-        ablation: "mean" (over the ``n`` prompts, shared by both traces) or "zero".
+        granularity: ``"node"`` (heads and MLPs, learned masks, the default) or ``"edge"``
+            (the paper's token-level edges; :mod:`strace_lens.reproduce.edge_pipeline`).
+        method: edge only: ``"greedy"`` (the paper's, default) or ``"mask"`` (learned).
+        ablate_attention_edges: edge only: False counts attention edges in s but keeps them
+            (default True).
+        ablation: node: "mean" (over the ``n`` prompts, shared by both traces; default) or
+            "zero"; edge: zero only.
         chunk_size: prompts per saved shard (what an interruption can lose).
         batch_size: rows per forward pass (default: the trace's own); not part of a run's
             identity, so it may change when resuming (e.g. after an out-of-memory error).
-        random_draws: random subgraphs per (prompt, size) for the baseline.
+        random_draws: node only: random subgraphs per (prompt, size) for the baseline
+            (default 5; the edge control draws one).
         corpus: reference text file for unigram frequencies (default: the prompts' tokens).
-        core_nucleus, refined_nucleus: the phase rule (see :func:`strace_lens.analysis.phases`).
-        small_core: claim 1a calls a core small below this relative size; claim 3 counts
-            every traced size up to it as sparse.
+        core_nucleus, refined_nucleus: node only: the phase rule (default 1 and 90; see
+            :func:`strace_lens.analysis.phases`).
+        small_core: claim 1a calls a core small below this relative size (default: 0.1 of
+            the nodes, 1e-2 of the edges); claim 3 counts every traced size up to it as sparse.
         min_prompts: below this many contributing prompts every verdict is inconclusive.
         n_boot: bootstrap resamples for every interval.
         device: where to load a model given by name (default: CUDA when available).
         progress: progress bars (default: when stderr is a terminal).
         command: the command line to record in the report (the CLI passes its own);
             default: the equivalent Python call.
-        **mask_options: options of the learned-mask search (``steps``, ``lr``, ...).
+        **mask_options: options of the learned-mask search (``steps``, ``lr``, ...; at edge
+            granularity the fields of :class:`strace_lens.edges.MaskSearch`, method "mask").
+
+    Options of one granularity given at the other are refused (:class:`ReproduceConfig`).
     """
+    config = ReproduceConfig(
+        models=models_of(model),
+        prompts_file=prompts_file,
+        n=n,
+        out_dir=out_dir,
+        granularity=granularity,
+        method=method,
+        ablate_attention_edges=ablate_attention_edges,
+        sizes=sizes_of(sizes),
+        seed=seed,
+        ablation=ablation,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        random_draws=random_draws,
+        corpus=corpus,
+        core_nucleus=core_nucleus,
+        refined_nucleus=refined_nucleus,
+        small_core=small_core,
+        min_prompts=min_prompts,
+        n_boot=n_boot,
+        device=device,
+        progress=progress,
+        command=command,
+        mask_options=mask_options,
+    )
+    return run(config)
+
+
+def run(config: ReproduceConfig) -> Reproduction | EdgeReproduction:
+    """Run a checked configuration: what ``reproduce`` and ``strace-lens reproduce`` call."""
+    if config.granularity == "edge":
+        return run_edge(config)
+    return _run_node(config)
+
+
+def _run_node(config: ReproduceConfig) -> Reproduction:
+    """The node-level reproduction: learned masks and random subgraphs of heads and MLPs."""
     from strace_lens import __version__
     from strace_lens.prompts import read_prompts
 
     started = time.perf_counter()
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not 1 <= len(models) <= 2:
-        raise ValueError(f"reproduce takes one model or two (for agreement), got {len(models)}.")
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}.")
-    # checked before hours of tracing, not when the analyses finally run
-    if not 0 < core_nucleus <= refined_nucleus <= 100:
-        raise ValueError(
-            "The phase rule needs 0 < core_nucleus <= refined_nucleus <= 100 (shared-nucleus "
-            f"percentages), got core_nucleus={core_nucleus:g}, refined_nucleus="
-            f"{refined_nucleus:g}."
-        )
-    if not 0 < small_core <= 1:
-        raise ValueError(
-            f"small_core is a fraction of the candidate nodes in (0, 1], got {small_core:g}."
-        )
-    out = Path(out_dir)
+    models = list(config.models)
+    prompts_file, n, seed, sizes = config.prompts_file, config.n, config.seed, config.sizes
+    ablation, chunk_size = config.ablation, config.chunk_size
+    batch_size, progress, random_draws = config.batch_size, config.progress, config.random_draws
+    corpus, core_nucleus = config.corpus, config.number("core_nucleus")
+    refined_nucleus, small_core = config.number("refined_nucleus"), config.number("small_core")
+    min_prompts, n_boot, mask_options = config.min_prompts, config.n_boot, config.mask_options
+    out = Path(config.out_dir)
     pfile = read_prompts(prompts_file, n)
     prompts, targets = pfile.prompts, pfile.targets
-    if command is None:
-        names = [m if isinstance(m, str) else "<model object>" for m in models]
-        command = (
-            "strace_lens.report.reproduce("
-            + ", ".join(
-                [
-                    repr(names if len(names) > 1 else names[0]),
-                    repr(str(prompts_file)),
-                    f"n={n}",
-                    f"out_dir={str(out_dir)!r}",
-                    f"sizes={list(sizes) if sizes is not None else None}",
-                    f"seed={seed}",
-                    f"ablation={ablation!r}",
-                    f"chunk_size={chunk_size}",
-                    f"random_draws={random_draws}",
-                    f"corpus={str(corpus) if corpus else None!r}",
-                    f"core_nucleus={core_nucleus}",
-                    f"refined_nucleus={refined_nucleus}",
-                    *[f"{k}={v!r}" for k, v in sorted(mask_options.items())],
-                ]
-            )
-            + ")"
-        )
+    command = config.command if config.command is not None else config.python_call()
     runs: list[ModelRun] = []
     for spec in models:
-        loaded = _load(spec, device) if isinstance(spec, str) else spec
+        loaded = load_spec(spec, config.device) if isinstance(spec, str) else spec
         identity = model_identity(loaded)
         name = spec if isinstance(spec, str) else identity.get("name") or "model"
         slug = slug_of(str(name))
@@ -230,8 +233,8 @@ def reproduce(
             },
         )
         seconds["random"] = time.perf_counter() - t0
-        seconds["mask_shards"] = _shard_seconds(run_dir / "mask")
-        seconds["random_shards"] = _shard_seconds(run_dir / "random")
+        seconds["mask_shards"] = shard_seconds(run_dir / "mask")
+        seconds["random_shards"] = shard_seconds(run_dir / "random")
         counts = an.token_counts(loaded, corpus, prompts)
         tables = analyse(mask, random, counts, core_nucleus, refined_nucleus, n_boot, seed)
         claims = claims_of(
@@ -298,4 +301,4 @@ def cli_command(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-__all__ = ["cli_command", "reproduce"]
+__all__ = ["cli_command", "reproduce", "run"]
