@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "prompt_sets": "prompts",
     "read_prompts": "prompts",
     "TraceResult": "result",
+    "TokenTraceResult": "token_trace",
     "TraceConfig": "config",
     "trace": "trace",
 }
@@ -84,6 +85,7 @@ _SUBMODULES = frozenset(
         "result",
         "search",
         "tiny_model",
+        "token_trace",
         "trace",
         "types",
     }
@@ -110,6 +112,7 @@ if TYPE_CHECKING:
     from strace_lens.models import EMBEDDED_MODELS, load_model
     from strace_lens.prompts import read_prompts
     from strace_lens.result import TraceResult
+    from strace_lens.token_trace import TokenTraceResult
     from strace_lens.trace import trace
 
 
@@ -156,6 +159,7 @@ __all__ = [
     "Node",
     "NodeGraph",
     "TokenBatch",
+    "TokenTraceResult",
     "TraceConfig",
     "TraceResult",
     "ZeroAblation",

@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--granularity",
         default="node",
         metavar="{" + ",".join(GRANULARITIES) + "}",
-        help="heads and MLPs (node) or the paper's token-level edges (edge); token is not "
-        "wired into the command yet (default: %(default)s)",
+        help="heads and MLPs (node), each of them at each position (token; sizes count "
+        "(component, position) pairs, floats are relative to each prompt) or the paper's "
+        "token-level edges (edge) (default: %(default)s)",
     )
     # the names come from strace_lens.types (the method registry's names, checked by a test);
     # they are checked before any work, one line and exit 2 (_check_arguments)
@@ -456,7 +457,8 @@ def _check_arguments(args: argparse.Namespace, method: str, per: str = "input") 
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}.")
     if not 0 <= args.seed < 2**63:
         raise BadInput(f"--seed must be between 0 and 2**63 - 1, got {args.seed}.")
-    node = getattr(args, "granularity", "node") == "node"  # edge: checked in _edge_options
+    # edge: checked in _edge_options; token takes the node's methods, ablations and options
+    node = getattr(args, "granularity", "node") in ("node", "token")
     if node:
         _check_node_choices(args.ablation, method, per)
     if args.out.exists() and not args.out.is_dir():
@@ -572,7 +574,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     """``trace_dataset``'s options from the flags (checked before any work: exit 2)."""
     granularity = args.granularity
-    if granularity == "node":
+    if granularity in ("node", "token"):
         edge_flags = [
             flag
             for flag, value in (
@@ -583,7 +585,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         ]
         if edge_flags:
             raise BadInput(f"{' and '.join(edge_flags)} apply at --granularity edge only.")
-        return {
+        options = {
             "sizes": _parse_sizes(args.sizes),
             "method": args.method or "mask",
             "per": args.per,
@@ -591,12 +593,23 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
             **dict(args.option),
         }
+        return options if granularity == "node" else _token_options(options)
     if granularity != "edge":
-        raise BadInput(
-            f"--granularity {granularity} is not available from the command line: use node "
-            "(heads and MLPs) or edge (the paper's token-level edges)."
-        )
+        raise BadInput(f"Unknown --granularity {granularity!r}: choose node, token or edge.")
     return _edge_options(args)
+
+
+def _token_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The node options at token granularity, checked (a method the token units do not
+    support is refused, one line)."""
+    from strace_lens.config import TraceConfig
+
+    options = {**options, "granularity": "token"}
+    try:
+        TraceConfig.from_kwargs(options)
+    except (ValueError, TypeError) as err:
+        raise BadInput(str(err).replace("granularity='token'", "--granularity token")) from err
+    return options
 
 
 def _edge_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -644,12 +657,49 @@ def _print_edge_summary(result: Any, args: argparse.Namespace) -> None:
     print(edge_summary_table(result))
 
 
+def token_summary_table(result: Any) -> str:
+    """Mean relative size and unit count, mean KL, TV and top-1 agreement over prompts, one
+    line per size."""
+    lines = [f"{'relative':>9} {'mean units':>11} {'mean KL':>9} {'mean TV':>8} {'top-1 %':>8}"]
+    rel = result.relative_sizes().mean(0).tolist()
+    counts = result.counts.double().mean(0).tolist()
+    kl = result.metrics["kl"].double().mean(0).tolist()
+    tv = result.metrics["tv"].double().mean(0).tolist()
+    top1 = (100 * result.metrics["top1"].double().mean(0)).tolist()
+    for j in range(len(result.grid)):
+        lines.append(
+            f"{rel[j]:>9.3g} {counts[j]:>11.1f} {kl[j]:>9.4g} {tv[j]:>8.4f} {top1[j]:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _finish_tokens(result: Any, args: argparse.Namespace) -> None:
+    """Print the summary of a token run; the HTML page is not drawn for token runs."""
+    opts = result.options
+    print(
+        f"{result.n_prompts} prompt(s), token granularity, method={opts.get('method')}, "
+        f"per={opts.get('per')}, nested={str(result.nested).lower()}; run folder: {args.out}"
+    )
+    print(token_summary_table(result))
+    if not args.no_html:
+        print(
+            "HTML page: not written for token runs (its plots draw node and edge results); "
+            f"strace_lens.load({str(args.out)!r}) reads the run as one TokenTraceResult."
+        )
+
+
 def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None) -> None:
     """Print the summary and write the HTML page (one worker at a time, under a lease).
 
     ``model``, when at hand, puts the prompt's tokens on the token-level circuit's axis.
     """
-    edges = hasattr(result, "grid")  # an EdgeTraceResult
+    from strace_lens.edges.result import EdgeTraceResult
+    from strace_lens.token_trace.result import TokenTraceResult
+
+    if isinstance(result, TokenTraceResult):
+        _finish_tokens(result, args)
+        return
+    edges = isinstance(result, EdgeTraceResult)
     if edges:
         _print_edge_summary(result, args)
     else:

@@ -67,12 +67,20 @@ class TraceConfig:
 
     def __post_init__(self) -> None:
         _check_names(self.method, self.per, self.ablation)
-        if self.granularity != "node":
+        if self.granularity not in ("node", "token"):
             raise ValueError(
-                f"TraceConfig configures node-granularity traces, not granularity="
+                f"TraceConfig configures node- and token-granularity traces, not granularity="
                 f"{self.granularity!r}: trace(..., granularity='edge') builds an "
-                "EdgeTraceConfig (strace_lens.edges.config); 'token' is not wired into trace()."
+                "EdgeTraceConfig (strace_lens.edges.config)."
             )
+        if self.granularity == "token":
+            for name in ("keep", "candidates"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}=... does not apply at granularity='token': it names heads and "
+                        "MLPs, and every (component, position) pair of a prompt is a candidate "
+                        f"at token granularity; leave {name} None."
+                    )
         method = self.search_method
         if self.granularity not in method.granularities:
             raise ValueError(
@@ -121,6 +129,7 @@ class TraceConfig:
             seed=int(options.get("seed", 0)),
             nested=bool(options.get("nested", True)),
             inverse=bool(options.get("inverse", True)),
+            granularity=options.get("granularity", "node"),
             method_options=dict(options.get("method_options", {})),
         )
 

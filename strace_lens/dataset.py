@@ -44,6 +44,12 @@ Choices worth knowing:
   run's identity records the edge configuration with its defaults (method, grid, semantics
   ``ablate_attention_edges``, token convention, seed), there is no mean ablation (edges are
   zero-ablated), and ``load_run`` joins the shards with ``EdgeTraceResult.concat``.
+- **Token granularity** (``granularity="token"``): each shard is a ``TokenTraceResult``
+  (``token.safetensors`` + ``token.json``) of ``trace(chunk, granularity="token", ...)``;
+  the run's identity is the node configuration's (sizes, ablation, per, method, seed,
+  nested, inverse, method options, with defaults) plus ``granularity="token"``, the mean
+  ablation is shared as at node granularity, and ``load_run`` joins the shards with
+  ``TokenTraceResult.concat``. Targets are not recorded at token granularity.
 - **per="dataset" is one shard.** One subgraph shared by all prompts cannot be split into
   chunks without changing what it means, so such a run traces all prompts as a single chunk
   (``chunk_size`` is ignored; resume is all-or-nothing).
@@ -108,6 +114,10 @@ from strace_lens.progress import prompt_bar, wants_progress
 from strace_lens.prompts import PromptFile
 from strace_lens.result import META_FILE as NODE_META_FILE
 from strace_lens.result import VOLATILE_OPTIONS, TraceResult
+from strace_lens.token_trace.result import META_FILE as TOKEN_META_FILE
+from strace_lens.token_trace.result import TokenTraceResult
+from strace_lens.token_trace.sizes import size_grid
+from strace_lens.token_trace.trace import check_per, length_groups
 from strace_lens.types import ABLATIONS
 from strace_lens.validate import (
     as_int,
@@ -182,7 +192,7 @@ def trace_dataset(
     worker_index: int | None = None,
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     **trace_options: Any,
-) -> TraceResult | EdgeTraceResult:
+) -> TraceResult | EdgeTraceResult | TokenTraceResult:
     """Trace many prompts in chunks, each saved as a shard, resuming where a run stopped.
 
     Args:
@@ -226,17 +236,18 @@ def trace_dataset(
 
     See the module docstring for the folder layout and what may differ on a GPU.
     """
-    edges = trace_options.get("granularity", "node") == "edge"
+    granularity = trace_options.get("granularity", "node")
+    edges = granularity == "edge"
     if isinstance(prompts, PromptFile):
-        if targets is None and not edges:  # not recorded at edge granularity
+        if targets is None and granularity == "node":  # not recorded at edge or token
             targets = prompts.targets
         prompts = prompts.prompts
     prompts = _check_prompt_list(prompts)
     targets = check_targets(targets, len(prompts))
-    if edges and targets is not None:
+    if granularity in ("edge", "token") and targets is not None:
         raise ValueError(
-            "targets (true next tokens) are not recorded at granularity='edge': leave them "
-            "None (a PromptFile's targets are left out by itself)."
+            f"targets (true next tokens) are not recorded at granularity={granularity!r}: "
+            "leave them None (a PromptFile's targets are left out by itself)."
         )
     chunk_size = as_int(chunk_size, "chunk_size", minimum=1)  # type: ignore[assignment]
     batch_size = as_int(batch_size, "batch_size", minimum=1, allow_none=True)
@@ -258,7 +269,7 @@ def trace_dataset(
         raise RunFolderError(
             f"out_dir {folder} is a file, not a folder: choose a folder path (it is created)."
         )
-    if (folder / NODE_META_FILE).exists() or (folder / EDGE_META_FILE).exists():
+    if any((folder / name).exists() for name in (NODE_META_FILE, EDGE_META_FILE, TOKEN_META_FILE)):
         raise RunMismatchError(
             f"{folder} holds a single saved TraceResult, not a dataset run: choose another "
             "output folder."
@@ -272,6 +283,11 @@ def trace_dataset(
         batch = edge_tokenize(model, prompts, trace_options["tokens"])
     else:
         batch = tokenize(model, prompts)
+    if granularity == "token":  # sizes and per depend on the prompts' lengths
+        groups = length_groups(batch)
+        check_per(trace_options.get("per", "input"), groups)
+        per_node = len(NodeGraph.from_model(model))
+        size_grid(trace_options.get("sizes"), [per_node * n for n in groups])
 
     with model_untouched(model), caller_state_kept():
         identity = _run_identity(model, prompts, targets, chunk_size, trace_options)
@@ -309,7 +325,7 @@ def _run(  # noqa: C901  (a flat sequence of run-folder checks)
     trace_options: dict[str, Any],
     share: tuple[int, int] = (1, 0),
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
-) -> TraceResult | EdgeTraceResult:
+) -> TraceResult | EdgeTraceResult | TokenTraceResult:
     """The body of :func:`trace_dataset`: the first stage under the setup lease, then every
     shard of this worker's share under its own lease."""
     worker = worker_id()
@@ -499,7 +515,7 @@ def _existing_run(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     return existing
 
 
-def load_run(folder: str | os.PathLike[str]) -> TraceResult | EdgeTraceResult:
+def load_run(folder: str | os.PathLike[str]) -> TraceResult | EdgeTraceResult | TokenTraceResult:
     """Read a whole ``trace_dataset`` run back as one result (shards joined in order): a
     ``TraceResult``, or an ``EdgeTraceResult`` for a run at edge granularity.
 
@@ -563,6 +579,9 @@ def _plain_options(trace_options: dict[str, Any]) -> dict[str, Any]:
         runtime = {k: v for k, v in trace_options.items() if k in CONFIG_RUNTIME_OPTIONS}
         check_trace_arguments({**runtime, "granularity": "edge"})  # device, batch_size
         return {**EdgeTraceConfig.from_kwargs(trace_options).trace_kwargs(), **runtime}
+    if trace_options.get("granularity", "node") == "token":
+        rest = {k: v for k, v in trace_options.items() if k != "granularity"}
+        return {**_plain_options(rest), "granularity": "token"}
     # trace()'s named parameters; every other keyword is a method option
     params = {*IDENTITY_FIELDS, *CONFIG_RUNTIME_OPTIONS, "targets"}
     named = {k: v for k, v in trace_options.items() if k in params}
@@ -579,6 +598,8 @@ def _check_options(model: Any, trace_options: dict[str, Any]) -> None:
     if trace_options.get("granularity", "node") == "edge":
         return  # checked by EdgeTraceConfig (_plain_options); edges need no hook names
     TraceConfig.from_kwargs(trace_options)  # method, per, ablation and method options
+    if trace_options.get("granularity") == "token":
+        return  # sizes and per: checked on the prompts' lengths (trace_dataset)
     graph = NodeGraph.from_model(model)
     cand = resolve_candidates(graph, trace_options.get("keep"), trace_options.get("candidates"))
     resolve_sizes(trace_options.get("sizes"), int(cand.sum()))
@@ -952,19 +973,26 @@ def _shard_is_valid(path: Path, prompts: list[str], run_id: str, clean: bool = T
 
 
 def _shard_meta_file(path: Path) -> Path:
-    """A shard's JSON header: ``edges.json`` for an edge run's shard, else ``result.json``
-    (the run's identity, recorded in ``run.json``, says which granularity it was traced at)."""
-    edge_meta = path / EDGE_META_FILE
-    return edge_meta if edge_meta.exists() else path / NODE_META_FILE
+    """A shard's JSON header: ``edges.json`` for an edge run's shard, ``token.json`` for a
+    token run's, else ``result.json`` (the run's identity, recorded in ``run.json``, says
+    which granularity it was traced at)."""
+    for meta in (path / EDGE_META_FILE, path / TOKEN_META_FILE):
+        if meta.exists():
+            return meta
+    return path / NODE_META_FILE
 
 
-def _load_shard(path: Path) -> TraceResult | EdgeTraceResult:
+def _load_shard(path: Path) -> TraceResult | EdgeTraceResult | TokenTraceResult:
     if (path / EDGE_META_FILE).exists():
         return EdgeTraceResult.load(path)
+    if (path / TOKEN_META_FILE).exists():
+        return TokenTraceResult.load(path)
     return TraceResult.load(path)
 
 
-def _write_shard(shards: Path, k: int, result: TraceResult | EdgeTraceResult, run_id: str) -> None:
+def _write_shard(
+    shards: Path, k: int, result: TraceResult | EdgeTraceResult | TokenTraceResult, run_id: str
+) -> None:
     """Save a chunk's result into a temporary folder, then rename it to its shard name."""
     timing = {key: result.options.pop(key) for key in VOLATILE_OPTIONS if key in result.options}
     with replaced_folder(shards / _shard_name(k), prefix=f".{_shard_name(k)}.") as tmp:
@@ -1064,7 +1092,7 @@ def _trace_chunk(
     options: dict[str, Any],
     batch_size: int | None,
     chunk_size: int,
-) -> TraceResult | EdgeTraceResult:
+) -> TraceResult | EdgeTraceResult | TokenTraceResult:
     trace = _trace_function()
     try:
         return trace(

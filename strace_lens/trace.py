@@ -31,6 +31,8 @@ from strace_lens.progress import expect_rows, trace_progress
 from strace_lens.result import TraceResult
 from strace_lens.search.grouping import RowGrouping
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.token_trace.result import TokenTraceResult
+from strace_lens.token_trace.trace import run_token_trace
 from strace_lens.types import METHODS, PER
 from strace_lens.validate import guarded
 
@@ -135,7 +137,7 @@ def trace(
     batch_size: int | None = None,
     granularity: str = "node",
     **options: Any,
-) -> TraceResult | EdgeTraceResult:
+) -> TraceResult | EdgeTraceResult | TokenTraceResult:
     """Find, for every size s, the subgraph of s nodes that best reproduces the model's output.
 
     ``granularity="edge"`` traces the paper's token-level edge graph instead and returns an
@@ -170,11 +172,20 @@ def trace(
             default True).
         targets: the true next token of each prompt (text), to record its full-model log-prob.
         batch_size: rows per forward pass (default: about 2048 tokens per pass).
-        granularity: "node" (heads and MLPs; the default) or "edge" (below). "token" is
-            not wired into ``trace`` yet (``strace_lens.edges.TokenGraph`` and
-            ``run_with_token_mask`` run token-level masks directly).
+        granularity: "node" (heads and MLPs; the default), "token" or "edge" (below).
         **options: method options (mask: ``steps``, ``finetune_steps``, ``lr``, ...;
             random: ``draws``; forward: ``max_size``; exhaustive: ``max_subsets``).
+
+    Token granularity (:mod:`strace_lens.token_trace`; docs/token-granularity.md): every
+        head and MLP at every position is a unit (names ``a{l}.h{h}@{t}``, ``m{l}@{t}``) and
+        a ``TokenTraceResult`` is returned. method: "mask" (default; ``nested`` as above),
+        "random" or "exhaustive". sizes: ints count (component, position) pairs, the same for
+        every prompt (each must fit the shortest prompt); floats are relative sizes over
+        ``n_layers * (n_heads + 1) * n_pos`` of each prompt (the natural choice for prompts
+        of different lengths); default: the node grid's counts over the shortest prompt's
+        units, as relative sizes. ``ablation``, ``inverse``, ``seed`` and the method options
+        are as at node granularity; ``per="dataset"`` needs prompts of one token length;
+        ``keep``, ``candidates`` and ``targets`` do not apply and raise ValueError.
 
     Edge granularity (:mod:`strace_lens.edges`, :func:`~strace_lens.edges.edge_trace`):
         method: "greedy" (the paper's best-first ranking; the default here), "random"
@@ -204,13 +215,6 @@ def trace(
             targets=targets,
         )
         return run_edge_trace(model, prompts, edge_config, batch_size=batch_size, device=device)
-    if granularity != "node":
-        raise ValueError(
-            f"granularity={granularity!r} is not wired into trace() yet: trace() runs "
-            "granularity='node' (heads and MLPs) and 'edge' (the paper's token-level edges). "
-            "Token-level masks run directly with strace_lens.edges.run_with_token_mask on a "
-            "strace_lens.edges.TokenGraph."
-        )
     config = TraceConfig.from_kwargs(
         dict(
             method="mask" if method is None else method,
@@ -222,9 +226,19 @@ def trace(
             seed=seed,
             nested=nested,
             inverse=True if inverse is None else inverse,
+            granularity=granularity,
             **options,
         )
     )
+    if granularity == "token":
+        if targets is not None:
+            raise ValueError(
+                "targets (true next tokens) are not recorded at granularity='token': leave "
+                "them None."
+            )
+        _check_device(model, device)
+        with trace_progress(progress):
+            return run_token_trace(model, prompts, config, batch_size=batch_size)
     with trace_progress(progress):
         return run_trace(
             model, prompts, config, targets=targets, batch_size=batch_size, device=device

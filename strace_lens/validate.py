@@ -323,7 +323,7 @@ def check_trace_arguments(arguments: dict[str, Any]) -> dict[str, Any]:  # noqa:
         args["targets"] = check_targets(args["targets"])
     if "prompts" in args:
         check_prompt_texts(args["prompts"])
-    if "options" in args and granularity == "node":  # edge options: EdgeTraceConfig
+    if "options" in args and granularity != "edge":  # edge options: EdgeTraceConfig
         method = args.get("method")
         args["options"] = check_method_options(
             "mask" if method is None else method, args["options"]

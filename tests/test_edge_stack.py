@@ -107,11 +107,9 @@ def test_more_refusals_at_edge_granularity(model):
         trace(model, PROMPTS[0], granularity="edge", steps=3)
     with pytest.raises(TypeError, match="prompts are strings"):
         trace(model, torch.tensor([[3, 4, 5]]), granularity="edge")
-    with pytest.raises(ValueError, match="'token' is not wired into trace"):
-        trace(model, PROMPTS[0], granularity="token")
     with pytest.raises(ValueError, match="granularity must be one of node, token, edge"):
         trace(model, PROMPTS[0], granularity="layer")
-    with pytest.raises(ValueError, match="TraceConfig configures node-granularity traces"):
+    with pytest.raises(ValueError, match="TraceConfig configures node- and token-granularity"):
         TraceConfig(granularity="edge")
 
 
@@ -369,7 +367,7 @@ def test_cli_edge_only_flags_are_refused_at_node_granularity(prompt_file, tmp_pa
     args = ["trace", "--model", "native:tiny", "--prompts", str(prompt_file)]
     assert main([*args, "--out", str(tmp_path / "a"), "--tokens", "hf"]) == 2
     assert "--tokens apply at --granularity edge only" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "b"), "--granularity", "token"]) == 2
-    assert "--granularity token is not available" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--granularity", "layer"]) == 2
+    assert "Unknown --granularity 'layer'" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "c"), "--sizes", "paper"]) == 2
     assert not any((tmp_path / name).exists() for name in "abc")

@@ -143,6 +143,7 @@ class MaskSearch:
 class MaskMethod(SearchMethod):
     name = "mask"
     options_type = MaskOptions
+    granularities = ("node", "token")
 
     def parse_options(self, given: Mapping[str, Any], nested: bool) -> MaskSearch:
         return MaskSearch(MaskOptions.from_kwargs(dict(given)), nested)
@@ -173,8 +174,10 @@ class MaskMethod(SearchMethod):
         init = None
         if options.search.init == "attribution":
             init = -attribution_scores(objective, grouping)
-        # the nested growth also proposes nodes in the best-first order of write norms
-        guide = greedy_scores(objective, grouping) if options.nested else None
+        # the nested growth also proposes nodes in the best-first order of write norms (a
+        # node-level order: at token granularity the growth runs on its other proposals)
+        by_norms = options.nested and objective.granularity == "node"
+        guide = greedy_scores(objective, grouping) if by_norms else None
         masks = learn_masks(
             objective, sizes, grouping, options.nested, init, options.search, seed, guide
         )
@@ -195,6 +198,7 @@ class RandomOptions:
 class RandomMethod(SearchMethod):
     name = "random"
     options_type = RandomOptions
+    granularities = ("node", "token")
 
     def run(
         self,
@@ -305,6 +309,7 @@ class ExhaustiveOptions:
 class ExhaustiveMethod(SearchMethod):
     name = "exhaustive"
     options_type = ExhaustiveOptions
+    granularities = ("node", "token")
 
     def planned_rows(
         self,

@@ -51,9 +51,7 @@ def grow_nested(
     rank_orders = {"rank": rank_positions(ranking)}  # 0 = best
     # the layer of each candidate: a proposal runs from the current subgraph's residual
     # entering the layer of its earliest new node (blocks below it are skipped)
-    cand_layer = (
-        torch.nonzero(objective.candidates.cpu()).flatten() // objective.graph.nodes_per_layer
-    )
+    cand_layer = torch.nonzero(objective.candidates.cpu()).flatten() // objective.units_per_layer
     store = objective.residual_store() if objective.can_resume() else None
     if guide is not None:
         rank_orders["guide"] = rank_positions(guide.float())

@@ -9,7 +9,7 @@ so they are measured the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -34,7 +34,15 @@ DEFAULT_TOKENS_PER_BATCH = 2048
 
 @dataclass
 class SubgraphObjective:
-    """Scores node masks on prompts against the full model. Use inside ``model_untouched``."""
+    """Scores node masks on prompts against the full model. Use inside ``model_untouched``.
+
+    A mask's units are the graph's nodes, in layer order; a subclass may choose other units
+    (``TokenObjective``: every node at every position) by overriding ``n_nodes``,
+    ``units_per_layer`` and ``hooks``: every search method sees only those.
+    """
+
+    #: what a mask's units are ("node": heads and MLPs); the node-only baselines check it
+    granularity: ClassVar[str] = "node"
 
     model: Any
     graph: NodeGraph
@@ -60,6 +68,15 @@ class SubgraphObjective:
     @property
     def n_nodes(self) -> int:
         return len(self.graph)
+
+    @property
+    def units_per_layer(self) -> int:
+        """Mask units per layer (units are in layer order: unit // this = its layer)."""
+        return self.graph.nodes_per_layer
+
+    def hooks(self, masks: Tensor, rows: TokenBatch) -> list[tuple[str, Any]]:
+        """The forward hooks that apply ``masks`` ``[row, unit]`` to the batch ``rows``."""
+        return node_hooks(self.graph, masks, self.ablation, rows)
 
     @property
     def rows_per_pass(self) -> int:
@@ -88,7 +105,7 @@ class SubgraphObjective:
         cache: Tensor | None = None,
     ) -> Tensor:
         rows = self.batch.select(prompt_index).trimmed()
-        hooks = node_hooks(self.graph, masks, self.ablation, rows)
+        hooks = self.hooks(masks, rows)
         if capture is not None:
             hooks += capture_hooks(capture, prompt_index)
         logp = None
