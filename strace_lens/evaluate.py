@@ -20,7 +20,7 @@ from strace_lens.ablation import Ablation, resolve_ablation
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import check_hook_points, model_untouched
 from strace_lens.inputs import Prompts, tokenize
-from strace_lens.masked_forward import check_finite, forward_logprobs
+from strace_lens.masked_forward import check_finite, forward_logprobs, hooked_layers
 from strace_lens.metrics import kl_divergence, shared_nucleus, tv_distance
 from strace_lens.search.objective import SubgraphObjective
 
@@ -69,7 +69,7 @@ def evaluate_masks(
         step = objective.rows_per_pass
         for lo in range(0, len(prompt_index), step):
             idx = prompt_index[lo : lo + step].to(device)
-            logp = objective.logprobs(variant[lo : lo + step].float().to(device), idx)
+            logp = _chunk_logprobs(objective, variant[lo : lo + step].float().to(device), idx)
             full = objective.logp_full[idx]
             kl.append(kl_divergence(full, logp).cpu())
             tv.append(tv_distance(full, logp).cpu())
@@ -83,6 +83,31 @@ def evaluate_masks(
             top = torch.cat(tops).reshape(n_p, n_s, TOP_K)
     assert top is not None
     return Evaluation(metrics, top)
+
+
+def _chunk_logprobs(
+    objective: SubgraphObjective,
+    masks: Float[Tensor, "row node"],
+    prompt_index: Int[Tensor, " row"],
+) -> Float[Tensor, "row vocab"]:
+    """Log-probs of a chunk of hard-mask rows: those the search already ran read back
+    (``objective.measured``), the others run in one pass with the hooks the whole chunk
+    would have had; either way the bits a run of the whole chunk gives (see
+    :mod:`strace_lens.search.measured`), and the metrics are computed on the whole chunk."""
+    hooked = hooked_layers(objective.graph, masks)
+    known = [
+        objective.measured.get(int(p), m, hooked) for p, m in zip(prompt_index.tolist(), masks)
+    ]
+    missing = [i for i, logp in enumerate(known) if logp is None]
+    if len(missing) == len(known):
+        return objective.logprobs(masks, prompt_index)
+    if missing:
+        rows = torch.tensor(missing, device=masks.device)
+        ran = objective.logprobs(masks[rows], prompt_index[rows], hooked)
+        for i, logp in zip(missing, ran):
+            known[i] = logp
+    device = objective.logp_full.device
+    return torch.stack([logp.to(device) for logp in known if logp is not None])
 
 
 def evaluate_draws(

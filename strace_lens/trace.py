@@ -319,7 +319,9 @@ def run_trace(
         "inverse": config.inverse,
         "model": model_identity(model),
         "search_rows": search_rows,
-        "eval_rows": objective.rows_evaluated - search_rows,
+        # rows the evaluation scored: run, or read back from the search's own measurement
+        # (objective.measured; benchmarks/strace_speed.py counts the rows actually run)
+        "eval_rows": objective.rows_evaluated - search_rows + objective.measured.reused,
         "seconds": round(time.perf_counter() - started, 3),
         "version": _version(),
     }

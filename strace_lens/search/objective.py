@@ -8,7 +8,8 @@ so they are measured the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,9 +19,10 @@ from torch import Tensor
 from strace_lens.ablation import Ablation
 from strace_lens.graph import NodeGraph
 from strace_lens.inputs import TokenBatch
-from strace_lens.masked_forward import forward_logprobs, node_hooks
+from strace_lens.masked_forward import forward_logprobs, hooked_layers, node_hooks
 from strace_lens.metrics import kl_divergence
 from strace_lens.progress import GRADIENT_ROW_COST, rows_ran
+from strace_lens.search.measured import MeasuredRows
 from strace_lens.search.resumed import (
     blocks_return_tuples,
     can_resume,
@@ -30,6 +32,9 @@ from strace_lens.search.resumed import (
 
 #: tokens (rows x padded width) per forward pass when no batch size is given
 DEFAULT_TOKENS_PER_BATCH = 2048
+#: receives, after each chunk of ``kl``: the chunk's row indices, their KL and log-probs,
+#: and the layers hooked for them (see :mod:`strace_lens.search.measured`)
+LogpSink = Callable[[Tensor, Tensor, Tensor, Tensor], None]
 
 
 @dataclass
@@ -52,6 +57,12 @@ class SubgraphObjective:
     #: False once the model refused ``start_at_layer`` (TransformerLens 3.x's bridge raises
     #: NotImplementedError): rows then run whole forwards, which give the same log-probs
     _resumes: bool = True
+    #: rows a search has run and kept for the evaluation to read back (``measured.reused``
+    #: counts those read)
+    measured: MeasuredRows = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.measured = MeasuredRows(self.graph.nodes_per_layer)
 
     @property
     def n_prompts(self) -> int:
@@ -86,9 +97,15 @@ class SubgraphObjective:
         capture: Tensor | None = None,
         start_layer: int = 0,
         cache: Tensor | None = None,
-    ) -> Tensor:
+        hooked: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Log-probs of the rows, and the layers hooked for them (``node_hooks``; a layer a
+        resumed row skipped counts as hooked: the cache comes from a gradient pass)."""
         rows = self.batch.select(prompt_index).trimmed()
-        hooks = node_hooks(self.graph, masks, self.ablation, rows)
+        hooks = node_hooks(self.graph, masks, self.ablation, rows, hooked)
+        ran_hooked = hooked_layers(self.graph, masks)
+        if hooked is not None:
+            ran_hooked = ran_hooked | hooked.cpu()
         if capture is not None:
             hooks += capture_hooks(capture, prompt_index)
         logp = None
@@ -109,7 +126,8 @@ class SubgraphObjective:
         self.rows_evaluated += len(prompt_index)
         rows_ran(len(prompt_index))
         self.layer_rows += len(prompt_index) * (self.graph.n_layers - start_layer)
-        return logp
+        ran_hooked[:start_layer] = True
+        return logp, ran_hooked
 
     def can_resume(self) -> bool:
         """Whether rows can be run from a cached residual stream (``residual_store``)."""
@@ -128,12 +146,17 @@ class SubgraphObjective:
 
     @torch.no_grad()
     def logprobs(
-        self, masks: Float[Tensor, "row node"], prompt_index: Int[Tensor, " row"]
+        self,
+        masks: Float[Tensor, "row node"],
+        prompt_index: Int[Tensor, " row"],
+        hooked: Bool[Tensor, " layer"] | None = None,
     ) -> Float[Tensor, "row vocab"]:
-        """Log-probs of every (prompt, mask) row, no gradient."""
+        """Log-probs of every (prompt, mask) row, no gradient; ``hooked``: layers hooked
+        besides those the rows need (``node_hooks``)."""
         out = []
         for lo, hi in self._chunks(len(prompt_index)):
-            out.append(self._run(masks[lo:hi].float(), prompt_index[lo:hi]))
+            logp, _ = self._run(masks[lo:hi].float(), prompt_index[lo:hi], hooked=hooked)
+            out.append(logp)
         return torch.cat(out)
 
     @torch.no_grad()
@@ -143,12 +166,14 @@ class SubgraphObjective:
         prompt_index: Int[Tensor, " row"],
         start_layer: Int[Tensor, " row"] | None = None,
         cache: Float[Tensor, "prompt layer pos d_model"] | None = None,
+        sink: LogpSink | None = None,
     ) -> Float[Tensor, " row"]:
         """KL(P_full || P_sub) of each row, no gradient (one vocab-sized row at a time).
 
         With ``start_layer`` and ``cache``: row r runs from the cached residual entering block
         ``start_layer[r]`` of its prompt, which must be the residual of a mask that agrees
         with row r on every node below that layer (rows are run grouped by start layer).
+        ``sink`` sees every chunk's row indices, KL, log-probs and hooked layers.
         """
         if start_layer is None or cache is None:
             start_layer = torch.zeros(len(prompt_index), dtype=torch.long)
@@ -157,8 +182,13 @@ class SubgraphObjective:
             idx = torch.nonzero(start_layer.cpu() == layer).flatten()
             for lo, hi in self._chunks(len(idx)):
                 rows = idx[lo:hi].to(prompt_index.device)
-                logp = self._run(masks[rows].float(), prompt_index[rows], None, layer, cache)
-                out[rows.to(out.device)] = kl_divergence(self.logp_full[prompt_index[rows]], logp)
+                logp, hooked = self._run(
+                    masks[rows].float(), prompt_index[rows], None, layer, cache
+                )
+                kl = kl_divergence(self.logp_full[prompt_index[rows]], logp)
+                out[rows.to(out.device)] = kl
+                if sink is not None:
+                    sink(rows, kl, logp, hooked)
         return out
 
     def kl_backward(
@@ -178,7 +208,7 @@ class SubgraphObjective:
         out = []
         for lo, hi in self._chunks(len(prompt_index)):
             with torch.enable_grad():
-                logp = self._run(masks[lo:hi], prompt_index[lo:hi], capture)
+                logp, _ = self._run(masks[lo:hi], prompt_index[lo:hi], capture)
                 kl = kl_divergence(self.logp_full[prompt_index[lo:hi]], logp)
                 (kl * weights[lo:hi]).sum().backward(retain_graph=hi < len(prompt_index))
             rows_ran((GRADIENT_ROW_COST - 1) * (hi - lo))  # the backward pass, for progress
