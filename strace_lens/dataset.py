@@ -103,6 +103,7 @@ from strace_lens.leases import (
     worker_id,
 )
 from strace_lens.masked_forward import forward_logprobs
+from strace_lens.memory import is_out_of_memory
 from strace_lens.models import model_identity
 from strace_lens.progress import prompt_bar, wants_progress
 from strace_lens.prompts import PromptFile
@@ -453,7 +454,7 @@ def _setup(
         )
         run_id = _run_sha256(identity, ablation_sha)
     except (RuntimeError, MemoryError) as err:
-        if not _is_out_of_memory(err):
+        if not is_out_of_memory(err):
             raise
         raise TraceOutOfMemoryError(
             "Out of memory in the first pass over the prompts (full-model outputs and mean "
@@ -1044,15 +1045,6 @@ def _trace_function() -> Any:
     return trace
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
 def _trace_chunk(
     model: Any,
     prompts: list[str],
@@ -1078,7 +1070,7 @@ def _trace_chunk(
     except FloatingPointError as err:
         raise FloatingPointError(_name_bad_prompts(str(err), prompts, lo, hi)) from err
     except (RuntimeError, MemoryError) as err:
-        if not _is_out_of_memory(err):
+        if not is_out_of_memory(err):
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

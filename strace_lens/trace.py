@@ -169,7 +169,10 @@ def trace(
         inverse: also score each subgraph's inverse (candidates in it ablated, others kept;
             default True).
         targets: the true next token of each prompt (text), to record its full-model log-prob.
-        batch_size: rows per forward pass (default: about 2048 tokens per pass).
+        batch_size: rows per forward pass (default: chosen from the free memory of the
+            model's device, at most 2048 tokens per pass on CPU; see
+            :mod:`strace_lens.memory`); a pass that runs out of memory is retried with half
+            the rows.
         granularity: "node" (heads and MLPs; the default) or "edge" (below). "token" is
             not wired into ``trace`` yet (``strace_lens.edges.TokenGraph`` and
             ``run_with_token_mask`` run token-level masks directly).

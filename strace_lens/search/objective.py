@@ -16,8 +16,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from strace_lens import memory
 from strace_lens.ablation import Ablation
 from strace_lens.graph import NodeGraph
+from strace_lens.hygiene import model_device
 from strace_lens.inputs import TokenBatch
 from strace_lens.masked_forward import forward_logprobs, hooked_layers, node_hooks
 from strace_lens.metrics import kl_divergence
@@ -30,8 +32,6 @@ from strace_lens.search.resumed import (
     resumed_logprobs,
 )
 
-#: tokens (rows x padded width) per forward pass when no batch size is given
-DEFAULT_TOKENS_PER_BATCH = 2048
 #: receives, after each chunk of ``kl``: the chunk's row indices, their KL and log-probs,
 #: and the layers hooked for them (see :mod:`strace_lens.search.measured`)
 LogpSink = Callable[[Tensor, Tensor, Tensor, Tensor], None]
@@ -60,6 +60,8 @@ class SubgraphObjective:
     #: rows a search has run and kept for the evaluation to read back (``measured.reused``
     #: counts those read)
     measured: MeasuredRows = field(init=False)
+    #: rows per pass once chosen (``rows_per_pass``), lowered after an out-of-memory error
+    _rows_chosen: int | None = None
 
     def __post_init__(self) -> None:
         self.measured = MeasuredRows(self.graph.nodes_per_layer)
@@ -74,10 +76,35 @@ class SubgraphObjective:
 
     @property
     def rows_per_pass(self) -> int:
-        if self.batch_size is not None:
-            return max(1, int(self.batch_size))
-        width = int(self.batch.tokens.shape[1])
-        return max(1, DEFAULT_TOKENS_PER_BATCH // max(width, 1))
+        """``batch_size``, or (None) a figure chosen from the device's free memory
+        (:mod:`strace_lens.memory`); halved for the rest of the run after a pass ran out of
+        memory."""
+        if self._rows_chosen is None:
+            if self.batch_size is not None:
+                self._rows_chosen = max(1, int(self.batch_size))
+            else:
+                device = model_device(self.model)
+                width = int(self.batch.tokens.shape[1])
+                self._rows_chosen = memory.rows_per_pass(
+                    self.model, width, device, memory.free_bytes(device)
+                )
+        return self._rows_chosen
+
+    def _in_chunks(self, n_rows: int, run: Callable[[int, int], None]) -> None:
+        """``run(lo, hi)`` over consecutive chunks of ``rows_per_pass`` rows; a chunk that runs
+        out of memory is run again with half as many rows per pass (down to one row)."""
+        lo = 0
+        while lo < n_rows:
+            hi = min(lo + self.rows_per_pass, n_rows)
+            try:
+                run(lo, hi)
+            except (RuntimeError, MemoryError) as err:
+                if hi - lo <= 1 or not memory.is_out_of_memory(err):
+                    raise
+                memory.release_cached_memory(self.logp_full.device)
+                self._rows_chosen = max(1, (hi - lo) // 2)
+                continue
+            lo = hi
 
     def full_mask(self, candidate_values: Tensor) -> Tensor:
         """Embed ``[..., n_candidates]`` values into ``[..., node]`` (non-candidates kept = 1)."""
@@ -85,10 +112,6 @@ class SubgraphObjective:
         out = torch.ones(shape, dtype=candidate_values.dtype, device=candidate_values.device)
         idx = torch.nonzero(self.candidates).flatten().to(candidate_values.device)
         return out.index_copy(-1, idx, candidate_values)
-
-    def _chunks(self, n_rows: int) -> list[tuple[int, int]]:
-        step = self.rows_per_pass
-        return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
     def _run(
         self,
@@ -154,9 +177,11 @@ class SubgraphObjective:
         """Log-probs of every (prompt, mask) row, no gradient; ``hooked``: layers hooked
         besides those the rows need (``node_hooks``)."""
         out = []
-        for lo, hi in self._chunks(len(prompt_index)):
-            logp, _ = self._run(masks[lo:hi].float(), prompt_index[lo:hi], hooked=hooked)
-            out.append(logp)
+
+        def run(lo: int, hi: int) -> None:
+            out.append(self._run(masks[lo:hi].float(), prompt_index[lo:hi], hooked=hooked)[0])
+
+        self._in_chunks(len(prompt_index), run)
         return torch.cat(out)
 
     @torch.no_grad()
@@ -180,7 +205,8 @@ class SubgraphObjective:
         out = torch.empty(len(prompt_index), device=self.logp_full.device)
         for layer in torch.unique(start_layer.cpu()).tolist():
             idx = torch.nonzero(start_layer.cpu() == layer).flatten()
-            for lo, hi in self._chunks(len(idx)):
+
+            def run(lo: int, hi: int, idx: Tensor = idx, layer: int = layer) -> None:
                 rows = idx[lo:hi].to(prompt_index.device)
                 logp, hooked = self._run(
                     masks[rows].float(), prompt_index[rows], None, layer, cache
@@ -189,6 +215,8 @@ class SubgraphObjective:
                 out[rows.to(out.device)] = kl
                 if sink is not None:
                     sink(rows, kl, logp, hooked)
+
+            self._in_chunks(len(idx), run)
         return out
 
     def kl_backward(
@@ -206,11 +234,17 @@ class SubgraphObjective:
         every block is stored there for later ``kl(..., cache=capture)`` calls.
         """
         out = []
-        for lo, hi in self._chunks(len(prompt_index)):
+
+        def run(lo: int, hi: int) -> None:
             with torch.enable_grad():
                 logp, _ = self._run(masks[lo:hi], prompt_index[lo:hi], capture)
                 kl = kl_divergence(self.logp_full[prompt_index[lo:hi]], logp)
+                # an out-of-memory error inside this backward pass comes before the gradient
+                # reaches the learned parameters (their leaf is the graph's last node), so
+                # the chunk can be run again; the earlier chunks' gradients stay accumulated
                 (kl * weights[lo:hi]).sum().backward(retain_graph=hi < len(prompt_index))
             rows_ran((GRADIENT_ROW_COST - 1) * (hi - lo))  # the backward pass, for progress
             out.append(kl.detach())
+
+        self._in_chunks(len(prompt_index), run)
         return torch.cat(out)
