@@ -75,6 +75,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 res = sl.trace(model, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
                 secs = time.perf_counter() - t0
+            assert isinstance(res, sl.TraceResult)
             runs[label] = (secs, res, meter.done)
         print(f"\n{name}: {len(prompts)} prompts, width {batch.tokens.shape[1]} tokens")
         print(f"  bare forward+backward (median of {args.repeats}): {bare:.2f} s")
