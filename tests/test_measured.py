@@ -62,6 +62,7 @@ def test_trace_metrics_equal_an_independent_evaluation(tiny):
     """``trace`` (rows read back) reports what ``evaluate`` on its masks gives, bit for bit;
     ``eval_rows`` stays the rows scored (each subgraph and its inverse, per prompt)."""
     result = sl.trace(tiny, PROMPTS, sizes=[1, 4, 9, 15], steps=2, ablation="mean")
+    assert isinstance(result, sl.TraceResult)
     assert result.options["eval_rows"] == 3 * 4 * 2
     again = sl.evaluate(tiny, PROMPTS, result.masks, ablation="mean")
     for key, values in again.metrics.items():
@@ -95,7 +96,8 @@ def test_read_back_only_with_the_same_hooks_on_wholly_kept_layers():
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # layer 0 kept whole, layer 1 not
     logp = torch.log_softmax(torch.randn(5), -1)
     rows.add(0, mask, logp, torch.tensor([False, True]))
-    assert torch.equal(rows.get(0, mask, torch.tensor([False, True])), logp)
+    read = rows.get(0, mask, torch.tensor([False, True]))
+    assert read is not None and torch.equal(read, logp)
     # layer 1 ablates a node: hooked either way, so the flag there does not matter
     assert rows.get(0, mask, torch.tensor([False, False])) is not None
     # layer 0 kept whole but hooked in the evaluation's batch: v + (z - v), run it

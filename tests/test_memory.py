@@ -145,8 +145,9 @@ def test_out_of_memory_in_a_gradient_pass_gives_the_same_gradient(tiny, monkeypa
             kl = objective.kl_backward(m * 1.0, prompt, weights)
             grads.append((kl, m.grad))
             monkeypatch.undo()
-    assert torch.equal(grads[0][0], grads[1][0])
-    assert torch.equal(grads[0][1], grads[1][1])
+    (kl_a, grad_a), (kl_b, grad_b) = grads
+    assert grad_a is not None and grad_b is not None
+    assert torch.equal(kl_a, kl_b) and torch.equal(grad_a, grad_b)
 
 
 def test_other_errors_and_a_one_row_out_of_memory_are_raised(tiny, monkeypatch):
@@ -164,10 +165,16 @@ def test_other_errors_and_a_one_row_out_of_memory_are_raised(tiny, monkeypatch):
 
 
 def test_trace_results_do_not_depend_on_the_rows_per_pass(tiny):
-    kwargs = dict(sizes=[1, 3, 8, 15], steps=3, ablation="mean", progress=False)
-    default = sl.trace(tiny, PROMPTS, **kwargs)
+    def run(batch_size: int | None) -> sl.TraceResult:
+        result = sl.trace(
+            tiny, PROMPTS, [1, 3, 8, 15], "mean", steps=3, progress=False, batch_size=batch_size
+        )
+        assert isinstance(result, sl.TraceResult)
+        return result
+
+    default = run(None)
     for batch_size in (1, 5):
-        other = sl.trace(tiny, PROMPTS, batch_size=batch_size, **kwargs)
+        other = run(batch_size)
         assert torch.equal(other.masks, default.masks)
         for key, values in default.metrics.items():
             assert torch.allclose(other.metrics[key], values, rtol=1e-5, atol=1e-6), key
