@@ -196,9 +196,10 @@ def trace_dataset(
         progress: a progress bar with ETA on stderr (a widget in notebooks) that advances
             inside a chunk as its trace runs; default: on a terminal or in a notebook, never
             in CI (:mod:`strace_lens.progress`).
-        batch_size: rows per forward pass inside each chunk (default: the trace's own, about
-            2048 tokens per pass). Lower it after an out-of-memory error: unlike
-            ``chunk_size``, it may change when a run resumes.
+        batch_size: rows per forward pass inside each chunk (default: the trace's own,
+            chosen from the device's free memory, :mod:`strace_lens.memory`; a pass that runs
+            out of memory is retried with half the rows). Lower it after an out-of-memory
+            error: unlike ``chunk_size``, it may change when a run resumes.
         targets: the true next token of each prompt, to record its full-model log-prob.
         num_workers, worker_index: a static split: this worker traces only the shards k with
             ``k % num_workers == worker_index`` (default: SLURM_ARRAY_TASK_COUNT /
