@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import strace_lens as sl
+from strace_lens.progress import GRADIENT_ROW_COST, metering
 
 DATA = Path(__file__).resolve().parents[1] / "strace_lens" / "data" / "wikitext_40_dev.tsv"
 
@@ -48,7 +49,12 @@ def main() -> None:
     parser.add_argument(
         "--independent", action="store_true", help="also time nested=False (much slower)"
     )
+    parser.add_argument(
+        "--no-single", action="store_true", help="skip the single-size run (the curve only)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     prompts = [line.split("\t")[0] for line in DATA.read_text("utf-8").splitlines()[: args.n]]
     for name in args.models:
         model = sl.load_model(name, device="cpu")
@@ -57,25 +63,33 @@ def main() -> None:
         runs = {}
         configs: dict[str, dict[str, object]] = {
             "curve, nested": {"nested": True},
-            "single size": {"sizes": [max(1, len(sl.NodeGraph.from_model(model)) // 10)]},
         }
+        if not args.no_single:
+            n_nodes = len(sl.NodeGraph.from_model(model))
+            configs["single size"] = {"sizes": [max(1, n_nodes // 10)]}
         if args.independent:
             configs["curve, independent"] = {"nested": False}
         for label, kwargs in configs.items():
-            t0 = time.perf_counter()
-            res = sl.trace(model, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
-            runs[label] = (time.perf_counter() - t0, res)
+            # the meter counts the forward rows actually run (a row with a gradient as 3)
+            with metering(lambda fraction: None) as meter:
+                t0 = time.perf_counter()
+                res = sl.trace(model, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
+                secs = time.perf_counter() - t0
+            assert isinstance(res, sl.TraceResult)
+            runs[label] = (secs, res, meter.done)
         print(f"\n{name}: {len(prompts)} prompts, width {batch.tokens.shape[1]} tokens")
         print(f"  bare forward+backward (median of {args.repeats}): {bare:.2f} s")
-        for label, (secs, res) in runs.items():
+        for label, (secs, res, ran) in runs.items():
             o = res.options
             print(
                 f"  {label:20s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
                 f"({len(res.sizes)} sizes; search rows {o['search_rows']}, "
-                f"eval rows {o['eval_rows']})"
+                f"eval rows {o['eval_rows']}; rows run {ran}, a gradient row counted "
+                f"{GRADIENT_ROW_COST})"
             )
-        single = runs["single size"][0]
-        print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")
+        if "single size" in runs:
+            single = runs["single size"][0]
+            print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")
 
 
 if __name__ == "__main__":

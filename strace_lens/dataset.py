@@ -109,6 +109,7 @@ from strace_lens.leases import (
     worker_id,
 )
 from strace_lens.masked_forward import forward_logprobs
+from strace_lens.memory import is_out_of_memory
 from strace_lens.models import model_identity
 from strace_lens.progress import prompt_bar, wants_progress
 from strace_lens.prompts import PromptFile
@@ -205,9 +206,10 @@ def trace_dataset(
         progress: a progress bar with ETA on stderr (a widget in notebooks) that advances
             inside a chunk as its trace runs; default: on a terminal or in a notebook, never
             in CI (:mod:`strace_lens.progress`).
-        batch_size: rows per forward pass inside each chunk (default: the trace's own, about
-            2048 tokens per pass). Lower it after an out-of-memory error: unlike
-            ``chunk_size``, it may change when a run resumes.
+        batch_size: rows per forward pass inside each chunk (default: the trace's own,
+            chosen from the device's free memory, :mod:`strace_lens.memory`; a pass that runs
+            out of memory is retried with half the rows). Lower it after an out-of-memory
+            error: unlike ``chunk_size``, it may change when a run resumes.
         targets: the true next token of each prompt, to record its full-model log-prob.
         num_workers, worker_index: a static split: this worker traces only the shards k with
             ``k % num_workers == worker_index`` (default: SLURM_ARRAY_TASK_COUNT /
@@ -469,7 +471,7 @@ def _setup(
         )
         run_id = _run_sha256(identity, ablation_sha)
     except (RuntimeError, MemoryError) as err:
-        if not _is_out_of_memory(err):
+        if not is_out_of_memory(err):
             raise
         raise TraceOutOfMemoryError(
             "Out of memory in the first pass over the prompts (full-model outputs and mean "
@@ -1072,15 +1074,6 @@ def _trace_function() -> Any:
     return trace
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
 def _trace_chunk(
     model: Any,
     prompts: list[str],
@@ -1106,7 +1099,7 @@ def _trace_chunk(
     except FloatingPointError as err:
         raise FloatingPointError(_name_bad_prompts(str(err), prompts, lo, hi)) from err
     except (RuntimeError, MemoryError) as err:
-        if not _is_out_of_memory(err):
+        if not is_out_of_memory(err):
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -109,17 +109,36 @@ def _gather_hook(predict_pos: Tensor) -> HookFn:
     return hook
 
 
+def hooked_layers(graph: NodeGraph, mask: Tensor) -> Bool[Tensor, " layer"]:
+    """The layers ``node_hooks`` hooks for ``mask`` (``[batch, node]``): every layer when a
+    gradient is wanted, else those where some row does not keep every node."""
+    if mask.requires_grad:
+        return torch.ones(graph.n_layers, dtype=torch.bool)
+    per_layer = mask.detach().reshape(mask.shape[0], graph.n_layers, graph.nodes_per_layer)
+    return (per_layer != 1).any(-1).any(0).cpu()
+
+
 def node_hooks(
-    graph: NodeGraph, mask: Tensor, ablation: Ablation, batch: TokenBatch
+    graph: NodeGraph,
+    mask: Tensor,
+    ablation: Ablation,
+    batch: TokenBatch,
+    hooked: Bool[Tensor, " layer"] | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """Forward hooks that apply ``mask`` (``[batch, node]``) with ``ablation`` values."""
+    """Forward hooks that apply ``mask`` (``[batch, node]``) with ``ablation`` values, at the
+    layers ``hooked_layers`` names and at those ``hooked`` adds. A hook that keeps a node
+    computes ``v + 1 * (z - v)``, which under a mean ablation may differ from ``z`` in the last
+    bit: ``hooked`` lets a subset of rows run with the hooks the whole batch had."""
     hooks: list[tuple[str, HookFn]] = []
     per_layer = mask.reshape(mask.shape[0], graph.n_layers, graph.nodes_per_layer)
+    active = hooked_layers(graph, mask)
+    if hooked is not None:
+        active = active | hooked.cpu()
     for layer in range(graph.n_layers):
         heads = per_layer[:, layer, : graph.n_heads]
         mlp = per_layer[:, layer, graph.n_heads]
         # A layer whose nodes are all kept, with no gradient wanted, needs no hook at all.
-        if not mask.requires_grad and bool((heads == 1).all()) and bool((mlp == 1).all()):
+        if not bool(active[layer]):
             continue
         hooks.append(
             (hook_name(layer, "attn"), _attn_hook(heads, ablation.attn_value(layer, batch)))

@@ -171,7 +171,10 @@ def trace(
         inverse: also score each subgraph's inverse (candidates in it ablated, others kept;
             default True).
         targets: the true next token of each prompt (text), to record its full-model log-prob.
-        batch_size: rows per forward pass (default: about 2048 tokens per pass).
+        batch_size: rows per forward pass (default: chosen from the free memory of the
+            model's device, at most 2048 tokens per pass on CPU; see
+            :mod:`strace_lens.memory`); a pass that runs out of memory is retried with half
+            the rows.
         granularity: "node" (heads and MLPs; the default), "token" or "edge" (below).
         **options: method options (mask: ``steps``, ``finetune_steps``, ``lr``, ...;
             random: ``draws``; forward: ``max_size``; exhaustive: ``max_subsets``).
@@ -333,7 +336,9 @@ def run_trace(
         "inverse": config.inverse,
         "model": model_identity(model),
         "search_rows": search_rows,
-        "eval_rows": objective.rows_evaluated - search_rows,
+        # rows the evaluation scored: run, or read back from the search's own measurement
+        # (objective.measured; benchmarks/strace_speed.py counts the rows actually run)
+        "eval_rows": objective.rows_evaluated - search_rows + objective.measured.reused,
         "seconds": round(time.perf_counter() - started, 3),
         "version": _version(),
     }

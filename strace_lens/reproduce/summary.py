@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -35,15 +36,15 @@ def _number(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value):.3g}"
 
 
-def cell(row: Mapping[str, object]) -> str:
+def cell(row: Mapping[Any, Any]) -> str:
     """``holds (0.33; 0.2 to 0.45)``: the verdict, the estimate and its interval."""
     holm = row.get("verdict_holm")
     if isinstance(holm, str) and holm:
         verdict = str(holm)
     else:
         verdict = f"{row['verdict']} (raw)"
-    est = _number(row["estimate"])  # type: ignore[arg-type]
-    lo, hi = _number(row["ci_low"]), _number(row["ci_high"])  # type: ignore[arg-type]
+    est = _number(row["estimate"])
+    lo, hi = _number(row["ci_low"]), _number(row["ci_high"])
     return f"{verdict} ({est}; {lo} to {hi})"
 
 
@@ -54,10 +55,8 @@ def read_claims(path: str | os.PathLike[str], model: str) -> dict[str, str]:
     if rows.empty:
         models = sorted(set(table["model"]))
         raise ValueError(f"{path} has no rows for model {model!r}; it has {models}.")
-    return {
-        i: cell(r._asdict())
-        for i, r in zip(claim_ids(rows), rows.itertuples(index=False), strict=True)
-    }
+    records = rows.to_dict("records")
+    return {str(i): cell(r) for i, r in zip(claim_ids(rows), records, strict=True)}
 
 
 def summary_markdown(

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.search.objective import SubgraphObjective
+from strace_lens.search.objective import LogpSink, SubgraphObjective
 from strace_lens.types import Per
 
 
@@ -71,14 +71,18 @@ class RowGrouping:
         group: Int[Tensor, " trial"],
         start_layer: Int[Tensor, " trial"] | None = None,
         cache: Float[Tensor, "prompt layer pos d_model"] | None = None,
+        sink: LogpSink | None = None,
     ) -> Float[Tensor, " trial"]:
         """Exact KL of each candidate mask for its group: its prompt's KL, or the mean KL over
         all prompts when they share one group. With ``start_layer`` and ``cache``, each
-        trial runs from its prompts' cached residual at its start layer (``objective.kl``)."""
+        trial runs from its prompts' cached residual at its start layer (``objective.kl``).
+        ``sink`` (one prompt per group only) sees each chunk's trial indices and log-probs."""
         device = objective.logp_full.device
         if not self.shared:
             full = objective.full_mask(masks.float().to(device))
-            return objective.kl(full, group.to(device), start_layer, cache).cpu()
+            return objective.kl(full, group.to(device), start_layer, cache, sink).cpu()
+        if sink is not None:
+            raise ValueError("sink is for one prompt per group (per='input') only.")
         n_p = self.n_prompts
         rows = masks.repeat_interleave(n_p, 0)
         prompts = torch.arange(n_p).repeat(len(masks))

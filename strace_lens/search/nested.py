@@ -77,13 +77,41 @@ def grow_nested(
         owners = torch.tensor(owner)
         stacked = torch.stack(proposals)
         start = _first_new_layer(stacked, current[owners], cand_layer)
-        kl = grouping.group_kl(objective, stacked, owners, start, store)
+        # at a grid size, the winner's log-probs are kept for the evaluation (one prompt per
+        # group only: a shared group's winner is known after all its prompts' rows)
+        best = _BestRow(owners) if j >= 0 and not grouping.shared else None
+        kl = grouping.group_kl(objective, stacked, owners, start, store, best)
         for g in range(n_groups):
             sel = torch.nonzero(owners == g).flatten()
-            current[g] = proposals[int(sel[torch.argmin(kl[sel])])]
+            chosen = int(sel[torch.argmin(kl[sel])])
+            current[g] = proposals[chosen]
+            if best is not None and best.index.get(g) == chosen:
+                full = objective.full_mask(current[g].float().to(device))
+                objective.measured.add(g, full, best.logp[g], best.hooked[g])
         if j >= 0:
             out[:, j] = current
     return out
+
+
+class _BestRow:
+    """A ``kl`` sink that keeps, for each group, the log-probs of its lowest-KL trial so far
+    (the first on ties, as ``argmin``): the grown subgraph of a grid size is measured exactly
+    by the growth, and the evaluation then reads its log-probs instead of running it again."""
+
+    def __init__(self, owners: Int[Tensor, " trial"]) -> None:
+        self.owners = owners.tolist()
+        self.kl: dict[int, float] = {}
+        self.index: dict[int, int] = {}
+        self.logp: dict[int, Tensor] = {}
+        self.hooked: dict[int, Tensor] = {}
+
+    def __call__(self, rows: Tensor, kl: Tensor, logp: Tensor, hooked: Tensor) -> None:
+        for row, value, row_logp in zip(rows.tolist(), kl.tolist(), logp):
+            g = self.owners[row]
+            # lexicographic (KL, trial): the trial argmin picks, whatever order rows ran in
+            if g not in self.kl or (value, row) < (self.kl[g], self.index[g]):
+                self.kl[g], self.index[g] = value, row
+                self.logp[g], self.hooked[g] = row_logp.clone(), hooked
 
 
 def _first_new_layer(

@@ -8,19 +8,23 @@ so they are measured the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from strace_lens import memory
 from strace_lens.ablation import Ablation
 from strace_lens.graph import NodeGraph
+from strace_lens.hygiene import model_device
 from strace_lens.inputs import TokenBatch
-from strace_lens.masked_forward import forward_logprobs, node_hooks
+from strace_lens.masked_forward import forward_logprobs, hooked_layers, node_hooks
 from strace_lens.metrics import kl_divergence
 from strace_lens.progress import GRADIENT_ROW_COST, rows_ran
+from strace_lens.search.measured import MeasuredRows
 from strace_lens.search.resumed import (
     blocks_return_tuples,
     can_resume,
@@ -28,8 +32,9 @@ from strace_lens.search.resumed import (
     resumed_logprobs,
 )
 
-#: tokens (rows x padded width) per forward pass when no batch size is given
-DEFAULT_TOKENS_PER_BATCH = 2048
+#: receives, after each chunk of ``kl``: the chunk's row indices, their KL and log-probs,
+#: and the layers hooked for them (see :mod:`strace_lens.search.measured`)
+LogpSink = Callable[[Tensor, Tensor, Tensor, Tensor], None]
 
 
 @dataclass
@@ -60,6 +65,14 @@ class SubgraphObjective:
     #: False once the model refused ``start_at_layer`` (TransformerLens 3.x's bridge raises
     #: NotImplementedError): rows then run whole forwards, which give the same log-probs
     _resumes: bool = True
+    #: rows a search has run and kept for the evaluation to read back (``measured.reused``
+    #: counts those read)
+    measured: MeasuredRows = field(init=False)
+    #: rows per pass once chosen (``rows_per_pass``), lowered after an out-of-memory error
+    _rows_chosen: int | None = None
+
+    def __post_init__(self) -> None:
+        self.measured = MeasuredRows(self.units_per_layer)
 
     @property
     def n_prompts(self) -> int:
@@ -74,16 +87,48 @@ class SubgraphObjective:
         """Mask units per layer (units are in layer order: unit // this = its layer)."""
         return self.graph.nodes_per_layer
 
-    def hooks(self, masks: Tensor, rows: TokenBatch) -> list[tuple[str, Any]]:
-        """The forward hooks that apply ``masks`` ``[row, unit]`` to the batch ``rows``."""
-        return node_hooks(self.graph, masks, self.ablation, rows)
+    def hooks(
+        self, masks: Tensor, rows: TokenBatch, hooked: Tensor | None = None
+    ) -> list[tuple[str, Any]]:
+        """The forward hooks that apply ``masks`` ``[row, unit]`` to the batch ``rows``
+        (``hooked``: layers to hook even where every row keeps every unit; see node_hooks)."""
+        return node_hooks(self.graph, masks, self.ablation, rows, hooked)
+
+    def hooked_layers(self, masks: Tensor) -> Tensor:
+        """The layers :meth:`hooks` hooks for ``masks`` (bool ``[layer]``)."""
+        return hooked_layers(self.graph, masks)
 
     @property
     def rows_per_pass(self) -> int:
-        if self.batch_size is not None:
-            return max(1, int(self.batch_size))
-        width = int(self.batch.tokens.shape[1])
-        return max(1, DEFAULT_TOKENS_PER_BATCH // max(width, 1))
+        """``batch_size``, or (None) a figure chosen from the device's free memory
+        (:mod:`strace_lens.memory`); halved for the rest of the run after a pass ran out of
+        memory."""
+        if self._rows_chosen is None:
+            if self.batch_size is not None:
+                self._rows_chosen = max(1, int(self.batch_size))
+            else:
+                device = model_device(self.model)
+                width = int(self.batch.tokens.shape[1])
+                self._rows_chosen = memory.rows_per_pass(
+                    self.model, width, device, memory.free_bytes(device)
+                )
+        return self._rows_chosen
+
+    def _in_chunks(self, n_rows: int, run: Callable[[int, int], None]) -> None:
+        """``run(lo, hi)`` over consecutive chunks of ``rows_per_pass`` rows; a chunk that runs
+        out of memory is run again with half as many rows per pass (down to one row)."""
+        lo = 0
+        while lo < n_rows:
+            hi = min(lo + self.rows_per_pass, n_rows)
+            try:
+                run(lo, hi)
+            except (RuntimeError, MemoryError) as err:
+                if hi - lo <= 1 or not memory.is_out_of_memory(err):
+                    raise
+                memory.release_cached_memory(self.logp_full.device)
+                self._rows_chosen = max(1, (hi - lo) // 2)
+                continue
+            lo = hi
 
     def full_mask(self, candidate_values: Tensor) -> Tensor:
         """Embed ``[..., n_candidates]`` values into ``[..., node]`` (non-candidates kept = 1)."""
@@ -92,10 +137,6 @@ class SubgraphObjective:
         idx = torch.nonzero(self.candidates).flatten().to(candidate_values.device)
         return out.index_copy(-1, idx, candidate_values)
 
-    def _chunks(self, n_rows: int) -> list[tuple[int, int]]:
-        step = self.rows_per_pass
-        return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
-
     def _run(
         self,
         masks: Tensor,
@@ -103,9 +144,15 @@ class SubgraphObjective:
         capture: Tensor | None = None,
         start_layer: int = 0,
         cache: Tensor | None = None,
-    ) -> Tensor:
+        hooked: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Log-probs of the rows, and the layers hooked for them (``node_hooks``; a layer a
+        resumed row skipped counts as hooked: the cache comes from a gradient pass)."""
         rows = self.batch.select(prompt_index).trimmed()
-        hooks = self.hooks(masks, rows)
+        hooks = self.hooks(masks, rows, hooked)
+        ran_hooked = self.hooked_layers(masks)
+        if hooked is not None:
+            ran_hooked = ran_hooked | hooked.cpu()
         if capture is not None:
             hooks += capture_hooks(capture, prompt_index)
         logp = None
@@ -126,7 +173,8 @@ class SubgraphObjective:
         self.rows_evaluated += len(prompt_index)
         rows_ran(len(prompt_index))
         self.layer_rows += len(prompt_index) * (self.graph.n_layers - start_layer)
-        return logp
+        ran_hooked[:start_layer] = True
+        return logp, ran_hooked
 
     def can_resume(self) -> bool:
         """Whether rows can be run from a cached residual stream (``residual_store``)."""
@@ -145,12 +193,19 @@ class SubgraphObjective:
 
     @torch.no_grad()
     def logprobs(
-        self, masks: Float[Tensor, "row node"], prompt_index: Int[Tensor, " row"]
+        self,
+        masks: Float[Tensor, "row node"],
+        prompt_index: Int[Tensor, " row"],
+        hooked: Bool[Tensor, " layer"] | None = None,
     ) -> Float[Tensor, "row vocab"]:
-        """Log-probs of every (prompt, mask) row, no gradient."""
+        """Log-probs of every (prompt, mask) row, no gradient; ``hooked``: layers hooked
+        besides those the rows need (``node_hooks``)."""
         out = []
-        for lo, hi in self._chunks(len(prompt_index)):
-            out.append(self._run(masks[lo:hi].float(), prompt_index[lo:hi]))
+
+        def run(lo: int, hi: int) -> None:
+            out.append(self._run(masks[lo:hi].float(), prompt_index[lo:hi], hooked=hooked)[0])
+
+        self._in_chunks(len(prompt_index), run)
         return torch.cat(out)
 
     @torch.no_grad()
@@ -160,22 +215,32 @@ class SubgraphObjective:
         prompt_index: Int[Tensor, " row"],
         start_layer: Int[Tensor, " row"] | None = None,
         cache: Float[Tensor, "prompt layer pos d_model"] | None = None,
+        sink: LogpSink | None = None,
     ) -> Float[Tensor, " row"]:
         """KL(P_full || P_sub) of each row, no gradient (one vocab-sized row at a time).
 
         With ``start_layer`` and ``cache``: row r runs from the cached residual entering block
         ``start_layer[r]`` of its prompt, which must be the residual of a mask that agrees
         with row r on every node below that layer (rows are run grouped by start layer).
+        ``sink`` sees every chunk's row indices, KL, log-probs and hooked layers.
         """
         if start_layer is None or cache is None:
             start_layer = torch.zeros(len(prompt_index), dtype=torch.long)
         out = torch.empty(len(prompt_index), device=self.logp_full.device)
         for layer in torch.unique(start_layer.cpu()).tolist():
             idx = torch.nonzero(start_layer.cpu() == layer).flatten()
-            for lo, hi in self._chunks(len(idx)):
+
+            def run(lo: int, hi: int, idx: Tensor = idx, layer: int = layer) -> None:
                 rows = idx[lo:hi].to(prompt_index.device)
-                logp = self._run(masks[rows].float(), prompt_index[rows], None, layer, cache)
-                out[rows.to(out.device)] = kl_divergence(self.logp_full[prompt_index[rows]], logp)
+                logp, hooked = self._run(
+                    masks[rows].float(), prompt_index[rows], None, layer, cache
+                )
+                kl = kl_divergence(self.logp_full[prompt_index[rows]], logp)
+                out[rows.to(out.device)] = kl
+                if sink is not None:
+                    sink(rows, kl, logp, hooked)
+
+            self._in_chunks(len(idx), run)
         return out
 
     def kl_backward(
@@ -193,11 +258,17 @@ class SubgraphObjective:
         every block is stored there for later ``kl(..., cache=capture)`` calls.
         """
         out = []
-        for lo, hi in self._chunks(len(prompt_index)):
+
+        def run(lo: int, hi: int) -> None:
             with torch.enable_grad():
-                logp = self._run(masks[lo:hi], prompt_index[lo:hi], capture)
+                logp, _ = self._run(masks[lo:hi], prompt_index[lo:hi], capture)
                 kl = kl_divergence(self.logp_full[prompt_index[lo:hi]], logp)
+                # an out-of-memory error inside this backward pass comes before the gradient
+                # reaches the learned parameters (their leaf is the graph's last node), so
+                # the chunk can be run again; the earlier chunks' gradients stay accumulated
                 (kl * weights[lo:hi]).sum().backward(retain_graph=hi < len(prompt_index))
             rows_ran((GRADIENT_ROW_COST - 1) * (hi - lo))  # the backward pass, for progress
             out.append(kl.detach())
+
+        self._in_chunks(len(prompt_index), run)
         return torch.cat(out)

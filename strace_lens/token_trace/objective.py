@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from strace_lens.edges.token_level import TokenGraph, token_hooks
@@ -46,6 +47,7 @@ class TokenObjective(SubgraphObjective):
                 f"candidates has {len(self.candidates)} entries; the token graph of "
                 f"{self.n_pos} positions has {len(self.token_graph)} units."
             )
+        super().__post_init__()  # the measured-rows store, keyed by this objective's units
 
     @property
     def token_graph(self) -> TokenGraph:
@@ -59,8 +61,14 @@ class TokenObjective(SubgraphObjective):
     def units_per_layer(self) -> int:
         return self.graph.nodes_per_layer * self.n_pos
 
-    def hooks(self, masks: Tensor, rows: TokenBatch) -> list[tuple[str, Any]]:
+    def hooks(
+        self, masks: Tensor, rows: TokenBatch, hooked: Tensor | None = None
+    ) -> list[tuple[str, Any]]:
         return token_hooks(self.token_graph, masks, self.ablation, rows)
+
+    def hooked_layers(self, masks: Tensor) -> Tensor:
+        """``token_hooks`` hooks every layer, whatever the masks."""
+        return torch.ones(self.token_graph.n_layers, dtype=torch.bool)
 
 
 __all__ = ["TokenObjective"]
