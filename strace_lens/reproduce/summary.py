@@ -49,9 +49,12 @@ def cell(row: Mapping[Any, Any]) -> str:
 
 
 def read_claims(path: str | os.PathLike[str], model: str) -> dict[str, str]:
-    """Claim id -> table cell for ``model``'s rows of one ``claims.csv``."""
+    """Claim id -> table cell for ``model``'s rows of one ``claims.csv``, and the rows of the
+    cross-model agreement (model ``"A vs B"``, claim 2c) when ``model`` is one of the pair."""
     table = pd.read_csv(path)
-    rows = table[table["model"] == model]
+    names = table["model"].astype(str)
+    pair = names.str.split(" vs ", regex=False)
+    rows = table[(names == model) | pair.apply(lambda p: len(p) == 2 and model in p)]
     if rows.empty:
         models = sorted(set(table["model"]))
         raise ValueError(f"{path} has no rows for model {model!r}; it has {models}.")
