@@ -62,6 +62,8 @@ def edge_composition(results: EdgeResults) -> go.Figure:
         horizontal_spacing=0.04 if cols > 1 else 0.0,
         column_titles=[name for name, _ in pairs] if cols > 1 else None,
     )  # fmt: skip
+    # the column titles sit where the band labels go (just above the top panels): lift them
+    fig.for_each_annotation(lambda a: a.update(yshift=20))
     x_lo = 1.0
     for col, (_name, comp) in enumerate(pairs, start=1):
         table = comp.table()
