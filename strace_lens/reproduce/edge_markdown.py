@@ -14,7 +14,12 @@ import pandas as pd
 from strace_lens.atomic import write_text
 from strace_lens.reproduce.claims import ALPHA
 from strace_lens.reproduce.edge_claims import NO_EDGE_ANALOGUE, EdgeModelRun, EdgeReproduction
-from strace_lens.reproduce.markdown import markdown_table, settings_lines, slug_of
+from strace_lens.reproduce.markdown import (
+    CLAIMS_TABLE_COLUMNS,
+    markdown_table,
+    settings_lines,
+    slug_of,
+)
 
 
 def figures_path(model: str) -> str:
@@ -148,25 +153,7 @@ def write_edge_report(repro: EdgeReproduction, settings: dict[str, Any]) -> Path
         "",
         "## Claims and verdicts",
         "",
-        markdown_table(
-            repro.claims,
-            [
-                "model",
-                "id",
-                "role",
-                "claim",
-                "figure",
-                "estimate",
-                "ci_low",
-                "ci_high",
-                "n",
-                "p_value",
-                "p_holm",
-                "predicted",
-                "verdict",
-                "verdict_holm",
-            ],
-        ),
+        markdown_table(repro.claims, CLAIMS_TABLE_COLUMNS),
         "",
         "### Verdict rules",
         "",

@@ -38,6 +38,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+#: The claims table's columns as both reports print them (n before the p-values).
+CLAIMS_TABLE_COLUMNS = ("model", "id", "role", "claim", "figure", "estimate", "ci_low",
+                        "ci_high", "n", "p_value", "p_holm", "predicted", "verdict",
+                        "verdict_holm")  # fmt: skip
+
+
 def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
     """A GitHub-flavoured markdown table of ``frame`` (numbers to 3 significant digits)."""
     cols = list(columns) if columns is not None else list(frame.columns)
@@ -300,25 +306,7 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
         "",
         "## Claims and verdicts",
         "",
-        markdown_table(
-            repro.claims,
-            [
-                "model",
-                "id",
-                "role",
-                "claim",
-                "figure",
-                "estimate",
-                "ci_low",
-                "ci_high",
-                "n",
-                "p_value",
-                "p_holm",
-                "predicted",
-                "verdict",
-                "verdict_holm",
-            ],
-        ),
+        markdown_table(repro.claims, CLAIMS_TABLE_COLUMNS),
         "",
         "### Verdict rules",
         "",
