@@ -189,3 +189,30 @@ def read_versioned_json(
             f"{data['version']}); upgrade strace-lens to read it."
         )
     return data
+
+
+def read_checked_tensors(
+    folder: Path, meta_file: str, tensors_file: str, fmt: str, version: int, kind: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON header and the tensors of a result saved as safetensors + JSON with the
+    tensors' SHA-256 in the header (``kind``: what the folder should hold, e.g. "TraceResult").
+
+    Raises FileNotFoundError when a file is missing, ValueError when the header is corrupted,
+    of another format or a newer version, or the tensors do not match their checksum.
+    """
+    meta_path, tensors_path = folder / meta_file, folder / tensors_file
+    if not meta_path.exists() or not tensors_path.exists():
+        raise FileNotFoundError(
+            f"{folder} holds no saved {kind} (expected {meta_file} and {tensors_file})."
+        )
+    meta = read_versioned_json(
+        meta_path, fmt, version, kind, "; trace again to rebuild it.", "format"
+    )
+    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
+        raise ValueError(
+            f"{tensors_path} does not match its checksum in {meta_file}: the file is "
+            "truncated or corrupted. Trace again (a dataset run resumes) to rebuild it."
+        )
+    from safetensors.torch import load_file  # only where results are read
+
+    return meta, load_file(str(tensors_path))

@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import read_versioned_json, sha256_file, write_text, written_file
+from strace_lens.atomic import read_checked_tensors, sha256_file, write_text, written_file
 from strace_lens.config import TraceConfig
 from strace_lens.graph import NodeGraph
 
@@ -246,27 +246,9 @@ class TraceResult:
                     "strace_lens.load(path), which returns an EdgeTraceResult."
                 )
             return run
-        meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
-        if not meta_path.exists() or not tensors_path.exists():
-            raise FileNotFoundError(
-                f"{folder} holds no saved TraceResult (expected {META_FILE} and {TENSORS_FILE})."
-            )
-        meta = read_versioned_json(
-            meta_path,
-            FORMAT,
-            FORMAT_VERSION,
-            "trace result",
-            "; trace again to rebuild it.",
-            "format",
+        meta, tensors = read_checked_tensors(
+            folder, META_FILE, TENSORS_FILE, FORMAT, FORMAT_VERSION, "TraceResult"
         )
-        if sha256_file(tensors_path) != meta.get("tensors_sha256"):
-            raise ValueError(
-                f"{tensors_path} does not match its checksum in {META_FILE}: the file is "
-                "truncated or corrupted. Trace again (a dataset run resumes) to rebuild it."
-            )
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(tensors_path))
         metrics = {k[len("metric.") :]: v for k, v in tensors.items() if k.startswith("metric.")}
         return cls(
             graph=NodeGraph(**meta["graph"]),

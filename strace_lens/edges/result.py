@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import read_versioned_json, replaced_folder, sha256_file
+from strace_lens.atomic import read_checked_tensors, replaced_folder, sha256_file
 from strace_lens.edges.components import EdgeComponents, project
 from strace_lens.edges.graph import EdgeGraph
 
@@ -181,22 +181,9 @@ class EdgeTraceResult:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EdgeTraceResult:
         folder = Path(path)
-        meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
-        if not meta_path.exists() or not tensors_path.exists():
-            raise FileNotFoundError(
-                f"{folder} holds no saved EdgeTraceResult ({META_FILE} and {TENSORS_FILE})."
-            )
-        meta = read_versioned_json(
-            meta_path, FORMAT, FORMAT_VERSION, "edge trace result", "; trace again.", "format"
+        meta, t = read_checked_tensors(
+            folder, META_FILE, TENSORS_FILE, FORMAT, FORMAT_VERSION, "EdgeTraceResult"
         )
-        if sha256_file(tensors_path) != meta.get("tensors_sha256"):
-            raise ValueError(
-                f"{tensors_path} does not match its checksum in {META_FILE}: the file is "
-                "truncated or corrupted; trace again to rebuild it."
-            )
-        from safetensors.torch import load_file
-
-        t = load_file(str(tensors_path))
         return cls(
             n_layers=int(meta["n_layers"]),
             n_heads=int(meta["n_heads"]),

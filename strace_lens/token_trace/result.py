@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from strace_lens.atomic import read_versioned_json, sha256_file, write_text, written_file
+from strace_lens.atomic import read_checked_tensors, sha256_file, write_text, written_file
 from strace_lens.config import TraceConfig
 from strace_lens.edges.token_level import TokenGraph
 
@@ -268,22 +268,9 @@ class TokenTraceResult:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TokenTraceResult:
         folder = Path(path)
-        meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
-        if not meta_path.exists() or not tensors_path.exists():
-            raise FileNotFoundError(
-                f"{folder} holds no saved TokenTraceResult ({META_FILE} and {TENSORS_FILE})."
-            )
-        meta = read_versioned_json(
-            meta_path, FORMAT, FORMAT_VERSION, "token trace result", "; trace again.", "format"
+        meta, t = read_checked_tensors(
+            folder, META_FILE, TENSORS_FILE, FORMAT, FORMAT_VERSION, "TokenTraceResult"
         )
-        if sha256_file(tensors_path) != meta.get("tensors_sha256"):
-            raise ValueError(
-                f"{tensors_path} does not match its checksum in {META_FILE}: the file is "
-                "truncated or corrupted; trace again to rebuild it."
-            )
-        from safetensors.torch import load_file
-
-        t = load_file(str(tensors_path))
         return cls(
             n_layers=int(meta["n_layers"]),
             n_heads=int(meta["n_heads"]),
