@@ -150,3 +150,23 @@ def test_a_model_without_start_at_layer_falls_back_to_whole_forwards(tiny, promp
     assert torch.equal(got, expected)
     assert len(calls) == 1 and not objective.can_resume()
     assert objective.layer_rows == objective.rows_evaluated * objective.graph.n_layers
+
+
+def test_a_model_whose_forward_lacks_start_at_layer_is_not_resumed(tiny, prompts):
+    """A model with blocks and residual hooks but no ``start_at_layer`` argument (a plain
+    Hugging Face-style forward) is run whole: ``can_resume`` checks the signature."""
+    from strace_lens.search.resumed import can_resume
+
+    batch = sl.tokenize(tiny, prompts)
+    assert can_resume(tiny, batch)
+
+    class NoResume(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.cfg, self.blocks = inner, inner.cfg, inner.blocks
+            self.hook_dict = inner.hook_dict
+
+        def forward(self, tokens, attention_mask=None):
+            return self.inner(tokens, attention_mask=attention_mask)
+
+    assert not can_resume(NoResume(tiny), batch)

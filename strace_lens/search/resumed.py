@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from inspect import signature
 from typing import Any
 
 import torch
@@ -39,8 +40,11 @@ def can_resume(model: Any, batch: TokenBatch) -> bool:
     n_layers = int(model.cfg.n_layers)
     blocks = getattr(model, "blocks", None)
     hook_dict = getattr(model, "hook_dict", {})
+    forward = getattr(model, "forward", None)
     return (
         blocks is not None
+        and forward is not None
+        and "start_at_layer" in signature(forward).parameters
         and len(blocks) == n_layers
         and all(resid_hook_name(layer) in hook_dict for layer in range(n_layers))
         and not batch.has_left_padding
