@@ -13,7 +13,12 @@ import pandas as pd
 
 from strace_lens.atomic import write_text
 from strace_lens.reproduce.claims import ALPHA
-from strace_lens.reproduce.edge_claims import NO_EDGE_ANALOGUE, EdgeModelRun, EdgeReproduction
+from strace_lens.reproduce.edge_claims import (
+    NO_EDGE_ANALOGUE,
+    NO_TARGETS,
+    EdgeModelRun,
+    EdgeReproduction,
+)
 from strace_lens.reproduce.markdown import (
     CLAIMS_TABLE_COLUMNS,
     markdown_table,
@@ -58,13 +63,16 @@ each core (one edge above the largest smaller traced subgraph), so the interval 
 the bootstrap lower bound of the median of those lower ends to the upper bound of the median
 of the traced sizes; p-value: sign test of cores below against above the threshold (ties,
 cores whose bracket reaches it, dropped). Claim 3 uses every non-empty grid size up to the
-1a threshold ({small_core:g}). Correlation p-values: SciPy's `spearmanr`; mean differences:
-one-sample t-test against 0.
+1a threshold ({small_core:g}). 2b's loss: -log p(the true next token's first token) under
+the full model, read after tracing by one clean forward per chunk of prompts on the run's
+own tokens (its entropy checked against the run's record); only for prompts with targets
+(a 6-column TSV). Correlation p-values: SciPy's `spearmanr`; mean differences: one-sample
+t-test against 0.
 
 **Controls** (`role`): *control* rows re-test a claim against what it would show without the
 effect it names and are judged like a claim; *reference* rows give the control's own figure,
 for information. The random control is `trace_dataset(..., method="random")`: one uniformly
-drawn edge subgraph per prompt and grid size, the same edge counts. 2a/2c: the same rho for
+drawn edge subgraph per prompt and grid size, the same edge counts. 2a/2b/2c: the same rho for
 random subgraphs, and the partial Spearman rho with random-subgraph AUC partialled out (ranks
 of both variables regressed by least squares on the control's ranks, Pearson correlation of
 the residuals; t-test with n - 2 - k degrees of freedom; percentile bootstrap). 1b.attn,
@@ -137,6 +145,12 @@ def model_section(run: EdgeModelRun) -> list[str]:
     return lines
 
 
+def _not_measured(claims: pd.DataFrame) -> dict[str, str]:
+    """The node-level claims this report lacks, and why: S2 always, 2b without targets."""
+    missing = {} if (claims["id"] == "2b").any() else {"2b": NO_TARGETS}
+    return {**missing, **NO_EDGE_ANALOGUE}
+
+
 def write_edge_report(repro: EdgeReproduction, settings: dict[str, Any]) -> Path:
     """Write ``report.md`` of an edge reproduction (atomically)."""
     lines = [
@@ -160,9 +174,9 @@ def write_edge_report(repro: EdgeReproduction, settings: dict[str, Any]) -> Path
         EDGE_RULES.format(
             min_n=settings["min_prompts"], small_core=settings["small_core"], alpha=ALPHA
         ),
-        "### Node-level claims without an edge analogue",
+        "### Node-level claims without an edge analogue, or not measured",
         "",
-        *[f"- **{key}**: {why}." for key, why in NO_EDGE_ANALOGUE.items()],
+        *[f"- **{key}**: {why}." for key, why in _not_measured(repro.claims).items()],
         "",
     ]
     if repro.agreement_controls is not None:
