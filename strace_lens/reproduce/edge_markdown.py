@@ -19,12 +19,7 @@ from strace_lens.reproduce.edge_claims import (
     EdgeModelRun,
     EdgeReproduction,
 )
-from strace_lens.reproduce.markdown import (
-    CLAIMS_TABLE_COLUMNS,
-    markdown_table,
-    settings_lines,
-    slug_of,
-)
+from strace_lens.reproduce.markdown import markdown_table, report_opening, slug_of
 
 
 def figures_path(model: str) -> str:
@@ -153,27 +148,19 @@ def _not_measured(claims: pd.DataFrame) -> dict[str, str]:
 
 def write_edge_report(repro: EdgeReproduction, settings: dict[str, Any]) -> Path:
     """Write ``report.md`` of an edge reproduction (atomically)."""
-    lines = [
-        "# s-Trace reproduction report (edge granularity)",
-        "",
+    lines = report_opening(
+        "s-Trace reproduction report (edge granularity)",
         "Claims of Kervadec et al., *Tracing Computation Density in LLMs* (arXiv 2605.27033), "
         "section 1 of the method reference, measured at the paper's own granularity: "
         "token-level edges, zero ablation, the paper's size grid and phase bands; every "
         "phase claim also in components (heads and MLPs touched).",
-        "",
-        "## Setup",
-        "",
-        *settings_lines(settings),
-        "",
-        "## Claims and verdicts",
-        "",
-        markdown_table(repro.claims, CLAIMS_TABLE_COLUMNS),
-        "",
-        "### Verdict rules",
-        "",
+        settings,
+        repro.claims,
         EDGE_RULES.format(
             min_n=settings["min_prompts"], small_core=settings["small_core"], alpha=ALPHA
         ),
+    )
+    lines += [
         "### Node-level claims without an edge analogue, or not measured",
         "",
         *[f"- **{key}**: {why}." for key, why in _not_measured(repro.claims).items()],
