@@ -195,6 +195,10 @@ def _core_claims(
     ]  # fmt: skip
 
 
+#: the node kinds of 1b's per-kind controls: id suffix, edge word, components (plural, one)
+_KINDS = (("attn", "attention", "heads", "head"), ("mlp", "MLP", "MLPs", "MLP"))
+
+
 def _phase_claims(
     tables: dict[str, pd.DataFrame], n_boot: int, seed: int, min_n: int, model: str
 ) -> list[dict[str, Any]]:
@@ -214,24 +218,19 @@ def _phase_claims(
          "mean over prompts of (mean depth of all heads and MLPs - mean depth of those the "
          "construction band touches); depth 0 = first block, 1 = last",
          diff("component_mean_depth", "full", "construction"), "mean", "greater", 0.0),
-        ("1b.attn", CONTROL, "Control of 1b: the core's attention edges lie earlier than all "
-         "attention edges", "mean over prompts of (first-quartile share of the attention edges "
-         "of the subgraph at s = 1e-3 - that share among all attention edges)",
-         diff("attn_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0),
-        ("1b.mlp", CONTROL, "Control of 1b: the core's MLP edges lie earlier than all MLP edges",
-         "mean over prompts of (first-quartile share of the MLP edges of the subgraph at "
-         "s = 1e-3 - that share among all MLP edges)",
-         diff("mlp_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0),
-        ("1b.attn.components", CONTROL,
-         "Control of 1b: the core's heads lie earlier than the average head",
-         "mean over prompts of (mean depth of all heads - mean depth of the heads the subgraph "
-         "at s = 1e-3 touches), over prompts whose core touches a head",
-         diff("head_mean_depth", "full", "minimal_core"), "mean", "greater", 0.0),
-        ("1b.mlp.components", CONTROL,
-         "Control of 1b: the core's MLPs lie earlier than the average MLP",
-         "mean over prompts of (mean depth of all MLPs - mean depth of the MLPs the subgraph at "
-         "s = 1e-3 touches)", diff("mlp_mean_depth", "full", "minimal_core"), "mean",
-         "greater", 0.0),
+        *[(f"1b.{kind}", CONTROL,
+           f"Control of 1b: the core's {edges} edges lie earlier than all {edges} edges",
+           f"mean over prompts of (first-quartile share of the {edges} edges of the subgraph at "
+           f"s = 1e-3 - that share among all {edges} edges)",
+           diff(f"{kind}_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0)
+          for kind, edges, _, _ in _KINDS],
+        *[(f"1b.{kind}.components", CONTROL,
+           f"Control of 1b: the core's {nodes} lie earlier than the average {node}",
+           f"mean over prompts of (mean depth of all {nodes} - mean depth of the {nodes} the "
+           f"subgraph at s = 1e-3 touches)" + (", over prompts whose core touches a head"
+                                                if kind == "attn" else ""),
+           diff(f"{node.lower()}_mean_depth", "full", "minimal_core"), "mean", "greater", 0.0)
+          for kind, _, nodes, node in _KINDS],
         ("1c", CLAIM, "1c. Two phases: refinement edges lie in later layers than the core",
          f"mean over prompts of (refinement - construction) mean target-block depth; {bands}",
          diff("edge_mean_depth", "refinement", "construction"), "mean", "greater", 0.0),
