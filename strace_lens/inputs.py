@@ -192,3 +192,11 @@ def _from_tensor(
     pos = torch.arange(tokens.shape[1], device=attention_mask.device)
     predict_pos = (attention_mask * pos).argmax(-1)
     return TokenBatch(tokens, attention_mask, predict_pos).to(device)
+
+
+def target_token_ids(model: Any, targets: Sequence[str]) -> Int[Tensor, " prompt"]:
+    """The token id of each prompt's true next token (text, e.g. ``" his"``): the first token
+    ``model.to_tokens`` gives it without a BOS, so a target of several tokens is scored by
+    its first one (the next word starts there)."""
+    ids = [int(model.to_tokens(t, prepend_bos=False)[0][0]) for t in targets]
+    return torch.tensor(ids, dtype=torch.long)

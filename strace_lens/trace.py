@@ -23,7 +23,7 @@ from strace_lens.edges.trace import edge_trace
 from strace_lens.evaluate import TOP_K, embed_candidates, evaluate_draws, evaluate_masks
 from strace_lens.graph import Node, NodeGraph
 from strace_lens.hygiene import check_hook_points, model_device, model_untouched
-from strace_lens.inputs import Prompts, tokenize
+from strace_lens.inputs import Prompts, target_token_ids, tokenize
 from strace_lens.masked_forward import check_finite, forward_logprobs
 from strace_lens.metrics import entropy
 from strace_lens.models import model_identity
@@ -109,11 +109,7 @@ def _target_logprobs(model: Any, logp_full: Tensor, targets: Sequence[str] | Non
         return None
     if len(targets) != logp_full.shape[0]:
         raise ValueError(f"{len(targets)} targets for {logp_full.shape[0]} prompts: give one each.")
-    ids = []
-    for t in targets:
-        toks = model.to_tokens(t, prepend_bos=False)[0]
-        ids.append(int(toks[0]))  # the first token of the true next word
-    idx = torch.tensor(ids, device=logp_full.device)
+    idx = target_token_ids(model, targets).to(logp_full.device)
     return logp_full.gather(-1, idx[:, None])[:, 0].cpu()
 
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from run_helpers import assert_one_line_error, count_chunks
 
 from strace_lens import trace
 from strace_lens.ablation import MeanAblation, ZeroAblation
@@ -155,23 +156,6 @@ def edge_run(model, out, **kwargs):
 
     options = {"granularity": "edge", "sizes": GRID, "chunk_size": 2, **kwargs}
     return trace_dataset(model, PROMPTS, out, **options)
-
-
-def count_chunks(monkeypatch, fail_on: int | None = None) -> list[int]:
-    """Count chunk traces (running the real trace); raise KeyboardInterrupt, as a kill
-    would stop the run, when chunk number ``fail_on`` starts."""
-    import strace_lens.dataset as ds
-
-    calls: list[int] = []
-
-    def counting(model, prompts, **kw):
-        if fail_on is not None and len(calls) == fail_on:
-            raise KeyboardInterrupt
-        calls.append(len(prompts))
-        return trace(model, prompts, **kw)
-
-    monkeypatch.setattr(ds, "_trace_function", lambda: counting)
-    return calls
 
 
 def test_edge_run_equals_one_call_and_loads_back(model, tmp_path):
@@ -356,9 +340,7 @@ def test_cli_edge_bad_input_is_one_line_and_exit_2(prompt_file, tmp_path, capsys
     except SystemExit as done:  # argparse's own errors (a flag's type) exit there
         code = done.code
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("strace-lens: error:") and message in err and err.count("\n") == 1
-    assert not out.exists()
+    assert_one_line_error(capsys.readouterr().err, message, out)
 
 
 def test_cli_edge_only_flags_are_refused_at_node_granularity(prompt_file, tmp_path, capsys):

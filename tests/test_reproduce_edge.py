@@ -318,6 +318,74 @@ def test_a_planted_cross_model_prompt_effect_vanishes_under_the_partial_correlat
     assert set(controls["measure"]) == {"auc", "density"} and (controls["model_a"] == "A").all()
 
 
+def test_a_planted_prompt_effect_on_the_loss_vanishes_under_the_partial_correlation():
+    """2b: the loss lines are read from the loss, not the entropy (here unrelated to density),
+    and judged like 2a's: a prompt effect shared with random subgraphs does not survive."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(2)
+    n = 60
+    h = rng.uniform(0, 1, n)
+    loss = 3 * h + 0.1 * rng.normal(size=n)
+    entropy = rng.uniform(0, 1, n)  # independent of every density
+    traced = _flat_edges(0.3 * h + 0.02 * rng.normal(size=n), entropy)
+    random = _flat_edges(0.5 + 0.4 * h + 0.001 * rng.normal(size=n), entropy)
+    controls = edge_uncertainty_controls(traced, random, n_boot=300, loss=loss)
+    assert set(controls["against"]) == {"entropy", "loss"} and len(controls) == 12
+    by = controls.set_index(["against", "measure", "statistic"])
+    auc = traced.metrics["tv"][:, 0].double().numpy()  # flat curves: AUC ranks = TV ranks
+    random_auc = random.metrics["tv"][:, 0].double().numpy()
+    assert by.loc[("loss", "auc", "traced"), "rho"] == pytest.approx(spearmanr(auc, loss)[0])
+    assert by.loc[("loss", "auc", "random"), "rho"] == pytest.approx(spearmanr(random_auc, loss)[0])
+    expected = partial_spearman_ci(auc, loss, random_auc[:, None], n_boot=300)
+    assert by.loc[("loss", "auc", "partial"), "rho"] == pytest.approx(expected["rho"])
+    assert by.loc[("entropy", "auc", "traced"), "rho"] == pytest.approx(spearmanr(auc, entropy)[0])
+    tables = _planted_tables(n, "attention", seed=1)
+    tables["uncertainty_controls"] = controls
+    claims = edge_claims_of(tables, "p", n_boot=300).set_index("id")
+    assert list(claims.index[14:22]) == ["2a", "2a.random", "2a.partial", "2a.density", "2b",
+                                         "2b.random", "2b.partial", "S1"]  # fmt: skip
+    assert claims.loc["2b", "verdict"] == HOLDS and claims.loc["2b.random", "verdict"] == HOLDS
+    assert claims.loc["2b.partial", "verdict"] == INCONCLUSIVE
+    assert claims.loc["2b.partial", "role"] == CONTROL
+    assert claims.loc["2b.random", "role"] == REFERENCE
+    assert np.isnan(claims.loc["2b.random", "p_holm"])
+    assert claims.loc["2b", "estimate"] == pytest.approx(by.loc[("loss", "auc", "traced"), "rho"])
+    assert claims.loc["2a", "verdict"] == INCONCLUSIVE  # the entropy's line, not the loss's
+    with pytest.raises(ValueError, match="59 losses for 60 traced prompts"):
+        edge_uncertainty_controls(traced, random, n_boot=10, loss=loss[:-1])
+    # without a loss: no 2b row (the report says why)
+    tables["uncertainty_controls"] = edge_uncertainty_controls(traced, random, n_boot=50)
+    assert "2b" not in set(edge_claims_of(tables, "p", n_boot=50)["id"])
+
+
+def test_edge_target_loss_is_the_full_models_loss_on_the_true_next_token():
+    """Against brute force: each prompt alone, followed by its target, through the model; the
+    loss read at the last prompt position for the target's first token."""
+    from strace_lens.edges import edge_target_loss, edge_tokenize, edge_trace
+    from strace_lens.tiny_model import tiny_model
+
+    tiny = tiny_model(device="cpu")
+    prompts = ["ab", "a longer prompt", "xyz q"]
+    targets = [" c", "!", "rs"]
+    result = edge_trace(tiny, prompts, method="random", sizes=[0.5, 1.0])
+    loss = edge_target_loss(tiny, result, targets, chunk_size=2)  # chunks of 2 and 1
+    expected = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        n = int(edge_tokenize(tiny, prompt).predict_pos[0]) + 1
+        whole = edge_tokenize(tiny, prompt + target)
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny(whole.tokens)[0].double(), -1)
+        expected.append(-float(logp[n - 1, whole.tokens[0, n]]))
+    assert loss == pytest.approx(expected, abs=1e-5)
+    assert loss[0] != pytest.approx(loss[1])
+    with pytest.raises(ValueError, match="2 targets for the run's 3 prompts"):
+        edge_target_loss(tiny, result, targets[:2])
+    # another model is not the run's full model: refused, not silently scored
+    with pytest.raises(ValueError, match="not the run's full model"):
+        edge_target_loss(tiny_model(device="cpu", seed=5), result, targets)
+
+
 def _planted_tables(n: int, refinement: str, seed: int) -> dict[str, pd.DataFrame]:
     """Per-prompt phase values of an MLP-only construction band whose refinement is drawn
     at random from a pool with attention share ~0.95 (``"random"``) or is all attention
@@ -480,3 +548,44 @@ def test_edge_reproduce_end_to_end_resumes_the_direct_trace_dataset_folders(
     assert "verdict_holm" in printed and "1d.base" in printed
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "--granularity edge --method greedy --ablate-attention-edges true" in report
+
+
+def test_edge_reproduce_with_targets_claims_2b_without_retracing(tmp_path, monkeypatch):
+    """A TSV's next-token column gives 2b: the loss of one clean forward (density.csv's
+    ``loss``), the run folders traced exactly as without targets (same identity: resumed)."""
+    from strace_lens import dataset
+    from strace_lens.dataset import trace_dataset
+    from strace_lens.edges import edge_target_loss
+    from strace_lens.reproduce import reproduce
+    from strace_lens.tiny_model import tiny_model
+
+    texts, targets = PROMPTS[:3], [" 2", " x", "!"]
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("".join(f"{p}\tw\tX\tn\tY\t{t}\n" for p, t in zip(texts, targets,
+                                                                         strict=True)),
+                       encoding="utf-8")  # fmt: skip
+    out = tmp_path / "out"
+    model = tiny_model(device="cpu")
+    for method in ("greedy", "random"):  # traced without targets, as the direct call does
+        trace_dataset(model, texts, out / "runs" / "native_tiny" / method, chunk_size=16,
+                      progress=False, granularity="edge", method=method, sizes="paper",
+                      ablate_attention_edges=True, seed=0)  # fmt: skip
+
+    def no_tracing():
+        raise AssertionError("reproduce retraced a finished run folder")
+
+    monkeypatch.setattr(dataset, "_trace_function", no_tracing)
+    repro = reproduce("native:tiny", prompts, n=3, out_dir=out, granularity="edge",
+                      min_prompts=3, n_boot=50, device="cpu", progress=False)  # fmt: skip
+    claims = pd.read_csv(out / "claims.csv").set_index("id")
+    assert list(claims.index[14:22]) == ["2a", "2a.random", "2a.partial", "2a.density", "2b",
+                                         "2b.random", "2b.partial", "S1"]  # fmt: skip
+    density = pd.read_csv(out / "tables" / "native_tiny" / "density.csv")
+    expected = edge_target_loss(model, repro.runs[0].traced, targets)
+    assert density["loss"].to_numpy() == pytest.approx(expected)
+    from scipy.stats import spearmanr
+
+    assert claims.loc["2b", "estimate"] == pytest.approx(spearmanr(density["auc"], expected)[0])
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "**S2**" in report and "**2b**" not in report
+    assert "loss (2b) on the TSV's next-token column" in report

@@ -21,8 +21,8 @@ COLUMNS = [
     ("edge, greedy, attn. ablated: SmolLM2", "edge-greedy-ablated/claims.csv", "smollm2-135m"),
 ]
 IDS = ("1a", "1a.components", "1b", "1b.components", "1b.attn", "1b.mlp", "1c",
-       "1c.components", "1d", "1d.components", "1d.base", "2a", "2a.partial", "2b", "2c",
-       "2c.partial", "3", "3.control", "S1", "S2")  # fmt: skip
+       "1c.components", "1d", "1d.components", "1d.base", "2a", "2a.partial", "2b",
+       "2b.partial", "2c", "2c.partial", "3", "3.control", "S1", "S2")  # fmt: skip
 
 
 def table() -> str:
@@ -85,6 +85,24 @@ def test_cells_read_holm_verdicts_raw_ones_and_agreement_rows(tmp_path):
         "| claim | A |",
         "|---|---|",
         "| 2b | holds (raw) (0.16; 0.02 to 0.29) |",
+    ]
+
+
+def test_an_edge_report_with_2b_beside_one_without(tmp_path):
+    """An edge report with the loss gives 2b and its control a cell; an older one (no 2b
+    row) shows "–" there, not an error; a row no report has is left out."""
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    row = dict(model="m", estimate=0.3, ci_low=0.1, ci_high=0.5, verdict="holds",
+               verdict_holm="holds")  # fmt: skip
+    pd.DataFrame([{**row, "id": "2a"}, {**row, "id": "2b", "estimate": 0.25},
+                  {**row, "id": "2b.partial", "verdict_holm": "inconclusive", "ci_low": -0.1}]
+                 ).to_csv(new, index=False)  # fmt: skip
+    pd.DataFrame([{**row, "id": "2a"}]).to_csv(old, index=False)
+    md = summary_markdown([("new", new, "m"), ("old", old, "m")], IDS, root="/")
+    assert md.splitlines()[2:] == [
+        "| 2a | holds (0.3; 0.1 to 0.5) | holds (0.3; 0.1 to 0.5) |",
+        "| 2b | holds (0.25; 0.1 to 0.5) | – |",
+        "| 2b.partial | inconclusive (0.3; -0.1 to 0.5) | – |",
     ]
 
 

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 from conftest import make_tiny
+from run_helpers import assert_one_line_error, count_chunks
 
 import strace_lens as sl
 from strace_lens import trace
@@ -352,21 +353,6 @@ def token_run(model, out, **kwargs):
     return trace_dataset(model, PROMPTS, out, **options)
 
 
-def count_chunks(monkeypatch, fail_on: int | None = None) -> list[int]:
-    import strace_lens.dataset as ds
-
-    calls: list[int] = []
-
-    def counting(model, prompts, **kw):
-        if fail_on is not None and len(calls) == fail_on:
-            raise KeyboardInterrupt
-        calls.append(len(prompts))
-        return trace(model, prompts, **kw)
-
-    monkeypatch.setattr(ds, "_trace_function", lambda: counting)
-    return calls
-
-
 def test_token_run_equals_its_chunks_resumes_and_loads(model, tmp_path, monkeypatch):
     clean = token_run(model, tmp_path / "clean")
     assert isinstance(clean, TokenTraceResult) and clean.prompts == PROMPTS
@@ -512,6 +498,4 @@ def test_cli_token_bad_input_is_one_line_and_exit_2(prompt_file, tmp_path, capsy
 
     out = tmp_path / "run"
     assert main(token_cli_args(prompt_file, out, *extra)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("strace-lens: error:") and message in err and err.count("\n") == 1
-    assert not out.exists()
+    assert_one_line_error(capsys.readouterr().err, message, out)

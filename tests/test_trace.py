@@ -74,6 +74,23 @@ def test_metrics_are_those_of_the_hard_masks(tiny, toks):
             )
 
 
+@pytest.mark.parametrize(("per", "nested"), [("input", False), ("dataset", False), ("input", True)])
+def test_mask_search_on_a_float64_model(tiny64, toks, per, nested):
+    """The search's KL bookkeeping (the per-size fine-tuning's best straight-through mask, the
+    local searches' base KL) follows the model's dtype: float64 here (once a dtype clash)."""
+    sizes = [2, 5, 9]
+    res = sl.trace(tiny64, toks, sizes=sizes, per=per, method="mask", nested=nested,
+                   ablation="zero", progress=False, steps=4)  # fmt: skip
+    n_groups = 3 if per == "input" else 1
+    assert res.masks.shape == (n_groups, 3, 15)
+    assert torch.equal(res.masks.sum(-1), torch.tensor(sizes).expand(n_groups, 3))
+    for p in range(3):
+        for j in range(3):
+            mask = res.masks[p if per == "input" else 0, j]
+            kl = _hard_kl(tiny64, toks[p : p + 1], mask, sl.ZeroAblation())
+            assert float(res.metrics["kl"][p, j]) == pytest.approx(float(kl[0]), rel=1e-4, abs=1e-7)
+
+
 @pytest.mark.parametrize("per", ["input", "dataset"])
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_exhaustive_matches_brute_force(tiny, toks, per, ablation):

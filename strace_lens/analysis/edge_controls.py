@@ -4,9 +4,10 @@ The same controls as :mod:`strace_lens.analysis.controls`, read off ``EdgeTraceR
 traced family (greedy or learned) and ``method="random"`` on the same prompts and size grid
 (one uniformly drawn edge subgraph per prompt and size).
 
-- :func:`edge_uncertainty_controls` (2a): density against the full model's entropy for the
-  traced subgraphs, for the random ones, and traced with random partialled out (partial
-  Spearman, :func:`strace_lens.analysis.partial_spearman_ci`), for both density measures of
+- :func:`edge_uncertainty_controls` (2a; 2b when given the loss on the true next token):
+  density against the full model's entropy (and loss) for the traced subgraphs, for the
+  random ones, and traced with random partialled out (partial Spearman,
+  :func:`strace_lens.analysis.partial_spearman_ci`), for both density measures of
   :func:`strace_lens.analysis.edge_density`: ``auc`` (the paper's TV x decades) and
   ``density`` (per decade).
 - :func:`edge_agreement_controls` (2c): the same three lines across two models, prompts
@@ -50,27 +51,38 @@ def edge_uncertainty_controls(
     n_boot: int = DEFAULT_BOOT,
     ci: float = 0.95,
     seed: int = 0,
+    loss: Float[np.ndarray, " prompt"] | None = None,
 ) -> pd.DataFrame:
-    """Density against entropy: traced, random subgraphs, and traced | random.
+    """Density against entropy (2a), and against ``loss`` (2b) when given: traced, random
+    subgraphs, and traced | random.
 
-    One line per (``measure`` in auc / density, ``statistic`` in traced / random /
-    partial). Columns: ``measure``, ``against`` ("entropy"), ``statistic``, ``rho``,
-    ``ci_low``, ``ci_high``, ``p_value``, ``n``, ``ci``.
+    ``loss``: the full model's loss on each prompt's true next token, in the run's prompt
+    order (:func:`strace_lens.edges.edge_target_loss`). One line per (``against`` in
+    entropy / loss, ``measure`` in auc / density, ``statistic`` in traced / random /
+    partial). Columns: ``measure``, ``against``, ``statistic``, ``rho``, ``ci_low``,
+    ``ci_high``, ``p_value``, ``n``, ``ci``.
     """
     check_same_prompts(result, random)
     traced, rand = edge_density(result), edge_density(random)
-    entropy = traced["entropy"].to_numpy(dtype=float)
+    uncertainty = {"entropy": traced["entropy"].to_numpy(dtype=float)}
+    if loss is not None:
+        if len(loss) != result.n_prompts:
+            raise ValueError(
+                f"{len(loss)} losses for {result.n_prompts} traced prompts: give one per prompt."
+            )
+        uncertainty["loss"] = np.asarray(loss, dtype=float)
     rows = []
-    for measure in MEASURES:
-        lines = correlation_lines(
-            traced[measure].to_numpy(dtype=float),
-            rand[measure].to_numpy(dtype=float),
-            entropy,
-            n_boot,
-            ci,
-            seed,
-        )
-        rows += [{"measure": measure, "against": "entropy", **line} for line in lines]
+    for against, values in uncertainty.items():
+        for measure in MEASURES:
+            lines = correlation_lines(
+                traced[measure].to_numpy(dtype=float),
+                rand[measure].to_numpy(dtype=float),
+                values,
+                n_boot,
+                ci,
+                seed,
+            )
+            rows += [{"measure": measure, "against": against, **line} for line in lines]
     out = pd.DataFrame(rows)
     out["n"] = out["n"].astype(int)
     return out

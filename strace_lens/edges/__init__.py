@@ -6,6 +6,7 @@ weights, logp = edge_weights(model, batch)                # weights.py: local L1
 order = greedy_order(graph, weights[0])                   # greedy.py: best-first ranking
 logp = run_with_edge_masks(model, batch, EdgeMasks...)    # forward.py: exact ablation
 result = edge_trace(model, prompts)                       # trace.py -> result.py
+loss = edge_target_loss(model, result, targets)           # target_loss.py: for claim 2b
 result.components(prompt, size)                           # components.py: heads and MLPs
 """
 
@@ -16,6 +17,7 @@ from strace_lens.edges.graph import Edge, EdgeGraph
 from strace_lens.edges.greedy import greedy_order, random_order
 from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.edges.sizes import PAPER_GRID, edge_counts, relative_sizes
+from strace_lens.edges.target_loss import edge_target_loss
 from strace_lens.edges.token_level import TokenGraph, run_with_token_mask
 from strace_lens.edges.tokens import PAPER_BOS, edge_tokenize
 from strace_lens.edges.trace import edge_trace, evaluate_subgraphs
@@ -33,6 +35,7 @@ __all__ = [
     "TokenGraph",
     "edge_counts",
     "edge_hooks",
+    "edge_target_loss",
     "edge_tokenize",
     "edge_trace",
     "edge_weights",

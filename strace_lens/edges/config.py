@@ -39,7 +39,8 @@ _NODE_ONLY = {
     "candidates": "candidates names heads and MLPs, not edges; leave it None",
     "inverse": "inverse subgraphs are not scored at edge granularity; leave it None",
     "targets": "the true next token's log-prob is not recorded at edge granularity; leave "
-    "targets None",
+    "targets None (strace_lens.edges.edge_target_loss reads the full model's loss on them "
+    "afterwards)",
 }
 
 

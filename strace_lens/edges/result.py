@@ -33,6 +33,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from strace_lens.atomic import read_checked_tensors, replaced_folder, sha256_file
+from strace_lens.edges.compact import (
+    family_header,
+    family_tensors,
+    joined_lists,
+    joined_prompts,
+    stored_fields,
+)
 from strace_lens.edges.components import EdgeComponents, project
 from strace_lens.edges.graph import EdgeGraph
 
@@ -114,11 +121,7 @@ class EdgeTraceResult:
                     f"Result {i} was traced with another model shape, grid, method or options "
                     "than result 0: only results of one configuration can be joined."
                 )
-        ids, offsets, start = [], [torch.zeros(1, dtype=torch.long)], 0
-        for r in results:
-            ids.append(r.ids.to(torch.int32))
-            offsets.append(r.offsets[1:].long() + start)
-            start += int(r.offsets[-1])
+        ids, offsets = joined_lists(results)
         options = dict(first.options)
         for key in PER_PROMPT_OPTIONS:
             if key in options:
@@ -129,49 +132,23 @@ class EdgeTraceResult:
             n_layers=first.n_layers,
             n_heads=first.n_heads,
             grid=first.grid,
-            n_pos=torch.cat([r.n_pos for r in results]),
-            counts=torch.cat([r.counts for r in results]),
             nested=first.nested,
-            ids=torch.cat(ids),
-            offsets=torch.cat(offsets),
-            metrics={k: torch.cat([r.metrics[k] for r in results]) for k in first.metrics},
-            entropy=torch.cat([r.entropy for r in results]),
-            top_tokens=torch.cat([r.top_tokens for r in results]),
-            full_top_tokens=torch.cat([r.full_top_tokens for r in results]),
-            prompts=[p for r in results for p in r.prompts],
+            ids=ids,
+            offsets=offsets,
             options=options,
+            **joined_prompts(results),
         )
 
     # -- saving --------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, Tensor]:
-        out = {
-            "n_pos": self.n_pos.long(),
-            "counts": self.counts.long(),
-            "ids": self.ids.to(torch.int32),
-            "offsets": self.offsets.long(),
-            "entropy": self.entropy.float(),
-            "top_tokens": self.top_tokens.long(),
-            "full_top_tokens": self.full_top_tokens.long(),
-        }
-        out.update({f"metric.{k}": v.float() for k, v in self.metrics.items()})
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the folder ``path`` (replacing it) with the tensors and their JSON header."""
         from safetensors.torch import save_file
 
         folder = Path(path)
         with replaced_folder(folder, prefix=f".{folder.name}-") as tmp:
-            save_file(self._tensors(), str(tmp / TENSORS_FILE))
+            save_file(family_tensors(self), str(tmp / TENSORS_FILE))
             meta = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "n_layers": self.n_layers,
-                "n_heads": self.n_heads,
-                "grid": list(self.grid),
-                "nested": self.nested,
-                "prompts": self.prompts,
-                "options": self.options,
+                **family_header(self, FORMAT, FORMAT_VERSION, self.options),
                 "tensors_sha256": sha256_file(tmp / TENSORS_FILE),
             }
             text = json.dumps(meta, indent=1, default=str)
@@ -184,22 +161,7 @@ class EdgeTraceResult:
         meta, t = read_checked_tensors(
             folder, META_FILE, TENSORS_FILE, FORMAT, FORMAT_VERSION, "EdgeTraceResult"
         )
-        return cls(
-            n_layers=int(meta["n_layers"]),
-            n_heads=int(meta["n_heads"]),
-            grid=tuple(float(s) for s in meta["grid"]),
-            n_pos=t["n_pos"],
-            counts=t["counts"],
-            nested=bool(meta["nested"]),
-            ids=t["ids"],
-            offsets=t["offsets"],
-            metrics={k[len("metric.") :]: v for k, v in t.items() if k.startswith("metric.")},
-            entropy=t["entropy"],
-            top_tokens=t["top_tokens"],
-            full_top_tokens=t["full_top_tokens"],
-            prompts=list(meta["prompts"]),
-            options=dict(meta.get("options", {})),
-        )
+        return cls(grid=tuple(float(s) for s in meta["grid"]), **stored_fields(meta, t))
 
 
 def _shared_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -27,14 +27,17 @@ the mean of its curve over log10 s across the band (:mod:`strace_lens.analysis.e
   pool would have anyway.
 - **2a** Spearman rho(density, entropy) with density the paper's AUC (TV x decades); beside
   it the same for the random control (reference), random density partialled out (control)
-  and the per-decade density (reference). **2c** (two models) likewise across the models.
+  and the per-decade density (reference). **2b** likewise against the full model's loss on
+  the true next token (read by one clean forward, :func:`strace_lens.edges.edge_target_loss`,
+  when the prompts have targets: a 6-column TSV), with its reference and control. **2c**
+  (two models) likewise across the models.
 - **3** the sparse subgraphs' (grid sizes up to ``small_core``) top-1 token's log10
   frequency rank minus the full model's; the same for the random control (reference) and
   traced minus random (control).
 - **S1** AUC of the random control minus the traced family's (> 0: traced beats random).
 
-No edge analogue: 2b (the true next token's loss is not recorded at edge granularity) and S2
-(inverse subgraphs are not scored there).
+No edge analogue: S2 (inverse subgraphs are not scored there). 2b needs the prompts' true
+next tokens (:data:`NO_TARGETS` says so when they have none).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
 
 from strace_lens import analysis as an
 from strace_lens.analysis._stats import DEFAULT_BOOT
@@ -67,9 +71,13 @@ from strace_lens.reproduce.config import EDGE_SMALL_CORE, NODE_SMALL_CORE
 
 #: node-level claims without an edge analogue, and why (the report prints these)
 NO_EDGE_ANALOGUE = {
-    "2b": "the loss on the true next word: targets are not recorded at edge granularity",
     "S2": "removing the subgraph: inverse subgraphs are not scored at edge granularity",
 }
+#: why 2b is missing from a report whose prompts have no true next token
+NO_TARGETS = (
+    "the loss on the true next word: not measured, the prompts have no true next token (a "
+    "6-column TSV gives it in column 6; a plain-text file has none)"
+)
 
 
 @dataclass
@@ -107,14 +115,22 @@ def analyse_edges(
     n_boot: int = DEFAULT_BOOT,
     seed: int = 0,
     small_core: float = EDGE_SMALL_CORE,
+    loss: Float[np.ndarray, " prompt"] | None = None,
 ) -> tuple[EdgeComposition, dict[str, pd.DataFrame]]:
-    """Every edge analysis of one model's traced family and random control, as tables."""
+    """Every edge analysis of one model's traced family and random control, as tables.
+
+    ``loss``: the full model's loss on each prompt's true next token
+    (:func:`strace_lens.edges.edge_target_loss`), for 2b; None when the prompts have none.
+    """
     comp = an.edge_composition(traced)
     projection = an.edge_projection(traced)
     phases = an.edge_phases(traced)
     ranks = an.frequency_ranks(counts)
     traced_diffs = an.sparse_rank_diffs(traced, ranks, small_core)
     random_diffs = an.sparse_rank_diffs(random, ranks, small_core)
+    density = an.edge_density(traced)
+    if loss is not None:
+        density["loss"] = np.asarray(loss, dtype=float)
     curves = pd.DataFrame({"size": list(traced.grid)})
     for label, r in (("traced", traced), ("random", random)):
         for metric, values in r.metrics.items():
@@ -127,10 +143,10 @@ def analyse_edges(
         "phases": phases.per_prompt(),
         "phase_bands": phases.bands(),
         "core": an.edge_core_sizes(traced),
-        "density": an.edge_density(traced),
+        "density": density,
         "random_density": an.edge_density(random),
         "uncertainty_controls": an.edge_uncertainty_controls(
-            traced, random, n_boot=n_boot, seed=seed
+            traced, random, n_boot=n_boot, seed=seed, loss=loss
         ),
         "frequency": pd.DataFrame(
             {
@@ -179,6 +195,10 @@ def _core_claims(
     ]  # fmt: skip
 
 
+#: the node kinds of 1b's per-kind controls: id suffix, edge word, components (plural, one)
+_KINDS = (("attn", "attention", "heads", "head"), ("mlp", "MLP", "MLPs", "MLP"))
+
+
 def _phase_claims(
     tables: dict[str, pd.DataFrame], n_boot: int, seed: int, min_n: int, model: str
 ) -> list[dict[str, Any]]:
@@ -198,24 +218,19 @@ def _phase_claims(
          "mean over prompts of (mean depth of all heads and MLPs - mean depth of those the "
          "construction band touches); depth 0 = first block, 1 = last",
          diff("component_mean_depth", "full", "construction"), "mean", "greater", 0.0),
-        ("1b.attn", CONTROL, "Control of 1b: the core's attention edges lie earlier than all "
-         "attention edges", "mean over prompts of (first-quartile share of the attention edges "
-         "of the subgraph at s = 1e-3 - that share among all attention edges)",
-         diff("attn_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0),
-        ("1b.mlp", CONTROL, "Control of 1b: the core's MLP edges lie earlier than all MLP edges",
-         "mean over prompts of (first-quartile share of the MLP edges of the subgraph at "
-         "s = 1e-3 - that share among all MLP edges)",
-         diff("mlp_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0),
-        ("1b.attn.components", CONTROL,
-         "Control of 1b: the core's heads lie earlier than the average head",
-         "mean over prompts of (mean depth of all heads - mean depth of the heads the subgraph "
-         "at s = 1e-3 touches), over prompts whose core touches a head",
-         diff("head_mean_depth", "full", "minimal_core"), "mean", "greater", 0.0),
-        ("1b.mlp.components", CONTROL,
-         "Control of 1b: the core's MLPs lie earlier than the average MLP",
-         "mean over prompts of (mean depth of all MLPs - mean depth of the MLPs the subgraph at "
-         "s = 1e-3 touches)", diff("mlp_mean_depth", "full", "minimal_core"), "mean",
-         "greater", 0.0),
+        *[(f"1b.{kind}", CONTROL,
+           f"Control of 1b: the core's {edges} edges lie earlier than all {edges} edges",
+           f"mean over prompts of (first-quartile share of the {edges} edges of the subgraph at "
+           f"s = 1e-3 - that share among all {edges} edges)",
+           diff(f"{kind}_edge_q1_share", "minimal_core", "full"), "mean", "greater", 0.0)
+          for kind, edges, _, _ in _KINDS],
+        *[(f"1b.{kind}.components", CONTROL,
+           f"Control of 1b: the core's {nodes} lie earlier than the average {node}",
+           f"mean over prompts of (mean depth of all {nodes} - mean depth of the {nodes} the "
+           f"subgraph at s = 1e-3 touches)" + (", over prompts whose core touches a head"
+                                                if kind == "attn" else ""),
+           diff(f"{node.lower()}_mean_depth", "full", "minimal_core"), "mean", "greater", 0.0)
+          for kind, _, nodes, node in _KINDS],
         ("1c", CLAIM, "1c. Two phases: refinement edges lie in later layers than the core",
          f"mean over prompts of (refinement - construction) mean target-block depth; {bands}",
          diff("edge_mean_depth", "refinement", "construction"), "mean", "greater", 0.0),
@@ -247,11 +262,13 @@ def _phase_claims(
 def _density_claims(
     tables: dict[str, pd.DataFrame], n_boot: int, seed: int, min_n: int, model: str
 ) -> list[dict[str, Any]]:
-    """2a (AUC, the paper's units) with its controls, the per-decade density, and S1."""
+    """2a (AUC, the paper's units) with its controls, the per-decade density, 2b with its
+    controls when the tables hold the loss, and S1."""
     controls = tables["uncertainty_controls"]
 
-    def line(measure: str, statistic: str) -> dict[str, Any]:
-        chosen = controls[(controls["measure"] == measure) & (controls["statistic"] == statistic)]
+    def line(measure: str, statistic: str, against: str = "entropy") -> dict[str, Any]:
+        chosen = controls[(controls["measure"] == measure) & (controls["statistic"] == statistic)
+                          & (controls["against"] == against)]  # fmt: skip
         return {str(k): v for k, v in chosen.iloc[0].to_dict().items()}
 
     auc_gap = tables["random_density"]["auc"].to_numpy(dtype=float) - tables["density"][
@@ -272,6 +289,23 @@ def _density_claims(
         ("2a.density", REFERENCE, "2a with the normalised density (AUC per decade)",
          "Spearman rho(AUC / span, entropy)", line("density", "traced"),
          "rho", "greater", 0.0),
+    ]  # fmt: skip
+    if (controls["against"] == "loss").any():
+        text = "2b. Density follows uncertainty: density rises with the loss on the true next word"
+        specs += [
+            ("2b", CLAIM, text,
+             "Spearman rho(AUC of TV over log10 s, -log p(true next token)) over prompts",
+             line("auc", "traced", "loss"), "rho", "greater", 0.0),
+            ("2b.random", REFERENCE,
+             "Control of 2b (reference): the same rho for equal-size random edge subgraphs",
+             "Spearman rho(random-subgraph AUC, -log p(true next token))",
+             line("auc", "random", "loss"), "rho", "greater", 0.0),
+            ("2b.partial", CONTROL,
+             "Control of 2b: the same with random-subgraph density partialled out",
+             "partial Spearman rho(AUC, -log p(true next token) | random-subgraph AUC)",
+             line("auc", "partial", "loss"), "rho", "greater", 0.0),
+        ]  # fmt: skip
+    specs += [
         ("S1", SANITY, "S1. Sanity: traced edge subgraphs beat random ones of equal size",
          "mean over prompts of AUC(random) - AUC(traced), TV x decades",
          an.mean_ci(auc_gap, n_boot, seed=seed), "mean", "greater", 0.0),
@@ -355,6 +389,7 @@ def edge_agreement_claims(
 
 __all__ = [
     "NO_EDGE_ANALOGUE",
+    "NO_TARGETS",
     "EdgeModelRun",
     "EdgeReproduction",
     "analyse_edges",

@@ -13,13 +13,13 @@ import pandas as pd
 
 from strace_lens.atomic import write_text
 from strace_lens.reproduce.claims import ALPHA
-from strace_lens.reproduce.edge_claims import NO_EDGE_ANALOGUE, EdgeModelRun, EdgeReproduction
-from strace_lens.reproduce.markdown import (
-    CLAIMS_TABLE_COLUMNS,
-    markdown_table,
-    settings_lines,
-    slug_of,
+from strace_lens.reproduce.edge_claims import (
+    NO_EDGE_ANALOGUE,
+    NO_TARGETS,
+    EdgeModelRun,
+    EdgeReproduction,
 )
+from strace_lens.reproduce.markdown import markdown_table, report_opening, slug_of
 
 
 def figures_path(model: str) -> str:
@@ -58,13 +58,16 @@ each core (one edge above the largest smaller traced subgraph), so the interval 
 the bootstrap lower bound of the median of those lower ends to the upper bound of the median
 of the traced sizes; p-value: sign test of cores below against above the threshold (ties,
 cores whose bracket reaches it, dropped). Claim 3 uses every non-empty grid size up to the
-1a threshold ({small_core:g}). Correlation p-values: SciPy's `spearmanr`; mean differences:
-one-sample t-test against 0.
+1a threshold ({small_core:g}). 2b's loss: -log p(the true next token's first token) under
+the full model, read after tracing by one clean forward per chunk of prompts on the run's
+own tokens (its entropy checked against the run's record); only for prompts with targets
+(a 6-column TSV). Correlation p-values: SciPy's `spearmanr`; mean differences: one-sample
+t-test against 0.
 
 **Controls** (`role`): *control* rows re-test a claim against what it would show without the
 effect it names and are judged like a claim; *reference* rows give the control's own figure,
 for information. The random control is `trace_dataset(..., method="random")`: one uniformly
-drawn edge subgraph per prompt and grid size, the same edge counts. 2a/2c: the same rho for
+drawn edge subgraph per prompt and grid size, the same edge counts. 2a/2b/2c: the same rho for
 random subgraphs, and the partial Spearman rho with random-subgraph AUC partialled out (ranks
 of both variables regressed by least squares on the control's ranks, Pearson correlation of
 the residuals; t-test with n - 2 - k degrees of freedom; percentile bootstrap). 1b.attn,
@@ -137,32 +140,30 @@ def model_section(run: EdgeModelRun) -> list[str]:
     return lines
 
 
+def _not_measured(claims: pd.DataFrame) -> dict[str, str]:
+    """The node-level claims this report lacks, and why: S2 always, 2b without targets."""
+    missing = {} if (claims["id"] == "2b").any() else {"2b": NO_TARGETS}
+    return {**missing, **NO_EDGE_ANALOGUE}
+
+
 def write_edge_report(repro: EdgeReproduction, settings: dict[str, Any]) -> Path:
     """Write ``report.md`` of an edge reproduction (atomically)."""
-    lines = [
-        "# s-Trace reproduction report (edge granularity)",
-        "",
+    lines = report_opening(
+        "s-Trace reproduction report (edge granularity)",
         "Claims of Kervadec et al., *Tracing Computation Density in LLMs* (arXiv 2605.27033), "
         "section 1 of the method reference, measured at the paper's own granularity: "
         "token-level edges, zero ablation, the paper's size grid and phase bands; every "
         "phase claim also in components (heads and MLPs touched).",
-        "",
-        "## Setup",
-        "",
-        *settings_lines(settings),
-        "",
-        "## Claims and verdicts",
-        "",
-        markdown_table(repro.claims, CLAIMS_TABLE_COLUMNS),
-        "",
-        "### Verdict rules",
-        "",
+        settings,
+        repro.claims,
         EDGE_RULES.format(
             min_n=settings["min_prompts"], small_core=settings["small_core"], alpha=ALPHA
         ),
-        "### Node-level claims without an edge analogue",
+    )
+    lines += [
+        "### Node-level claims without an edge analogue, or not measured",
         "",
-        *[f"- **{key}**: {why}." for key, why in NO_EDGE_ANALOGUE.items()],
+        *[f"- **{key}**: {why}." for key, why in _not_measured(repro.claims).items()],
         "",
     ]
     if repro.agreement_controls is not None:

@@ -10,7 +10,10 @@ never retraced)::
 
 and the random control ``OUT/runs/<slug>/random``, the same call with ``method="random"``.
 No targets (they are not recorded at edge granularity); for ``method="mask"`` the learned
-search's options only when the user gives some (``mask_search=``).
+search's options only when the user gives some (``mask_search=``). When the prompts have
+true next tokens (a 6-column TSV), claim 2b's loss is read afterwards by one clean forward
+of the model per chunk of prompts (:func:`strace_lens.edges.edge_target_loss`): the run
+folders, and with them their identity, stay as traced.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pandas as pd
 from strace_lens import analysis as an
 from strace_lens.atomic import refuse_links, sha256_file, write_text
 from strace_lens.edges.result import EdgeTraceResult
+from strace_lens.edges.target_loss import edge_target_loss
 from strace_lens.models import model_identity
 from strace_lens.reproduce.claims import with_multiplicity
 from strace_lens.reproduce.config import ReproduceConfig
@@ -102,7 +106,12 @@ def run_edge(config: ReproduceConfig) -> EdgeReproduction:
             config, spec, prompts, out, [slug_of(r.name) for r in runs]
         )
         counts = an.token_counts(loaded, config.corpus, prompts)
-        comp, tables = analyse_edges(traced, random, counts, config.n_boot, config.seed, small_core)
+        loss = None
+        if pfile.targets is not None:  # 2b: the full model's loss, the runs left as traced
+            loss = edge_target_loss(loaded, traced, pfile.targets, config.chunk_size)
+        comp, tables = analyse_edges(
+            traced, random, counts, config.n_boot, config.seed, small_core, loss
+        )
         claims = edge_claims_of(
             tables, name, config.n_boot, config.seed, config.min_prompts, small_core
         )
@@ -154,8 +163,12 @@ def _settings(
             f"{r.name} ({r.traced.n_layers} blocks x {r.traced.n_heads} heads)" for r in runs
         ),
         "prompts": f"first {len(pfile.prompts)} prompts of `{config.prompts_file}` (lines "
-        f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {sha256_file(pfile.path)[:16]}...); "
-        "no loss at edge granularity",
+        f"{pfile.lines[0]}-{pfile.lines[-1]}; sha256 {sha256_file(pfile.path)[:16]}...)"
+        + (
+            "; loss (2b) on the TSV's next-token column, one clean forward of the full model"
+            if pfile.targets is not None
+            else "; no targets: no loss (2b not measured)"
+        ),
         "granularity": "edge (the paper's token-level edges; zero ablation)",
         "method": f"{config.method} (nested across sizes)"
         + (f"; search {json.dumps(search, default=str)}" if search else ""),

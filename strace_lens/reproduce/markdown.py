@@ -291,14 +291,15 @@ def model_section(run: ModelRun) -> list[str]:
     return lines
 
 
-def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
-    """Write ``report.md`` for a finished reproduction (atomically)."""
-    lines = [
-        "# s-Trace reproduction report",
+def report_opening(
+    title: str, intro: str, settings: dict[str, Any], claims: pd.DataFrame, rules: str
+) -> list[str]:
+    """The lines every report (node or edge) opens with: title, introduction, setup, the
+    claims table and the verdict rules."""
+    return [
+        f"# {title}",
         "",
-        "Claims of Kervadec et al., *Tracing Computation Density in LLMs* (arXiv 2605.27033), "
-        "section 1 of the method reference, measured with strace-lens's node-level, "
-        "learned-mask variant (heads and MLPs as nodes, the rest ablated).",
+        intro,
         "",
         "## Setup",
         "",
@@ -306,19 +307,33 @@ def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
         "",
         "## Claims and verdicts",
         "",
-        markdown_table(repro.claims, CLAIMS_TABLE_COLUMNS),
+        markdown_table(claims, CLAIMS_TABLE_COLUMNS),
         "",
         "### Verdict rules",
         "",
-        RULES.format(
-            min_n=settings["min_prompts"],
-            core_nucleus=settings["core_nucleus"],
-            refined_nucleus=settings["refined_nucleus"],
-            small_core=settings["small_core"],
-            min_rel=", ".join(f"{float(r.mask.relative_sizes.min()):.2g}" for r in repro.runs),
-            alpha=ALPHA,
-        ),
+        rules,
     ]
+
+
+def write_report(repro: Reproduction, settings: dict[str, Any]) -> Path:
+    """Write ``report.md`` for a finished reproduction (atomically)."""
+    rules = RULES.format(
+        min_n=settings["min_prompts"],
+        core_nucleus=settings["core_nucleus"],
+        refined_nucleus=settings["refined_nucleus"],
+        small_core=settings["small_core"],
+        min_rel=", ".join(f"{float(r.mask.relative_sizes.min()):.2g}" for r in repro.runs),
+        alpha=ALPHA,
+    )
+    lines = report_opening(
+        "s-Trace reproduction report",
+        "Claims of Kervadec et al., *Tracing Computation Density in LLMs* (arXiv 2605.27033), "
+        "section 1 of the method reference, measured with strace-lens's node-level, "
+        "learned-mask variant (heads and MLPs as nodes, the rest ablated).",
+        settings,
+        repro.claims,
+        rules,
+    )
     if repro.agreement is not None:
         lines += [
             "## Cross-model agreement of per-prompt density",
@@ -364,6 +379,7 @@ __all__ = [
     "git_commit",
     "markdown_table",
     "model_section",
+    "report_opening",
     "settings_lines",
     "slug_of",
     "write_report",

@@ -84,8 +84,8 @@ def swap_refine(
         )
         assert m.grad is not None
         grad = torch.zeros(n_pairs, n_c).index_add_(0, pair_of_row[rows], m.grad.cpu())
-        base = torch.zeros(n_pairs).index_add_(
-            0, pair_of_row[rows], kl_rows.cpu() * weights[rows].cpu()
+        base = torch.zeros(n_pairs, dtype=kl_rows.dtype).index_add_(  # float64 models: float64
+            0, pair_of_row[rows], kl_rows.detach().cpu() * weights[rows].cpu().to(kl_rows.dtype)
         )
         trial_masks: list[Tensor] = []
         trial_pair: list[int] = []
@@ -204,7 +204,10 @@ def chain_refine(
         ).cpu()
         assert m.grad is not None
         grad = torch.zeros(n_groups * n_s, n_c).index_add_(0, pair_of_row, m.grad.cpu())
-        kl = torch.zeros(n_groups * n_s).index_add_(0, pair_of_row, kl_rows * weights)
+        # the KL's own dtype (float64 for a float64 model)
+        kl = torch.zeros(n_groups * n_s, dtype=kl_rows.dtype).index_add_(
+            0, pair_of_row, kl_rows * weights.to(kl_rows.dtype)
+        )
         grad, kl = grad.view(n_groups, n_s, n_c), kl.view(n_groups, n_s)
         # cumulative sensitivity of the score: cum[g, j, x] = sum over sizes < j
         h = grad / (kl[..., None] + eps)
@@ -273,7 +276,7 @@ def _chain_gain(
     new_kl = grouping.group_kl(objective, torch.stack(masks), owner_of_row)
     old_kl = kl[owner_of_row, size_t]
     delta = torch.log(new_kl + eps) - torch.log(old_kl + eps)
-    return torch.zeros(len(new_levels)).index_add_(0, trial_t, delta)
+    return torch.zeros(len(new_levels), dtype=delta.dtype).index_add_(0, trial_t, delta)
 
 
 __all__ = [

@@ -226,7 +226,9 @@ class SubgraphObjective:
         """
         if start_layer is None or cache is None:
             start_layer = torch.zeros(len(prompt_index), dtype=torch.long)
-        out = torch.empty(len(prompt_index), device=self.logp_full.device)
+        # the full model's dtype: a float64 model's KL stays float64
+        out = torch.empty(len(prompt_index), device=self.logp_full.device,
+                          dtype=self.logp_full.dtype)  # fmt: skip
         for layer in torch.unique(start_layer.cpu()).tolist():
             idx = torch.nonzero(start_layer.cpu() == layer).flatten()
 

@@ -118,7 +118,9 @@ def optimise(
         weights = row_weights(rows.group)
         kl = objective.kl_backward(objective.full_mask(mask), rows.prompt, weights.to(theta.device))
         if track_best and hard_forward:
-            group_kl = torch.zeros(n_groups).index_add_(0, rows.group, kl.cpu() * weights)
+            # in the KL's own dtype: a float64 model's KL is float64
+            row_kl = kl.detach().cpu() * weights.to(kl.dtype)
+            group_kl = torch.zeros(n_groups, dtype=kl.dtype).index_add_(0, rows.group, row_kl)
             better = group_kl < best_kl
             best_kl = torch.where(better, group_kl, best_kl)
             hard_by_group = top_s(theta.detach(), _group_sizes(rows, n_groups).to(theta.device))

@@ -38,6 +38,13 @@ from torch import Tensor
 
 from strace_lens.atomic import read_checked_tensors, sha256_file, write_text, written_file
 from strace_lens.config import TraceConfig
+from strace_lens.edges.compact import (
+    family_header,
+    family_tensors,
+    joined_lists,
+    joined_prompts,
+    stored_fields,
+)
 from strace_lens.edges.token_level import TokenGraph
 
 FORMAT = "strace-lens/token-trace-result"
@@ -182,12 +189,7 @@ class TokenTraceResult:
             offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
             nested = False
         else:
-            id_parts, off_parts, start = [], [torch.zeros(1, dtype=torch.long)], 0
-            for r in results:
-                id_parts.append(r.ids.to(torch.int32))
-                off_parts.append(r.offsets[1:].long() + start)
-                start += int(r.offsets[-1])
-            ids, offsets, nested = torch.cat(id_parts), torch.cat(off_parts), first.nested
+            (ids, offsets), nested = joined_lists(results), first.nested
         options = dict(first.options)
         for key in ("seconds", "search_rows", "eval_rows"):
             if key in options:
@@ -196,17 +198,11 @@ class TokenTraceResult:
             n_layers=first.n_layers,
             n_heads=first.n_heads,
             grid=first.grid,
-            n_pos=torch.cat([r.n_pos for r in results]),
-            counts=torch.cat([r.counts for r in results]),
             nested=nested,
             ids=ids.to(torch.int32),
             offsets=offsets,
-            metrics={k: torch.cat([r.metrics[k] for r in results]) for k in first.metrics},
-            entropy=torch.cat([r.entropy for r in results]),
-            top_tokens=torch.cat([r.top_tokens for r in results]),
-            full_top_tokens=torch.cat([r.full_top_tokens for r in results]),
-            prompts=[p for r in results for p in r.prompts],
             options=options,
+            **joined_prompts(results),
         )
 
     def _as_lists(self) -> tuple[Tensor, Tensor]:
@@ -216,7 +212,7 @@ class TokenTraceResult:
 
     def equals(self, other: TokenTraceResult) -> bool:
         """Exact equality of every tensor, prompt and option (wall times aside)."""
-        a, b = self._tensors(), other._tensors()
+        a, b = family_tensors(self), family_tensors(other)
         return (
             a.keys() == b.keys()
             and all(torch.equal(a[k], b[k]) for k in a)
@@ -224,30 +220,9 @@ class TokenTraceResult:
         )
 
     # -- saving ----------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, Tensor]:
-        out = {
-            "n_pos": self.n_pos.long(),
-            "counts": self.counts.long(),
-            "ids": self.ids.to(torch.int32),
-            "offsets": self.offsets.long(),
-            "entropy": self.entropy.float(),
-            "top_tokens": self.top_tokens.long(),
-            "full_top_tokens": self.full_top_tokens.long(),
-        }
-        out.update({f"metric.{k}": v.float() for k, v in self.metrics.items()})
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
     def _header(self, with_hash: bool = True) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "grid": list(self.grid),
-            "nested": self.nested,
-            "prompts": self.prompts,
-            "options": self.options if with_hash else _stable(self.options),
-        }
+        options = self.options if with_hash else _stable(self.options)
+        return family_header(self, FORMAT, FORMAT_VERSION, options)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``token.safetensors`` + ``token.json`` into folder ``path``, atomically.
@@ -259,7 +234,7 @@ class TokenTraceResult:
 
         folder = Path(path)
         with written_file(folder / TENSORS_FILE) as tmp:
-            save_file(self._tensors(), str(tmp))
+            save_file(family_tensors(self), str(tmp))
             digest = sha256_file(tmp)
         meta = {**self._header(), "tensors_sha256": digest}
         write_text(folder / META_FILE, json.dumps(meta, indent=1, default=str))
@@ -271,22 +246,7 @@ class TokenTraceResult:
         meta, t = read_checked_tensors(
             folder, META_FILE, TENSORS_FILE, FORMAT, FORMAT_VERSION, "TokenTraceResult"
         )
-        return cls(
-            n_layers=int(meta["n_layers"]),
-            n_heads=int(meta["n_heads"]),
-            grid=tuple(meta["grid"]),
-            n_pos=t["n_pos"],
-            counts=t["counts"],
-            nested=bool(meta["nested"]),
-            ids=t["ids"],
-            offsets=t["offsets"],
-            metrics={k[len("metric.") :]: v for k, v in t.items() if k.startswith("metric.")},
-            entropy=t["entropy"],
-            top_tokens=t["top_tokens"],
-            full_top_tokens=t["full_top_tokens"],
-            prompts=list(meta["prompts"]),
-            options=dict(meta.get("options", {})),
-        )
+        return cls(grid=tuple(meta["grid"]), **stored_fields(meta, t))
 
 
 def _shared(options: dict[str, Any]) -> dict[str, Any]:
