@@ -30,12 +30,21 @@ position), and the ranking is still one nested order of the edges:
   to 0.4. So the result is by default (``MaskSearch.merge``) not one learned ranking but a
   *measured nested merge* (:func:`merge_nested`) of the greedy's ranking and the rankings
   of the learned steps: size by size along the grid, the chain so far is extended by each
-  candidate ranking's next edges and the extension with the lowest exact KL is kept. The
-  first size is the best of the candidates' own prefixes; while the chain lies inside the
-  greedy's prefix it is never worse than the greedy there; after a learned block was taken
-  no size is guaranteed, and the evaluation reports them as they are. On a 1-layer, 9-edge
-  model (4 prompts, every size) the merge was never worse than the greedy; with 10 steps and
-  4 candidates it cut its KL gap to the exhaustive optimum by 2-3x, with the defaults (1
+  candidate ranking's next edges and the extension with the lowest exact KL is kept.
+  Picking by KL alone left some sizes worse than the greedy's (median TV higher at one size
+  in 3 of 4 model x semantics runs): a chain that took a learned block need not lie inside
+  the greedy's prefix later, and KL is not the TV the comparison reads. So by default
+  (``MaskSearch.greedy_bound``) the merge is a small dynamic programme over measured
+  subgraphs: the greedy's own prefix is measured at every size (an extra row where the
+  chain has left it), extensions with a higher TV than that prefix are dropped, and the
+  prefix can be re-entered, grown from the measured state below it that it contains (the
+  previous prefix always is one) with the lowest path TV; the ranking is the path that
+  ends at the last size. So, per prompt, every size's TV is at most the greedy's prefix's
+  (up to float rounding between batches), hence so is every quantile over prompts; a
+  learned block survives only where the chain stays within the bound to the end (or
+  re-enters the greedy's prefix through a state containing it). On a 1-layer, 9-edge model
+  (4 prompts, every size) the merge was never worse than the greedy; with 10 steps and 4
+  candidates it cut its KL gap to the exhaustive optimum by 2-3x, with the defaults (1
   step, 2 candidates) it is the greedy there (tests/test_edge_learned.py, ``pytest -s``).
   Measured on SmolLM2-135M and Gemma-3-270M: docs/edge-learned.md.
 
@@ -46,11 +55,12 @@ attention edges ablated the greedy's small subgraphs are such dead ends.
 Cost per prompt: one all-edges forward row (the reference), ``steps`` forward and backward
 passes of ``len(budgets)`` rows, ``steps`` greedy rankings (heap passes over the edges,
 about 1 s each on 0.3 M edges; step 0 is the greedy's own) and for the merge at most
-``max_candidates`` rows per grid size. ``batch_prompts`` prompts run side by side: one
-forward per learning step and one per merge size carries the rows of all of them, and the
-model is entered (:func:`model_untouched`, the hook check) once per search: entered per
-forward, they took 32.7 s against 47.9 s of forwards in a profile of the
-one-prompt-at-a-time search (docs/edge-learned.md, "Where the time went").
+``max_candidates`` rows per grid size (one more where the bound measures the greedy's
+prefix). ``batch_prompts`` prompts run side by side: one forward per learning step and one
+per merge size carries the rows of all of them, and the model is entered
+(:func:`model_untouched`, the hook check) once per search: entered per forward, they took
+32.7 s against 47.9 s of forwards in a profile of the one-prompt-at-a-time search
+(docs/edge-learned.md, "Where the time went").
 """
 
 from __future__ import annotations
@@ -570,11 +580,21 @@ def merge_nested(
     position, one batch) and the one with the lowest KL is kept (ties: the earlier ranking).
     So the first size is the best of the rankings' own prefixes, and wherever ``S`` lies
     inside the first ranking's prefix of size ``k`` (the greedy's, e.g. while the greedy has
-    been chosen all along), the chain is at least as good as that prefix. If every ranking
-    has all its prefixes connected to the output (as :func:`greedy_order` rankings have),
-    so has the merge: an edge's target is reached by an edge earlier in its own ranking,
-    which is in ``S`` or earlier in the block. After the last count the first ranking
-    continues. Cost: one masked forward of at most ``len(rankings)`` rows per count.
+    been chosen all along), the extension by the first ranking is that prefix.
+
+    ``greedy_bound`` (the default): the first ranking's prefix of ``k`` edges ``G_k`` is
+    measured at every count (one more row where no extension is it); extensions whose TV is
+    above ``G_k``'s are dropped; ``G_k`` itself stays, grown from the kept state of the
+    previous count that it contains with the lowest sum of TV along its path (``G_k_prev``
+    always qualifies), and the chain continues from the kept state with the lowest KL. The
+    ranking is the path of kept states that ends at the last count's chosen one, so at every
+    count its TV is at most ``G_k``'s. False: KL alone, the chain itself is the ranking.
+
+    If every ranking has all its prefixes connected to the output (as :func:`greedy_order`
+    rankings have), so has the merge: an edge's target is reached by an edge earlier in its
+    own ranking, which is in the predecessor or earlier in the block (for ``G_k``, the
+    block is the first ranking's order). After the last count the first ranking continues.
+    Cost: one masked forward of at most ``len(rankings)`` (+1 with the bound) rows per count.
     """
     check_edge_hook_points(model)
     with model_untouched(model):
