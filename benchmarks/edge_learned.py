@@ -243,6 +243,11 @@ def main() -> None:
     parser.add_argument("--max-budgets", type=int, default=MaskSearch.max_budgets)
     parser.add_argument("--max-candidates", type=int, default=MaskSearch.max_candidates)
     parser.add_argument(
+        "--no-greedy-bound",
+        action="store_true",
+        help="merge by KL alone, without keeping each size within the greedy's TV",
+    )
+    parser.add_argument(
         "--batch-prompts",
         type=int,
         default=MaskSearch.batch_prompts,
@@ -265,6 +270,7 @@ def main() -> None:
         lr=args.lr,
         max_budgets=args.max_budgets,
         max_candidates=args.max_candidates,
+        greedy_bound=not args.no_greedy_bound,
         batch_prompts=args.batch_prompts,
     )
     prompts = read_prompts(args.prompts, args.first + args.n)[args.first :]

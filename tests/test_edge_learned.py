@@ -309,6 +309,54 @@ def test_merge_measures_its_own_chain_and_stays_connected(byte_tiny, ablate):
         reached.add(int(source[e]))
 
 
+def prefix_logp(model, batch, graph, order, counts, ablate):
+    keep = torch.zeros(len(counts), graph.n_edges, dtype=torch.float64)
+    for i, k in enumerate(counts.tolist()):
+        keep[i, order[:k].long()] = 1
+    masks = EdgeMasks.from_edges(graph, keep)
+    return run_with_edge_masks(model, batch, masks, ablate_attention_edges=ablate).detach()
+
+
+@pytest.mark.parametrize("ablate", [True, False], ids=["ablated", "kept"])
+def test_greedy_bound_keeps_every_size_within_the_greedy_tv(byte_tiny, ablate):
+    """A random (connected) ranking as the second candidate, 19 sizes: without the bound
+    the KL-chosen chain has a higher TV than the greedy's prefix at some sizes; with it
+    (the default) no size does, the chain goes back to the greedy's prefix (restarts), and
+    the recorded KL is still that of the merged ranking's own prefixes, nested, connected."""
+    batch, graph, greedy, other, full, _ = merge_case(byte_tiny, ablate)
+    counts = torch.unique((torch.logspace(-2, 0, 20) * graph.n_edges).long())
+    counts = counts[counts < graph.n_edges]
+    gen = torch.Generator().manual_seed(1)
+    other = greedy_order(graph, torch.rand(graph.n_edges, generator=gen, dtype=torch.float64))
+    tv_g = tv_distance(full, prefix_logp(byte_tiny, batch, graph, greedy, counts, ablate))
+    worse = {}
+    for bound in (False, True):
+        order, choice = merge_nested(
+            byte_tiny, batch, graph, [greedy, other], counts,
+            ablate_attention_edges=ablate, logp_full=full, greedy_bound=bound,
+        )  # fmt: skip
+        assert sorted(order.tolist()) == list(range(graph.n_edges))
+        assert choice.counts.tolist() == counts.tolist()
+        logp = prefix_logp(byte_tiny, batch, graph, order, counts, ablate)
+        kl = kl_divergence(full.expand_as(logp), logp).clamp(min=0)
+        assert torch.allclose(kl, choice.kl, atol=1e-9)
+        assert torch.allclose(logp, choice.logp, atol=1e-9)
+        worse[bound] = int((tv_distance(full, logp) > tv_g + 1e-12).sum())
+        assert choice.greedy_prefix is not None
+        # the sizes marked as the greedy's prefix are exactly it
+        for i, k in enumerate(counts.tolist()):
+            same = set(order[:k].tolist()) == set(greedy[:k].tolist())
+            assert same == bool(choice.greedy_prefix[i])
+        if bound:
+            assert choice.restarts > 0
+        source, target = graph.edge_fields["source_node"], graph.edge_fields["target_node"]
+        reached = {graph.output_node}
+        for e in order.tolist():
+            assert int(target[e]) in reached
+            reached.add(int(source[e]))
+    assert worse[False] > 0 and worse[True] == 0
+
+
 def test_merge_of_the_greedy_alone_is_the_greedy(byte_tiny):
     batch, graph, greedy, _, full, counts = merge_case(byte_tiny)
     order, choice = merge_nested(byte_tiny, batch, graph, [greedy], counts, logp_full=full)

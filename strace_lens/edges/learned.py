@@ -30,12 +30,21 @@ position), and the ranking is still one nested order of the edges:
   to 0.4. So the result is by default (``MaskSearch.merge``) not one learned ranking but a
   *measured nested merge* (:func:`merge_nested`) of the greedy's ranking and the rankings
   of the learned steps: size by size along the grid, the chain so far is extended by each
-  candidate ranking's next edges and the extension with the lowest exact KL is kept. The
-  first size is the best of the candidates' own prefixes; while the chain lies inside the
-  greedy's prefix it is never worse than the greedy there; after a learned block was taken
-  no size is guaranteed, and the evaluation reports them as they are. On a 1-layer, 9-edge
-  model (4 prompts, every size) the merge was never worse than the greedy; with 10 steps and
-  4 candidates it cut its KL gap to the exhaustive optimum by 2-3x, with the defaults (1
+  candidate ranking's next edges and the extension with the lowest exact KL is kept.
+  Picking by KL alone left some sizes worse than the greedy's (median TV higher at one size
+  in 3 of 4 model x semantics runs): a chain that took a learned block need not lie inside
+  the greedy's prefix later, and KL is not the TV the comparison reads. So by default
+  (``MaskSearch.greedy_bound``) the merge is a small dynamic programme over measured
+  subgraphs: the greedy's own prefix is measured at every size (an extra row where the
+  chain has left it), extensions with a higher TV than that prefix are dropped, and the
+  prefix can be re-entered, grown from the measured state below it that it contains (the
+  previous prefix always is one) with the lowest path TV; the ranking is the path that
+  ends at the last size. So, per prompt, every size's TV is at most the greedy's prefix's
+  (up to float rounding between batches), hence so is every quantile over prompts; a
+  learned block survives only where the chain stays within the bound to the end (or
+  re-enters the greedy's prefix through a state containing it). On a 1-layer, 9-edge model
+  (4 prompts, every size) the merge was never worse than the greedy; with 10 steps and 4
+  candidates it cut its KL gap to the exhaustive optimum by 2-3x, with the defaults (1
   step, 2 candidates) it is the greedy there (tests/test_edge_learned.py, ``pytest -s``).
   Measured on SmolLM2-135M and Gemma-3-270M: docs/edge-learned.md.
 
@@ -46,11 +55,12 @@ attention edges ablated the greedy's small subgraphs are such dead ends.
 Cost per prompt: one all-edges forward row (the reference), ``steps`` forward and backward
 passes of ``len(budgets)`` rows, ``steps`` greedy rankings (heap passes over the edges,
 about 1 s each on 0.3 M edges; step 0 is the greedy's own) and for the merge at most
-``max_candidates`` rows per grid size. ``batch_prompts`` prompts run side by side: one
-forward per learning step and one per merge size carries the rows of all of them, and the
-model is entered (:func:`model_untouched`, the hook check) once per search: entered per
-forward, they took 32.7 s against 47.9 s of forwards in a profile of the
-one-prompt-at-a-time search (docs/edge-learned.md, "Where the time went").
+``max_candidates`` rows per grid size (one more where the bound measures the greedy's
+prefix). ``batch_prompts`` prompts run side by side: one forward per learning step and one
+per merge size carries the rows of all of them, and the model is entered
+(:func:`model_untouched`, the hook check) once per search: entered per forward, they took
+32.7 s against 47.9 s of forwards in a profile of the one-prompt-at-a-time search
+(docs/edge-learned.md, "Where the time went").
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from strace_lens.edges.forward import EdgeMasks, check_edge_hook_points, edge_masked_logprobs
@@ -69,7 +79,7 @@ from strace_lens.edges.graph import EdgeGraph
 from strace_lens.edges.greedy import greedy_order
 from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import TokenBatch
-from strace_lens.metrics import kl_divergence
+from strace_lens.metrics import kl_divergence, tv_distance
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,8 @@ class MaskSearch:
     the ranking with :func:`merge_nested` from the greedy's and at most
     ``max_candidates - 1`` learned steps' rankings (False: the best *measured* step's
     ranking alone; the ranking after the last update is measured only by the merge, so
-    with ``steps=1`` that is the greedy's).
+    with ``steps=1`` that is the greedy's). ``greedy_bound``: the merge keeps each size's
+    TV at most the greedy's own prefix's, per prompt (see :func:`merge_nested`).
     ``batch_prompts``: prompts searched side by side (their rows share each forward);
     ``max_rows``: the most rows in one forward (memory: the learning's rows keep their
     activations for the backward). Neither changes the result beyond float rounding.
@@ -99,6 +110,7 @@ class MaskSearch:
     seed: int = 0
     merge: bool = True
     max_candidates: int = 2
+    greedy_bound: bool = True
     batch_prompts: int = 4
     max_rows: int = 64
 
@@ -123,6 +135,10 @@ class MergeChoice:
     logp: Float[Tensor, "size vocab"] = field(repr=False)
     #: masked forward rows measured (one per distinct candidate per size)
     rows: int = 0
+    #: per size: the merged subgraph is the first ranking's own prefix
+    greedy_prefix: Bool[Tensor, " size"] | None = field(default=None, repr=False)
+    #: sizes at which the chain went back to the first ranking's prefix after leaving it
+    restarts: int = 0
 
 
 @dataclass
@@ -153,6 +169,9 @@ class LearnedOrder:
             out["merge_counts"] = self.merge.counts.tolist()
             out["merge_choice"] = self.merge.choice.tolist()
             out["merge_rows"] = self.merge.rows
+            out["merge_restarts"] = self.merge.restarts
+            if self.merge.greedy_prefix is not None:
+                out["merge_greedy_prefix"] = self.merge.greedy_prefix.tolist()
         return out
 
 
@@ -381,49 +400,117 @@ def learn_order(
 
 
 @dataclass
+class _State:
+    """One measured subgraph of a prompt's merge at one edge count."""
+
+    mask: Tensor | None  # bool [edge]; dropped once no later state can grow from it
+    block: Tensor  # the edges added to the predecessor's, in the order they are ranked
+    pred: int  # index among the previous count's states (-1: the empty subgraph)
+    ranking: int  # the candidate ranking whose edges the block is
+    kl: float
+    tv: float
+    logp: Tensor | None  # dropped once the state cannot be on the chosen path
+    path_tv: float  # sum of TV over the path that ends here
+    greedy_prefix: bool  # the first ranking's own prefix
+    restart: bool = False  # the first ranking's prefix entered while the chain had left it
+
+
+@dataclass
 class _Chain:
-    """The state of one prompt's nested merge."""
+    """The state of one prompt's nested merge: the measured states per count, the chain's
+    current one and (``bound``) the first ranking's prefix measured at every count."""
 
     rankings: Sequence[Tensor]
     counts: list[int]
-    taken: Tensor
-    blocks: list[Tensor] = field(default_factory=list)
-    chosen: list[int] = field(default_factory=list)
-    kls: list[float] = field(default_factory=list)
-    logps: list[Tensor] = field(default_factory=list)
+    bound: bool
+    levels: list[list[_State]] = field(default_factory=list)
+    current: int = 0
     rows: int = 0
-    prev: int = 0
 
-    def candidates(self, k: int) -> list[tuple[int, Tensor]]:
-        """Each ranking's next ``k - prev`` edges not taken yet, distinct as sets."""
-        cands: list[tuple[int, Tensor]] = []
-        keys: list[Tensor] = []
-        for i, r in enumerate(self.rankings):
-            block = r[~self.taken[r.long()]][: k - self.prev]
-            key = torch.sort(block).values
-            if not any(torch.equal(key, other) for other in keys):
-                cands.append((i, block))
-                keys.append(key)
+    def __post_init__(self) -> None:
+        first = self.rankings[0].long()
+        self.position = torch.empty(len(first), dtype=torch.long)
+        self.position[first] = torch.arange(len(first))
+
+    def _prev(self) -> tuple[Tensor, int]:
+        if not self.levels:
+            return torch.zeros(len(self.position), dtype=torch.bool), 0
+        state = self.levels[-1][self.current]
+        assert state.mask is not None
+        return state.mask, int(state.mask.sum())
+
+    def candidates(self, i: int) -> list[_State]:
+        """The chain's extensions by each ranking's next edges not taken yet, distinct as
+        sets; with ``bound``, also the first ranking's own prefix of ``counts[i]`` edges
+        when no extension is it, grown from the measured state below it with the lowest
+        path TV (the previous count's prefix is always one)."""
+        k = self.counts[i]
+        taken, prev = self._prev()
+        cands: list[_State] = []
+        masks: list[Tensor] = []
+        prefix = self.position < k
+        for r, ranking in enumerate(self.rankings):
+            block = ranking[~taken[ranking.long()]][: k - prev]
+            mask = taken.clone()
+            mask[block.long()] = True
+            if any(torch.equal(mask, m) for m in masks):
+                continue
+            masks.append(mask)
+            same = bool(torch.equal(mask, prefix))
+            cands.append(_State(mask, block, self.current, r, 0.0, 0.0, None, 0.0, same))
+        if self.bound and not any(c.greedy_prefix for c in cands):
+            below = self.levels[-1]  # not empty: at the first count ranking 0 gives the prefix
+            inside = [j for j, b in enumerate(below) if not (b.mask & ~prefix).any()]  # type: ignore[operator]
+            pred = min(inside, key=lambda j: below[j].path_tv)
+            base = below[pred].mask
+            first = self.rankings[0][:k]
+            block = first[~base[first.long()]]  # type: ignore[index]
+            cands.append(_State(prefix, block, pred, 0, 0.0, 0.0, None, 0.0, True, True))
         return cands
 
-    def take(self, k: int, cand: tuple[int, Tensor], kl: float, logp: Tensor) -> None:
-        index, block = cand
-        self.blocks.append(block)
-        self.taken[block.long()] = True
-        self.chosen.append(index)
-        self.kls.append(kl)
-        self.logps.append(logp)
-        self.prev = k
+    def take(self, cands: list[_State], kl: Tensor, tv: Tensor, logp: Tensor) -> None:
+        """Records the measured candidates; the chain continues from the one with the lowest
+        KL among those (``bound``) whose TV is at most the first ranking's prefix's."""
+        below = self.levels[-1] if self.levels else []
+        bound = next((float(t) for c, t in zip(cands, tv) if c.greedy_prefix), math.inf)
+        level = []
+        for c, kl_c, tv_c, logp_c in zip(cands, kl.tolist(), tv.tolist(), logp):
+            if self.bound and tv_c > bound:
+                continue  # cannot be on a path that is never worse than the prefix
+            c.kl, c.tv, c.logp = kl_c, tv_c, logp_c
+            c.path_tv = tv_c + (below[c.pred].path_tv if below else 0.0)
+            level.append(c)
+        # the first of equal minima: the earlier ranking, the prefix entered last
+        self.current = min(range(len(level)), key=lambda j: level[j].kl)
+        self.rows += len(cands)
+        used = {c.pred for c in level}
+        for j, b in enumerate(below):
+            b.mask = None  # the next count's candidates grow from this level's states
+            if j not in used:
+                b.logp = None
+        self.levels.append(level)
 
     def result(self, vocab: int) -> tuple[Tensor, MergeChoice]:
+        path: list[_State] = []
+        j = self.current
+        for level in reversed(self.levels):
+            path.append(level[j])
+            j = level[j].pred
+        path.reverse()
         first = self.rankings[0]
-        blocks = [*self.blocks, first[~self.taken[first.long()]]]
+        taken = torch.zeros(len(first), dtype=torch.bool)
+        blocks = [p.block for p in path]
+        for b in blocks:
+            taken[b.long()] = True
+        blocks.append(first[~taken[first.long()]])
         return torch.cat(blocks).to(torch.int32), MergeChoice(
-            counts=torch.tensor(self.counts[: len(self.chosen)], dtype=torch.long),
-            choice=torch.tensor(self.chosen, dtype=torch.long),
-            kl=torch.tensor(self.kls, dtype=torch.float64),
-            logp=torch.stack(self.logps) if self.logps else torch.zeros(0, vocab),
+            counts=torch.tensor(self.counts[: len(path)], dtype=torch.long),
+            choice=torch.tensor([p.ranking for p in path], dtype=torch.long),
+            kl=torch.tensor([p.kl for p in path], dtype=torch.float64),
+            logp=torch.stack([p.logp for p in path]) if path else torch.zeros(0, vocab),  # type: ignore[misc]
             rows=self.rows,
+            greedy_prefix=torch.tensor([p.greedy_prefix for p in path], dtype=torch.bool),
+            restarts=sum(p.restart for p in path),
         )
 
 
@@ -437,6 +524,7 @@ def merge_nested_many(
     ablate_attention_edges: bool = True,
     logp_full: Sequence[Tensor],
     max_rows: int = 64,
+    greedy_bound: bool = True,
 ) -> list[tuple[Int[Tensor, " edge"], MergeChoice]]:
     """:func:`merge_nested` for the prompts of a right-padded ``batch`` (row p: prompt p),
     in lockstep: the candidates of every prompt at its i-th count are measured in one
@@ -449,16 +537,11 @@ def merge_nested_many(
             if r.shape != (graph.n_edges,):
                 raise ValueError(f"A candidate ranking must order all {graph.n_edges} edges.")
         ks = sorted({int(c) for c in count.tolist() if 0 < int(c) < graph.n_edges})
-        chains.append(_Chain(ranks, ks, torch.zeros(graph.n_edges, dtype=torch.bool)))
+        chains.append(_Chain(ranks, ks, greedy_bound))
     for i in range(max((len(c.counts) for c in chains), default=0)):
         live = [p for p, c in enumerate(chains) if i < len(c.counts)]
-        cands = {p: chains[p].candidates(chains[p].counts[i]) for p in live}
-        keeps = []
-        for p in live:
-            keep = chains[p].taken[None].repeat(len(cands[p]), 1)
-            for c, (_, block) in enumerate(cands[p]):
-                keep[c, block.long()] = True
-            keeps.append(keep)
+        cands = {p: chains[p].candidates(i) for p in live}
+        keeps = [torch.stack([c.mask for c in cands[p]]) for p in live]  # type: ignore[misc]
         with torch.no_grad():
             logps = masked_rows(
                 model,
@@ -470,12 +553,10 @@ def merge_nested_many(
                 max_rows=max_rows,
             )
         for p, logp in zip(live, logps):
-            chain = chains[p]
-            chain.rows += len(cands[p])
-            target = logp_full[p].detach()
-            kl = kl_divergence(target.expand_as(logp), logp).clamp(min=0).double().cpu()
-            best = int(torch.argmin(kl))  # the first of equal minima: the earlier ranking
-            chain.take(chain.counts[i], cands[p][best], float(kl[best]), logp[best].cpu())
+            target = logp_full[p].detach().expand_as(logp)
+            kl = kl_divergence(target, logp).clamp(min=0).double().cpu()
+            tv = tv_distance(target, logp).double().cpu()
+            chains[p].take(cands[p], kl, tv, logp.detach().cpu())
     return [c.result(int(logp_full[p].shape[-1])) for p, c in enumerate(chains)]
 
 
@@ -489,6 +570,7 @@ def merge_nested(
     ablate_attention_edges: bool = True,
     logp_full: Float[Tensor, " vocab"],
     max_rows: int = 64,
+    greedy_bound: bool = True,
 ) -> tuple[Int[Tensor, " edge"], MergeChoice]:
     """One nested ranking that, size by size, continues with whichever candidate measures best.
 
@@ -498,11 +580,21 @@ def merge_nested(
     position, one batch) and the one with the lowest KL is kept (ties: the earlier ranking).
     So the first size is the best of the rankings' own prefixes, and wherever ``S`` lies
     inside the first ranking's prefix of size ``k`` (the greedy's, e.g. while the greedy has
-    been chosen all along), the chain is at least as good as that prefix. If every ranking
-    has all its prefixes connected to the output (as :func:`greedy_order` rankings have),
-    so has the merge: an edge's target is reached by an edge earlier in its own ranking,
-    which is in ``S`` or earlier in the block. After the last count the first ranking
-    continues. Cost: one masked forward of at most ``len(rankings)`` rows per count.
+    been chosen all along), the extension by the first ranking is that prefix.
+
+    ``greedy_bound`` (the default): the first ranking's prefix of ``k`` edges ``G_k`` is
+    measured at every count (one more row where no extension is it); extensions whose TV is
+    above ``G_k``'s are dropped; ``G_k`` itself stays, grown from the kept state of the
+    previous count that it contains with the lowest sum of TV along its path (``G_k_prev``
+    always qualifies), and the chain continues from the kept state with the lowest KL. The
+    ranking is the path of kept states that ends at the last count's chosen one, so at every
+    count its TV is at most ``G_k``'s. False: KL alone, the chain itself is the ranking.
+
+    If every ranking has all its prefixes connected to the output (as :func:`greedy_order`
+    rankings have), so has the merge: an edge's target is reached by an edge earlier in its
+    own ranking, which is in the predecessor or earlier in the block (for ``G_k``, the
+    block is the first ranking's order). After the last count the first ranking continues.
+    Cost: one masked forward of at most ``len(rankings)`` (+1 with the bound) rows per count.
     """
     check_edge_hook_points(model)
     with model_untouched(model):
@@ -515,6 +607,7 @@ def merge_nested(
             ablate_attention_edges=ablate_attention_edges,
             logp_full=[logp_full],
             max_rows=max_rows,
+            greedy_bound=greedy_bound,
         )
     return order, choice
 
@@ -596,6 +689,7 @@ def _search_part(
         ablate_attention_edges=ablate,
         logp_full=logp_full,
         max_rows=search.max_rows,
+        greedy_bound=search.greedy_bound,
     )
     for fit, (order, choice) in zip(fits, merged):
         fit.order, fit.merge = order, choice
