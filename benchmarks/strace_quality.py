@@ -164,6 +164,7 @@ def optimality(model: object, name: str, args: argparse.Namespace) -> list[dict[
                     nested=nested,
                     progress=False,
                     inverse=False,
+                    **args.mask_options,
                 )
                 t3 = time.perf_counter()
                 opt, got = optima[per], learned.metrics["kl"]
@@ -193,8 +194,8 @@ def optimality(model: object, name: str, args: argparse.Namespace) -> list[dict[
 def baselines(model: object, name: str, args: argparse.Namespace) -> None:
     prompts = dev_prompts(args.n_baseline_prompts, args.words)
     methods = {
-        "mask (nested)": {"method": "mask", "nested": True},
-        "mask (independent)": {"method": "mask", "nested": False},
+        "mask (nested)": {"method": "mask", "nested": True, **args.mask_options},
+        "mask (independent)": {"method": "mask", "nested": False, **args.mask_options},
         "random": {"method": "random"},
         "greedy": {"method": "greedy"},
         "attribution": {"method": "attribution"},
@@ -267,6 +268,12 @@ def main() -> None:
         nargs="+",
         default=None,
         help="baseline-table rows to run, e.g. 'mask (nested)' random (default: all)",
+    )
+    parser.add_argument(
+        "--mask-options",
+        type=json.loads,
+        default={},
+        help='options of every "mask" run, as JSON, e.g. \'{"steps": 4, "grow_width": 1}\'',
     )
     parser.add_argument("--skip-optimality", action="store_true")
     parser.add_argument("--skip-baselines", action="store_true")

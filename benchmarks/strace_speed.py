@@ -3,7 +3,9 @@
 For each model: 16 dev prompts; the median of ``--repeats`` bare forward+backward passes
 (cross-entropy on the batch, backward to the parameters); one default-grid ``trace`` per
 input (method "mask", nested and independent), and one run for a single size; all in one
-run, so the ratios compare like with like on this (shared, noisy) machine.
+run, so the ratios compare like with like on this (shared, noisy) machine. ``--curve
+LABEL=JSON`` (repeatable) times further nested curves with the given mask options side by
+side with the default one, e.g. ``--curve 'fast={"steps": 4, "grow_width": 1}'``.
 
     python benchmarks/strace_speed.py --models gemma-3-270m smollm2-135m
 """
@@ -11,6 +13,7 @@ run, so the ratios compare like with like on this (shared, noisy) machine.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -53,17 +56,30 @@ def main() -> None:
         "--no-single", action="store_true", help="skip the single-size run (the curve only)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--curve",
+        action="append",
+        default=[],
+        type=_labelled_options,
+        help="LABEL=JSON: also time a nested curve with these mask options (repeatable)",
+    )
+    parser.add_argument("--no-default", action="store_true", help="skip the default nested curve")
+    parser.add_argument("--words", type=int, default=None, help="cut prompts to their last N words")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompts = [line.split("\t")[0] for line in DATA.read_text("utf-8").splitlines()[: args.n]]
+    if args.words:
+        prompts = [" ".join(p.split(" ")[-args.words :]) for p in prompts]
     for name in args.models:
         model = sl.load_model(name, device="cpu")
         batch = sl.tokenize(model, prompts)
         bare = statistics.median(bare_fwd_bwd(model, batch) for _ in range(args.repeats))
         runs = {}
-        configs: dict[str, dict[str, object]] = {
-            "curve, nested": {"nested": True},
-        }
+        configs: dict[str, dict[str, object]] = {}
+        if not args.no_default:
+            configs["curve, nested"] = {"nested": True}
+        for label, options in args.curve:
+            configs[f"curve, {label}"] = {"nested": True, **options}
         if not args.no_single:
             n_nodes = len(sl.NodeGraph.from_model(model))
             configs["single size"] = {"sizes": [max(1, n_nodes // 10)]}
@@ -82,14 +98,24 @@ def main() -> None:
         for label, (secs, res, ran) in runs.items():
             o = res.options
             print(
-                f"  {label:20s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
+                f"  {label:24s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
                 f"({len(res.sizes)} sizes; search rows {o['search_rows']}, "
                 f"eval rows {o['eval_rows']}; rows run {ran}, a gradient row counted "
                 f"{GRADIENT_ROW_COST})"
             )
-        if "single size" in runs:
+        if "single size" in runs and "curve, nested" in runs:
             single = runs["single size"][0]
             print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")
+
+
+def _labelled_options(text: str) -> tuple[str, dict[str, object]]:
+    label, sep, options = text.partition("=")
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"--curve takes LABEL=JSON, got {text!r}.")
+    value = json.loads(options)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--curve {label}: the options must be a JSON object.")
+    return label, value
 
 
 if __name__ == "__main__":

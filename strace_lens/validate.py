@@ -107,6 +107,12 @@ def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 def as_sizes(sizes: Any) -> Any:
     """Sizes with numpy/torch scalars turned into Python ints and floats (range checked later)."""
     if sizes is None or isinstance(sizes, Tensor):
@@ -240,6 +246,12 @@ def method_option_specs(method: str) -> dict[str, tuple[Any, Callable[[Any], Any
             "refine_rounds": (d.refine_rounds, _positive_int("refine_rounds", 0, True)),
             "refine_width": (d.refine_width, _positive_int("refine_width", 1, True)),
             "grow_width": (d.grow_width, _positive_int("grow_width")),
+            "grow_narrow_from": (
+                d.grow_narrow_from,
+                _positive_int("grow_narrow_from", 0, True),
+            ),
+            "grow_single_steps": (d.grow_single_steps, _positive_int("grow_single_steps", 0)),
+            "grow_gradient": (d.grow_gradient, lambda v: _flag(v, "option grow_gradient")),
         }
     if method == "random":
         return {"draws": (5, _positive_int("draws"))}

@@ -48,7 +48,7 @@ from strace_lens.search.local_search import (
     swap_refine,
 )
 from strace_lens.search.mask_options import MaskOptions
-from strace_lens.search.nested import GROW_SINGLE_STEPS, grow_nested, growth_steps
+from strace_lens.search.nested import GROW_SINGLE_STEPS, grow_nested, grow_width, growth_steps
 from strace_lens.search.objective import SubgraphObjective
 from strace_lens.search.ranking import top_s
 from strace_lens.search.relaxation import (
@@ -139,10 +139,13 @@ def planned_mask_rows(
     rows = g * n_p if opts.init == "attribution" else 0
     rows += g * opts.steps * n_p * opts.sizes_per_step
     if nested:
-        proposals = GROWTH_PICKS + 3 * opts.grow_width
-        for size, _ in growth_steps(sizes):
+        orders = 3 if opts.grow_gradient else 2  # ranking, write norms (, gradient)
+        held = 0
+        for size, _ in growth_steps(sizes, opts.grow_single_steps):
             if 0 < size < n_cand:
-                rows += g * n_p + grouping.n_groups * per_group * proposals
+                proposals = GROWTH_PICKS - (3 - orders) + orders * grow_width(opts, held)
+                rows += g * n_p * opts.grow_gradient + grouping.n_groups * per_group * proposals
+            held = size
         rounds, width = refine_budget(opts, n_cand)
         if n_cand <= SMALL_CANDIDATE_SET or opts.refine_rounds is not None:
             trials = grouping.n_groups * width * per_group * max(n_s // 2, 1)

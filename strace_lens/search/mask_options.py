@@ -24,6 +24,14 @@ class MaskOptions:
     refine_rounds: int | None = None  # swap-search rounds (None: auto)
     refine_width: int | None = None  # nodes on each side of the boundary tried (None: auto)
     grow_width: int = 4  # nested: single-node seeds measured per size while growing
+    # nested: from a subgraph of this many nodes on, one seed per order (None: grow_width)
+    grow_narrow_from: int | None = None
+    # nested: grow one node at a time through the sizes between two grid sizes at most this
+    # many apart (0: grow straight from grid size to grid size)
+    grow_single_steps: int = 4
+    # nested: propose by the gradient at the current subgraph (one forward+backward per
+    # growth step); False: by the ranking and the write-norm order only, no backward
+    grow_gradient: bool = True
 
     def __post_init__(self) -> None:
         if self.init not in ("attribution", "zeros"):

@@ -13,7 +13,8 @@ from strace_lens.search.ranking import rank_positions
 from strace_lens.search.relaxation import row_weights
 from strace_lens.types import Per
 
-#: the nested growth adds nodes one at a time while a grid step adds at most this many
+#: the nested growth adds nodes one at a time while a grid step adds at most this many (the
+#: default of ``MaskOptions.grow_single_steps``)
 GROW_SINGLE_STEPS = 4
 
 
@@ -28,16 +29,18 @@ def grow_nested(
     """A nested family grown size by size, each step chosen among proposals measured exactly.
 
     The subgraph of each grid size holds the one of the size before, plus d new nodes (added
-    one at a time through the sizes in between while d <= ``GROW_SINGLE_STEPS``). The
+    one at a time through the sizes in between while d <= ``opts.grow_single_steps``). The
     proposals for the new nodes: the top d outside nodes by the learned ranking, by the
-    gradient -dKL/dm at the current subgraph (one batched forward+backward per step), by the
-    ``guide`` scores when given (trace passes the order of the write-norm best-first search),
-    and by all ranks together; and, for each of the ``grow_width`` best single nodes by each
-    score, that node plus the best d - 1 of the rest. Every proposal is run with its hard
-    mask and the lowest KL is kept. Why: a ranking read off as top-s is tuned for all sizes
-    at once, so a node that helps only alongside many others can lead the family and make the
-    smallest subgraphs worse than random; measuring each size's growth keeps every size honest,
-    while the ranking still brings in what the gradient at one point cannot see.
+    gradient -dKL/dm at the current subgraph (one batched forward+backward per step; not
+    with ``opts.grow_gradient=False``, whose proposals then run whole: no pass fills the
+    residual cache they would resume from), by the ``guide`` scores when given (trace passes
+    the order of the write-norm best-first search), and by all ranks together; and, for each
+    of the ``grow_width`` best single nodes by each score (one from ``grow_narrow_from`` nodes
+    on), that node plus the best d - 1 of the rest. Every proposal is run with its hard mask
+    and the lowest KL is kept. Why: a ranking read off as top-s is tuned for all sizes at
+    once, so a node that helps only alongside many others can lead the family and make the
+    smallest subgraphs worse than random; measuring each size's growth keeps every size
+    honest, while the ranking still brings in what the gradient at one point cannot see.
     """
     n_groups, n_c = ranking.shape
     n_p = objective.n_prompts
@@ -52,31 +55,35 @@ def grow_nested(
     # the layer of each candidate: a proposal runs from the current subgraph's residual
     # entering the layer of its earliest new node (blocks below it are skipped)
     cand_layer = torch.nonzero(objective.candidates.cpu()).flatten() // objective.units_per_layer
-    store = objective.residual_store() if objective.can_resume() else None
+    resume = opts.grow_gradient and objective.can_resume()
+    store = objective.residual_store() if resume else None
     if guide is not None:
         rank_orders["guide"] = rank_positions(guide.float())
-    for size, j in growth_steps(sizes):
+    for size, j in growth_steps(sizes, opts.grow_single_steps):
         d = size - int(current[0].sum())
         if d <= 0 or size == n_c:
             current = current | (size == n_c)
             if j >= 0:
                 out[:, j] = current
             continue
-        m = current[group_of_row].float().to(device).requires_grad_(True)
-        objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights, store)
-        assert m.grad is not None
-        grad = torch.zeros(n_groups, n_c).index_add_(0, group_of_row, m.grad.cpu())
-        orders = {**rank_orders, "grad": rank_positions(-grad)}
+        orders = dict(rank_orders)
+        if opts.grow_gradient:
+            m = current[group_of_row].float().to(device).requires_grad_(True)
+            objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights, store)
+            assert m.grad is not None
+            grad = torch.zeros(n_groups, n_c).index_add_(0, group_of_row, m.grad.cpu())
+            orders["grad"] = rank_positions(-grad)
+        width = grow_width(opts, size - d)
         proposals: list[Tensor] = []
         owner: list[int] = []
         for g in range(n_groups):
             orders_g = {key: order[g] for key, order in orders.items()}
-            for pick in _proposals(orders_g, ~current[g], d, opts.grow_width):
+            for pick in _proposals(orders_g, ~current[g], d, width):
                 proposals.append(current[g] | pick)
                 owner.append(g)
         owners = torch.tensor(owner)
         stacked = torch.stack(proposals)
-        start = _first_new_layer(stacked, current[owners], cand_layer)
+        start = _first_new_layer(stacked, current[owners], cand_layer) if resume else None
         # at a grid size, the winner's log-probs are kept for the evaluation (one prompt per
         # group only: a shared group's winner is known after all its prompts' rows)
         best = _BestRow(owners) if j >= 0 and not grouping.shared else None
@@ -125,13 +132,23 @@ def _first_new_layer(
     return layers.min(-1).values.clamp(max=int(cand_layer.max()))
 
 
-def growth_steps(sizes: Int[Tensor, " size"]) -> list[tuple[int, int]]:
+def grow_width(opts: MaskOptions, held: int) -> int:
+    """Single-node seeds per order for a growth step from a subgraph of ``held`` nodes:
+    ``opts.grow_width``, or one from ``opts.grow_narrow_from`` nodes on (the small sizes are
+    where the seeds find what the orders miss; see docs/search-quality.md)."""
+    narrow = opts.grow_narrow_from is not None and held >= opts.grow_narrow_from
+    return 1 if narrow else opts.grow_width
+
+
+def growth_steps(
+    sizes: Int[Tensor, " size"], single_steps: int = GROW_SINGLE_STEPS
+) -> list[tuple[int, int]]:
     """(size, grid index or -1 for a size in between) of every growth step: a grid step that
-    adds at most ``GROW_SINGLE_STEPS`` nodes goes through every size in between."""
+    adds at most ``single_steps`` nodes goes through every size in between."""
     steps: list[tuple[int, int]] = []
     held = 0
     for j, size in enumerate(sizes.tolist()):
-        if size - held <= GROW_SINGLE_STEPS:
+        if size - held <= single_steps:
             steps += [(t, -1) for t in range(held + 1, size)]
         steps.append((size, j))
         held = size
@@ -170,4 +187,4 @@ def _top_outside(score: Tensor, outside: Tensor, k: int) -> Tensor:
     return pick
 
 
-__all__ = ["GROW_SINGLE_STEPS", "grow_nested", "growth_steps"]
+__all__ = ["GROW_SINGLE_STEPS", "grow_nested", "grow_width", "growth_steps"]
