@@ -1,5 +1,5 @@
-"""Helpers shared by the dataset-run and command-line tests of the edge and token
-granularities (tests/test_edge_stack.py, tests/test_token_granularity.py)."""
+"""Helpers shared by several test files: the dataset-run and command-line checks of the edge
+and token granularities, and the node search objective of the search-level tests."""
 
 from __future__ import annotations
 
@@ -28,3 +28,21 @@ def assert_one_line_error(err: str, message: str, out) -> None:
     folder ``out`` created."""
     assert err.startswith("strace-lens: error:") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def node_objective(model, prompts, ablation="mean", batch_size=None):
+    """The node search's objective on ``prompts`` with every node a candidate (what the
+    search-level tests of the growth, read-back, resumed rows, local search and memory use)."""
+    import torch
+
+    import strace_lens as sl
+    from strace_lens.ablation import resolve_ablation
+    from strace_lens.masked_forward import forward_logprobs
+    from strace_lens.search.objective import SubgraphObjective
+
+    graph = sl.NodeGraph.from_model(model)
+    batch = sl.tokenize(model, prompts)
+    logp_full = forward_logprobs(model, batch, [])
+    abl = resolve_ablation(ablation, model, prompts, progress=False)
+    cand = torch.ones(len(graph), dtype=torch.bool)
+    return SubgraphObjective(model, graph, batch, logp_full, abl, cand, batch_size)

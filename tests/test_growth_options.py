@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from run_helpers import node_objective
 
 import strace_lens as sl
-from strace_lens.ablation import resolve_ablation
 from strace_lens.hygiene import model_untouched
-from strace_lens.masked_forward import forward_logprobs
 from strace_lens.search.mask_options import MaskOptions
 from strace_lens.search.nested import grow_nested, grow_width, growth_steps
-from strace_lens.search.objective import SubgraphObjective
 from strace_lens.tiny_model import tiny_model
 
 PROMPTS = ["hello there friend", "a b", "the quick brown fox jumps over"]
@@ -26,12 +24,7 @@ def tiny():
 
 
 def _objective(model, ablation="mean"):
-    graph = sl.NodeGraph.from_model(model)
-    batch = sl.tokenize(model, PROMPTS)
-    logp_full = forward_logprobs(model, batch, [])
-    abl = resolve_ablation(ablation, model, PROMPTS, progress=False)
-    cand = torch.ones(len(graph), dtype=torch.bool)
-    return SubgraphObjective(model, graph, batch, logp_full, abl, cand)
+    return node_objective(model, PROMPTS, ablation)
 
 
 def test_growth_steps_go_through_the_sizes_in_between_only_while_asked():

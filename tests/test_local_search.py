@@ -12,11 +12,10 @@ import math
 
 import pytest
 import torch
+from run_helpers import node_objective
 
 import strace_lens as sl
-from strace_lens.ablation import resolve_ablation
 from strace_lens.hygiene import model_untouched
-from strace_lens.masked_forward import forward_logprobs
 from strace_lens.search.mask_learning import (
     CHAIN_EPS,
     MaskOptions,
@@ -25,7 +24,6 @@ from strace_lens.search.mask_learning import (
     swap_refine,
     top_s,
 )
-from strace_lens.search.objective import SubgraphObjective
 
 SIZES = torch.tensor([2, 4, 8])
 
@@ -36,12 +34,7 @@ def toks():
 
 
 def _objective(model, toks, ablation="zero"):
-    graph = sl.NodeGraph.from_model(model)
-    batch = sl.tokenize(model, toks)
-    logp_full = forward_logprobs(model, batch, [])
-    abl = resolve_ablation(ablation, model, toks, progress=False)
-    cand = torch.ones(len(graph), dtype=torch.bool)
-    return SubgraphObjective(model, graph, batch, logp_full, abl, cand)
+    return node_objective(model, toks, ablation)
 
 
 def _kl(model, toks, masks, ablation):

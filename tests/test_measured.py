@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from run_helpers import node_objective
 
 import strace_lens as sl
-from strace_lens.ablation import resolve_ablation
 from strace_lens.evaluate import embed_candidates, evaluate_masks
 from strace_lens.hygiene import model_untouched
-from strace_lens.masked_forward import forward_logprobs, hooked_layers, node_hooks
+from strace_lens.masked_forward import hooked_layers, node_hooks
 from strace_lens.search.grouping import RowGrouping
 from strace_lens.search.mask_options import MaskOptions
 from strace_lens.search.measured import MeasuredRows
 from strace_lens.search.nested import grow_nested
-from strace_lens.search.objective import SubgraphObjective
 from strace_lens.tiny_model import tiny_model
 
 PROMPTS = ["hello there friend", "a b", "the quick brown fox jumps over"]
@@ -28,12 +27,7 @@ def tiny():
 
 
 def _objective(model, ablation):
-    graph = sl.NodeGraph.from_model(model)
-    batch = sl.tokenize(model, PROMPTS)
-    logp_full = forward_logprobs(model, batch, [])
-    abl = resolve_ablation(ablation, model, PROMPTS, progress=False)
-    cand = torch.ones(len(graph), dtype=torch.bool)
-    return SubgraphObjective(model, graph, batch, logp_full, abl, cand)
+    return node_objective(model, PROMPTS, ablation)
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])

@@ -7,14 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from run_helpers import node_objective
 
 import strace_lens as sl
 from strace_lens import memory
-from strace_lens.ablation import resolve_ablation
 from strace_lens.hygiene import model_untouched
-from strace_lens.masked_forward import forward_logprobs
 from strace_lens.search import objective as objective_module
-from strace_lens.search.objective import SubgraphObjective
 from strace_lens.tiny_model import tiny_model
 
 PROMPTS = ["hello there friend", "a b", "the quick brown fox jumps over", "one two three"]
@@ -75,12 +73,7 @@ def test_out_of_memory_errors_are_recognised():
 
 
 def _objective(model, batch_size=None):
-    graph = sl.NodeGraph.from_model(model)
-    batch = sl.tokenize(model, PROMPTS)
-    logp_full = forward_logprobs(model, batch, [])
-    abl = resolve_ablation("mean", model, PROMPTS, progress=False)
-    cand = torch.ones(len(graph), dtype=torch.bool)
-    return SubgraphObjective(model, graph, batch, logp_full, abl, cand, batch_size)
+    return node_objective(model, PROMPTS, "mean", batch_size)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from run_helpers import node_objective
 
 import strace_lens as sl
 from strace_lens.ablation import resolve_ablation
@@ -29,12 +30,7 @@ def prompts():
 
 
 def _objective(model, prompts, ablation="mean"):
-    graph = sl.NodeGraph.from_model(model)
-    batch = sl.tokenize(model, prompts)
-    logp_full = forward_logprobs(model, batch, [])
-    abl = resolve_ablation(ablation, model, prompts, progress=False)
-    cand = torch.ones(len(graph), dtype=torch.bool)
-    return SubgraphObjective(model, graph, batch, logp_full, abl, cand)
+    return node_objective(model, prompts, ablation)
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
