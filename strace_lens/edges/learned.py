@@ -60,7 +60,9 @@ prefix). ``batch_prompts`` prompts run side by side: one forward per learning st
 per merge size carries the rows of all of them, and the model is entered
 (:func:`model_untouched`, the hook check) once per search: entered per forward, they took
 32.7 s against 47.9 s of forwards in a profile of the one-prompt-at-a-time search
-(docs/edge-learned.md, "Where the time went").
+(docs/edge-learned.md, "Where the time went"). The trace's evaluation then runs nothing of
+this again: the reference row and every merged size's subgraph are read back
+(:mod:`strace_lens.edges.measured`), so on the paper's grid it runs no row.
 """
 
 from __future__ import annotations
