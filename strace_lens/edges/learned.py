@@ -62,7 +62,7 @@ per merge size carries the rows of all of them, and the model is entered
 32.7 s against 47.9 s of forwards in a profile of the one-prompt-at-a-time search
 (docs/edge-learned.md, "Where the time went"). The trace's evaluation then runs nothing of
 this again: the reference row and every merged size's subgraph are read back
-(:mod:`strace_lens.edges.measured`), so on the paper's grid it runs no row.
+(:mod:`strace_lens.edges.measured`), so it runs only the sizes that keep no edge.
 """
 
 from __future__ import annotations

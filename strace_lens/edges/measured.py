@@ -5,17 +5,18 @@ at every grid size, the hard subgraph it keeps, and the final ranking's prefix o
 *is* that subgraph; the search also runs each prompt's all-edges reference row. The
 evaluation of :func:`~strace_lens.edges.trace.edge_trace` scores exactly those prefixes
 against exactly that reference, so it reads their log-probs back instead of running them a
-second time (the node search does the same, :mod:`strace_lens.search.measured`). On the
-paper's grid every size between the empty and the whole graph is a merged size, so the
-learned curve's evaluation then runs no row at all.
+second time (the node search does the same, :mod:`strace_lens.search.measured`). Every
+grid size that keeps at least one edge and not all of them is a merged size, so the learned
+curve's evaluation runs only the sizes that keep no edge (``int(s * E) = 0``).
 
 What a row read back differs in: only the batch it ran in. Every edge-masked forward hooks
 every layer the same way whatever its masks (:func:`~strace_lens.edges.forward.edge_hooks`),
 so, unlike the node read-back, there is no hook condition; but the merge ran a size's rows
 with other candidates and other prompts (right-padded), the evaluation one prompt's sizes
 together, and on a CPU the matrix kernels round differently for different batch shapes.
-Measured in tests/test_edge_learned.py (tiny model, float64) and benchmarks/edge_learned.py
-(SmolLM2, float32): docs/edge-learned.md.
+On the tiny model that changes no bit (tests/test_edge_read_back.py, float64 and float32);
+on SmolLM2 (float32) TV moved by at most 1.6e-6 and KL by 9.3e-6 nats, no shared nucleus or
+top-1 token (benchmarks/edge_learned.py, docs/edge-learned.md).
 """
 
 from __future__ import annotations
