@@ -17,6 +17,7 @@ from strace_lens.edges import (
     edge_tokenize,
     edge_trace,
     edge_weights,
+    evaluate_subgraphs,
     greedy_order,
     run_with_edge_masks,
 )
@@ -60,7 +61,7 @@ def previous_evaluation(model, result, ablate, max_rows=32):
     an all-edges reference row, run as rows of the prompt's own batch."""
     batch = edge_tokenize(model, result.prompts)
     dtype = next(model.parameters()).dtype
-    metrics, tops, fulls = [], [], []
+    metrics, tops, fulls, rows = [], [], [], []
     for p in range(result.n_prompts):
         graph = result.graph(p)
         keep = torch.zeros(len(result.grid) + 1, graph.n_edges, dtype=dtype)
@@ -80,13 +81,14 @@ def previous_evaluation(model, result, ablate, max_rows=32):
             ]
         )
         sub, full = logp[:-1], logp[-1]
+        rows.append((sub, full))
         scores = fidelity(full.expand_as(sub), sub)
         scores["top1"] = (sub.argmax(-1) == full.argmax(-1)).float()
         metrics.append(scores)
         tops.append(sub.argmax(-1))
         fulls.append(full)
     stacked = {k: torch.stack([m[k] for m in metrics]) for k in metrics[0]}
-    return stacked, torch.stack(tops), torch.stack(fulls)
+    return stacked, torch.stack(tops), torch.stack(fulls), rows
 
 
 def assert_same_results(result, previous):
@@ -94,7 +96,7 @@ def assert_same_results(result, previous):
     bit for bit. The rows read back ran in other batches (the merge's: right-padded, with
     other candidates and prompts); on the tiny model that does not change a bit (float64
     and float32 alike), on SmolLM2 it does at float32 rounding (docs/edge-learned.md)."""
-    metrics, tops, fulls = previous
+    metrics, tops, fulls, _ = previous
     assert set(result.metrics) == set(metrics)
     for key, values in metrics.items():
         assert torch.equal(result.metrics[key].double(), values.double()), key
@@ -139,7 +141,19 @@ def test_mask_trace_reads_back_the_search_rows(byte_tiny, rows_run, ablate, whic
     assert trace_rows == search_rows + unmeasured * len(PROMPTS)
     previous_rows = search_rows + (len(GRID) + 1) * len(PROMPTS)
     assert previous_rows - trace_rows == (len(GRID) + 1 - unmeasured) * len(PROMPTS)
-    assert_same_results(result, previous_evaluation(byte_tiny, result, ablate))
+    previous = previous_evaluation(byte_tiny, result, ablate)
+    assert_same_results(result, previous)
+    # the log-probs themselves, read back where measured, equal the rows run again
+    for p, (fit, graph, (sub, full)) in enumerate(zip(fits, graphs, previous[3])):
+        got_sub, got_full = evaluate_subgraphs(
+            byte_tiny,
+            batch.select([p]).trimmed(),
+            graph,
+            [fit.order[: int(k)] for k in counts[p]],
+            ablate_attention_edges=ablate,
+            measured=MeasuredPrefixes.from_fit(fit),
+        )
+        assert torch.equal(got_sub, sub) and torch.equal(got_full, full)
     # the full graph is the reference row itself: exactly zero TV, KL, full top-1
     assert float(result.metrics["tv"][:, -1].abs().max()) == 0.0
     assert float(result.metrics["kl"][:, -1].abs().max()) == 0.0
