@@ -18,7 +18,11 @@ model's top-1 token; the smallest size at which half of the prompts keep it; and
 the search (learning + merge, which measures the learned curve) and the whole learned curve
 (edge weights + greedy rankings + search) as multiples of the chunks' bare forwards, and,
 for the chunks run by this process, of the bare forward of the whole prompt batch timed
-before the first and after the last of them. Each (model, semantics, prompt) is saved as
+before the first and after the last of them. The cost of ``edge_trace(method="mask")`` is
+that curve plus the evaluation of its sizes, which is timed per prompt both ways on the
+same prompt: as before (every size and a reference row run again, as one forward) and now
+(read back from the search, strace_lens/edges/measured.py), with how far apart the two
+evaluations' metrics are. Each (model, semantics, prompt) is saved as
 JSON in ``--out`` when its chunk is done, and a rerun with the same options resumes from
 there (a changed option raises); ``--report`` prints the table of the prompts saved so far.
 
@@ -48,8 +52,68 @@ from strace_lens.edges import (
     evaluate_subgraphs,
     greedy_order,
 )
-from strace_lens.edges.learned import MaskSearch, learned_nested_orders
-from strace_lens.metrics import tv_distance
+from strace_lens.edges.forward import EdgeMasks, run_with_edge_masks
+from strace_lens.edges.learned import LearnedOrder, MaskSearch, learned_nested_orders
+from strace_lens.edges.measured import MeasuredPrefixes
+from strace_lens.metrics import fidelity, tv_distance
+
+
+def previous_evaluation(
+    model: Any, row: sl.TokenBatch, graph: EdgeGraph, subgraphs: list[torch.Tensor], ablate: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``edge_trace``'s evaluation before read-back: every size's subgraph and an all-edges
+    reference row, run again as rows of one forward of the prompt."""
+    keep = torch.zeros(len(subgraphs) + 1, graph.n_edges)
+    for i, ids in enumerate(subgraphs):
+        keep[i, ids.long()] = 1.0
+    keep[-1] = 1.0
+    dtype = next(model.parameters()).dtype
+    masks = EdgeMasks.from_edges(graph, keep.to(dtype))
+    logp = run_with_edge_masks(model, row, masks, ablate_attention_edges=ablate)
+    return logp[:-1], logp[-1]
+
+
+def learned_evaluation(
+    model: Any,
+    row: sl.TokenBatch,
+    graph: EdgeGraph,
+    fit: LearnedOrder,
+    counts: torch.Tensor,
+    ablate: bool,
+) -> dict[str, Any]:
+    """The learned curve's evaluation in ``edge_trace``, timed both ways on the same prompt:
+    run again (as before) and read back from the search (now); the rows each ran, and how far
+    apart their metrics are (the read-back rows ran in the merge's batches)."""
+    subgraphs = [fit.order[: int(k)] for k in counts]
+    measured = MeasuredPrefixes.from_fit(fit)
+    start = time.perf_counter()
+    before = previous_evaluation(model, row, graph, subgraphs, ablate)
+    t_before = time.perf_counter() - start
+    start = time.perf_counter()
+    now = evaluate_subgraphs(
+        model, row, graph, subgraphs, ablate_attention_edges=ablate, measured=measured
+    )
+    t_now = time.perf_counter() - start
+    read = [measured is not None and measured.get(ids) is not None for ids in subgraphs]
+    whole = [len(ids) == graph.n_edges for ids in subgraphs]
+    rows_now = sum(not (r or w) for r, w in zip(read, whole)) + (measured is None)
+    scores = []
+    for logp_sub, logp_full in (before, now):
+        sub, full = logp_sub.detach().cpu(), logp_full.detach().cpu()
+        score = fidelity(full.expand_as(sub), sub)
+        score["top1"] = (sub.argmax(-1) == full.argmax(-1)).float()
+        scores.append(score)
+    diff = {k: (scores[1][k] - scores[0][k]).abs() for k in ("tv", "kl", "nucleus", "top1")}
+    return {
+        "sec_learned_eval_before": t_before,
+        "sec_learned_eval_now": t_now,
+        "learned_eval_rows_before": len(subgraphs) + 1,
+        "learned_eval_rows_now": rows_now,
+        "readback_max_abs_tv": float(diff["tv"].max()),
+        "readback_max_abs_kl": float(diff["kl"].max()),
+        "readback_nucleus_differs": int((diff["nucleus"] > 0).sum()),
+        "readback_top1_differs": int((diff["top1"] > 0).sum()),
+    }
 
 
 def one_chunk(
@@ -108,6 +172,7 @@ def one_chunk(
         for which, logp in (("greedy", logp_g.detach().cpu()), ("learned", logp_l)):
             out[f"tv_{which}"] = tv_distance(full.expand_as(logp), logp).tolist()
             out[f"top1_{which}"] = (logp.argmax(-1) == full.argmax(-1)).float().tolist()
+        out |= learned_evaluation(model, batch.select([p]).trimmed(), graph, fit, counts, ablate)
         out |= {"sec_greedy_eval": t_greedy, "chunk_first": p == 0} | chunk | fit.summary()
         outs.append(out)
     return outs
@@ -148,9 +213,35 @@ def report(name: str, label: str, results: list[dict[str, Any]], grid: list[floa
         f"  whole learned curve (edge weights + greedy ranking + search) {curve:.1f} s = "
         f"{curve / side:.1f} x\n"
         f"  for scale: one bare forward of the {n}-prompt batch, timed in this process: "
-        f"{bare:.2f} s (search {search / bare:.1f} x); the greedy's evaluation (24 rows per "
-        f"prompt, one prompt per forward) {evals:.1f} s = {evals / side:.1f} x the chunks' bare "
-        f"forwards"
+        f"{bare:.2f} s (search {search / bare:.1f} x); the greedy's evaluation ({len(grid)} rows "
+        f"per prompt, one prompt per forward) {evals:.1f} s = {evals / side:.1f} x the chunks' "
+        f"bare forwards"
+    )
+    if all("sec_learned_eval_now" in r for r in results):
+        trace_cost(results, curve, side)
+
+
+def trace_cost(results: list[dict[str, Any]], curve: float, side: float) -> None:
+    """``edge_trace(method="mask")``'s cost, the learned curve plus its evaluation, with the
+    evaluation as before (run again) and now (read back), timed on the same prompts."""
+    before = sum(r["sec_learned_eval_before"] for r in results)
+    now = sum(r["sec_learned_eval_now"] for r in results)
+    rows_before = sum(r["learned_eval_rows_before"] for r in results)
+    rows_now = sum(r["learned_eval_rows_now"] for r in results)
+    pairs = sum(len(r["counts"]) for r in results)
+    print(
+        f"edge_trace(method='mask') = whole learned curve + the evaluation of its sizes, "
+        f"as multiples of the chunks' bare forwards:\n"
+        f"  before (every size and a reference row run again, {rows_before} rows): evaluation "
+        f"{before:.1f} s = {before / side:.1f} x, trace {curve + before:.1f} s = "
+        f"{(curve + before) / side:.1f} x\n"
+        f"  now (read back from the search, {rows_now} rows run): evaluation {now:.2f} s = "
+        f"{now / side:.2f} x, trace {curve + now:.1f} s = {(curve + now) / side:.1f} x\n"
+        f"  read back against run again: max |dTV| "
+        f"{max(r['readback_max_abs_tv'] for r in results):.2e}, max |dKL| "
+        f"{max(r['readback_max_abs_kl'] for r in results):.2e}; shared nucleus differs at "
+        f"{sum(r['readback_nucleus_differs'] for r in results)} and top-1 at "
+        f"{sum(r['readback_top1_differs'] for r in results)} of {pairs} (prompt, size) pairs"
     )
 
 
@@ -192,6 +283,7 @@ def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: M
             for p, f in enumerate(paths[label][: len(prompts)])
         ]
         ran: list[dict[str, Any]] = []
+        evals = {"before": 0.0, "now": 0.0}
         whole: list[float] = []
         for start in range(0, len(prompts), search.batch_prompts):
             part = list(range(start, min(start + search.batch_prompts, len(prompts))))
@@ -206,6 +298,8 @@ def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: M
                 write_text(paths[label][p], json.dumps(out))
                 results[p] = out
             ran.append(outs[0])
+            for when in evals:
+                evals[when] += sum(o[f"sec_learned_eval_{when}"] for o in outs)
             print(
                 f"{name} {label} prompts {part[0]}-{part[-1]}: search "
                 f"{outs[0]['chunk_sec_search']:.0f} s = "
@@ -226,7 +320,10 @@ def run_model(name: str, prompts: list[str], args: argparse.Namespace, search: M
                 f"prompts, between bare forwards of the {len(prompts)}-prompt batch (median "
                 f"{t_whole:.2f} s, before and after): search {search_s:.1f} s = "
                 f"{search_s / t_whole:.1f} x, whole learned curve {curve:.1f} s = "
-                f"{curve / t_whole:.1f} x (one run, side by side when it ran every prompt)"
+                f"{curve / t_whole:.1f} x (one run, side by side when it ran every prompt)\n"
+                f"  edge_trace(method='mask'), the curve and its evaluation: before "
+                f"{(curve + evals['before']) / t_whole:.1f} x, now "
+                f"{(curve + evals['now']) / t_whole:.1f} x"
             )
 
 

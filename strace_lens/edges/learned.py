@@ -60,7 +60,9 @@ prefix). ``batch_prompts`` prompts run side by side: one forward per learning st
 per merge size carries the rows of all of them, and the model is entered
 (:func:`model_untouched`, the hook check) once per search: entered per forward, they took
 32.7 s against 47.9 s of forwards in a profile of the one-prompt-at-a-time search
-(docs/edge-learned.md, "Where the time went").
+(docs/edge-learned.md, "Where the time went"). The trace's evaluation then runs nothing of
+this again: the reference row and every merged size's subgraph are read back
+(:mod:`strace_lens.edges.measured`), so it runs only the sizes that keep no edge.
 """
 
 from __future__ import annotations
@@ -157,6 +159,9 @@ class LearnedOrder:
     step_orders: list[Tensor] = field(default_factory=list, repr=False)
     #: how the nested merge chose (None when no merge ran): ranking index per merged size
     merge: MergeChoice | None = None
+    #: the all-edges reference row the search measured against (read back by the trace's
+    #: evaluation with the merged sizes' rows, strace_lens/edges/measured.py)
+    logp_full: Float[Tensor, " vocab"] | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """What a result records of the search (JSON-able)."""
@@ -638,7 +643,8 @@ def learned_nested_orders(
     """``method="mask"`` for every prompt of a right-padded ``batch``, ``search.batch_prompts``
     prompts side by side: :func:`learn_orders` from the greedy rankings, then (``search.merge``)
     :func:`merge_nested_many` over the greedy's and the learned steps' rankings at the grid's
-    edge counts. ``fit.merge.logp`` holds each merged subgraph's measured log-probs."""
+    edge counts. ``fit.merge.logp`` holds each merged subgraph's measured log-probs and
+    ``fit.logp_full`` the all-edges reference row they were measured against."""
     if batch.has_left_padding:
         raise ValueError("Edge graphs index positions: give right-padded token rows.")
     lengths = (batch.predict_pos + 1).tolist()
@@ -678,6 +684,8 @@ def _search_part(
         ablate_attention_edges=ablate,
         logp_full=logp_full,
     )
+    for fit, logp in zip(fits, logp_full):
+        fit.logp_full = logp.detach().cpu()
     if not search.merge:
         return fits
     merged = merge_nested_many(

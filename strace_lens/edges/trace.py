@@ -6,7 +6,9 @@ zero ablation of every edge outside each subgraph, and TV / KL / shared nucleus 
 agreement at the last position. Each prompt's sizes run as rows of one edge-masked batch
 (chunked by ``max_rows``), together with one all-edges row whose output is the reference
 "full model" (it equals the model's own forward, see tests/test_edge_forward.py, and shares
-the batch's arithmetic).
+the batch's arithmetic); the full graph (s = 1) is that row, not a second one. With
+``method="mask"`` the search has already run each prompt's reference row and every merged
+size's subgraph: those are read back (:mod:`strace_lens.edges.measured`), not run again.
 
 ``ablate_attention_edges=False`` counts attention edges in s but never ablates them, which is
 what the released evaluation code appears to do; run both to see the difference.
@@ -25,6 +27,7 @@ from strace_lens.edges.forward import EdgeMasks, run_with_edge_masks
 from strace_lens.edges.graph import EdgeGraph
 from strace_lens.edges.greedy import greedy_order, random_order
 from strace_lens.edges.learned import MaskSearch, learned_nested_orders
+from strace_lens.edges.measured import MeasuredPrefixes
 from strace_lens.edges.result import EdgeTraceResult
 from strace_lens.edges.sizes import edge_counts, relative_sizes
 from strace_lens.edges.tokens import TokenConvention, edge_tokenize
@@ -44,22 +47,44 @@ def evaluate_subgraphs(
     *,
     ablate_attention_edges: bool = True,
     max_rows: int = 32,
+    measured: MeasuredPrefixes | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of one prompt (a single-row batch) for each subgraph (compact id lists),
-    and of the all-edges reference row: ``([subgraph, vocab], [vocab])``."""
-    keep = torch.zeros(len(subgraphs) + 1, graph.n_edges)
-    for i, ids in enumerate(subgraphs):
-        keep[i, ids.long()] = 1.0
-    keep[-1] = 1.0
+    and of the all-edges reference row: ``([subgraph, vocab], [vocab])``.
+
+    The full graph runs once: a subgraph of every edge is the reference row itself (on the
+    paper's grid, s = 1). With ``measured`` (what the learned search ran for this prompt),
+    its reference row and the prefixes it measured are read back, not run again."""
+    known = [measured.get(ids) if measured is not None else None for ids in subgraphs]
+    full = measured.full if measured is not None else None
+    pending = [i for i, k in enumerate(known) if k is None]
+    keep = torch.zeros(len(pending), graph.n_edges)
+    for j, i in enumerate(pending):
+        keep[j, subgraphs[i].long()] = 1.0
+    whole = keep.bool().all(-1)
+    run = keep[~whole]
+    if full is None:  # the reference row, last
+        run = torch.cat([run, torch.ones(1, graph.n_edges)])
     dtype = next(model.parameters()).dtype
     chunks = []
-    for start in range(0, keep.shape[0], max_rows):
-        masks = EdgeMasks.from_edges(graph, keep[start : start + max_rows].to(dtype))
+    for start in range(0, run.shape[0], max_rows):
+        masks = EdgeMasks.from_edges(graph, run[start : start + max_rows].to(dtype))
         chunks.append(
             run_with_edge_masks(model, row, masks, ablate_attention_edges=ablate_attention_edges)
         )
-    logprobs = torch.cat(chunks)
-    return logprobs[:-1], logprobs[-1]
+    fresh = torch.cat(chunks) if chunks else None
+    if full is None:
+        assert fresh is not None
+        full, fresh = fresh[-1], fresh[:-1]
+    device = full.device if fresh is None else fresh.device
+    ran: list[Tensor] = list(fresh.unbind()) if fresh is not None else []
+    rows = iter(ran)
+    for j, i in enumerate(pending):
+        known[i] = full if bool(whole[j]) else next(rows)
+    logp_sub = [k.to(device) for k in known if k is not None]
+    if not logp_sub:
+        return full.new_zeros(0, full.shape[-1]), full
+    return torch.stack(logp_sub), full.to(device)
 
 
 def edge_trace(
@@ -112,6 +137,7 @@ def edge_trace(
     metric_rows: list[dict[str, Tensor]] = []
     full_logps = []
     sub_top = []
+    measured: list[MeasuredPrefixes | None] = [None] * len(lengths)
     graphs = [EdgeGraph.from_model(model, n_pos) for n_pos in lengths]
     greedy = [greedy_order(g, w) for g, w in zip(graphs, weights)] if weights else []
     if method == "mask":  # every prompt at once: their rows share the search's forwards
@@ -120,6 +146,8 @@ def edge_trace(
         )
         greedy = [fit.order for fit in fits]
         learned = [fit.summary() for fit in fits]
+        # the search's reference row and merged sizes, read back by the evaluation below
+        measured = [MeasuredPrefixes.from_fit(fit) for fit in fits]
     for p, graph in enumerate(graphs):
         count = edge_counts(grid, graph.n_edges)
         counts.append(count)
@@ -143,6 +171,7 @@ def edge_trace(
             subgraphs,
             ablate_attention_edges=ablate_attention_edges,
             max_rows=max_rows,
+            measured=measured[p],
         )
         scores = fidelity(logp_full.expand_as(logp_sub), logp_sub)
         scores["top1"] = (logp_sub.argmax(-1) == logp_full.argmax(-1)).float()
