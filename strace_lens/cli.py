@@ -25,6 +25,7 @@ Set ``STRACE_LENS_DEBUG=1`` to see the traceback of an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -32,7 +33,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,19 @@ def _parse_bool(text: str) -> bool:
     if value in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"takes a positive whole number of CPU threads, got {text!r}: e.g. --threads 1 "
+            "on a machine shared with other jobs, or leave it out for torch's own count"
+        )
+    return value
 
 
 def _version() -> str:
@@ -199,25 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="--granularity edge: how prompts are tokenised, which fixes every edge count "
         "(default: paper, the model's original Hugging Face tokenizer)",
     )
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
-    tr.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="rows per forward pass (lower it after an out-of-memory error)",
-    )
-    tr.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    tr.add_argument(
-        "--option",
-        action="append",
-        type=_parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method option, e.g. --option steps=48 (repeatable; VALUE read as JSON)",
-    )
+    _add_run_arguments(tr, "a method option, e.g. --option steps=48")
     tr.add_argument("--no-html", action="store_true", help="do not write the HTML page")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_worker_arguments(tr)
 
     mg = sub.add_parser(
@@ -252,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="node counts or relative sizes; default: a log grid",
     )
-    rp.add_argument("--seed", type=int, default=0)
     rp.add_argument(
         "--granularity",
         choices=("node", "edge"),
@@ -280,8 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{" + ",".join(ABLATIONS) + "}",
         help="what replaces a removed node (default: mean; at --granularity edge only zero)",
     )
-    rp.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
-    rp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
     rp.add_argument(
         "--random-draws",
         type=int,
@@ -294,15 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="text file for unigram frequencies (default: the prompts' tokens)",
-    )
-    rp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    rp.add_argument(
-        "--option",
-        action="append",
-        type=_parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a mask-search option, e.g. --option steps=48",
     )
     rp.add_argument(
         "--core-nucleus",
@@ -325,8 +310,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="claim 1a calls a core small below this fraction of the nodes (default 0.1) or, "
         "at --granularity edge, of the edges (default 0.01)",
     )
-    rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_arguments(rp, "a mask-search option, e.g. --option steps=48")
     return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, option_help: str) -> None:
+    """How a command that runs a model runs it (the same flags on ``trace`` and
+    ``reproduce``): seed, chunking, batching, device, search options, progress, threads."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per forward pass (lower it after an out-of-memory error)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, ... (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{option_help} (repeatable; VALUE read as JSON)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads",
+        type=_parse_threads,
+        default=None,
+        metavar="N",
+        help="torch's CPU threads (intra-op) for this command: fewer than the cores on a "
+        "machine shared with other jobs, e.g. --threads 1 (default: torch's own, one per "
+        "core); not part of the run, so a resumed run may use another count",
+    )
 
 
 def _add_worker_arguments(tr: argparse.ArgumentParser) -> None:
@@ -827,6 +846,24 @@ def _one_line(err: object) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` while a command runs (None: left as
+    it is), and the previous count put back when it ends, even on error: ``main`` also runs
+    in-process (tests, notebooks), where the count would otherwise outlive the command."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (also used by the console script)."""
     parser = build_parser()
@@ -840,7 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.argv = list(sys.argv[1:] if argv is None else argv)  # shown on the HTML page
-        return command(args)
+        with _torch_threads(getattr(args, "threads", None)):
+            return command(args)
     except KeyboardInterrupt:
         print(
             "strace-lens: interrupted; finished shards are kept, run the same command to resume.",
