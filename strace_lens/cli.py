@@ -445,14 +445,61 @@ def _load(
 
 def summary_table(result: Any) -> str:
     """Median KL, TV and shared nucleus over prompts, one line per size."""
-    lines = [f"{'size':>6} {'relative':>9} {'median KL':>10} {'median TV':>10} {'nucleus %':>10}"]
-    rel = result.relative_sizes.tolist()
-    for j, size in enumerate(result.sizes.tolist()):
-        kl = float(result.metrics["kl"][:, j].median())
-        tv = float(result.metrics["tv"][:, j].median())
-        nuc = float(result.metrics["nucleus"][:, j].median())
-        lines.append(f"{size:>6d} {rel[j]:>9.3g} {kl:>10.4g} {tv:>10.4f} {nuc:>10.0f}")
+    return _per_size_table(
+        [
+            ("size", 6, "d", result.sizes.tolist()),
+            ("relative", 9, ".3g", result.relative_sizes.tolist()),
+            ("median KL", 10, ".4g", _prompt_medians(result.metrics["kl"])),
+            ("median TV", 10, ".4f", _prompt_medians(result.metrics["tv"])),
+            ("nucleus %", 10, ".0f", _prompt_medians(result.metrics["nucleus"])),
+        ]
+    )
+
+
+def edge_summary_table(result: Any) -> str:
+    """Mean edge count, mean TV and top-1 agreement over prompts, one line per size."""
+    return _per_size_table(
+        [
+            ("s", 8, ".3g", list(result.grid)),
+            ("mean edges", 11, ".1f", _prompt_means(result.counts)),
+            ("mean TV", 8, ".4f", _prompt_means(result.metrics["tv"])),
+            ("top-1 %", 8, ".1f", [100 * v for v in _prompt_means(result.metrics["top1"])]),
+        ]
+    )
+
+
+def token_summary_table(result: Any) -> str:
+    """Mean relative size and unit count, mean KL, TV and top-1 agreement over prompts, one
+    line per size."""
+    return _per_size_table(
+        [
+            ("relative", 9, ".3g", result.relative_sizes().mean(0).tolist()),
+            ("mean units", 11, ".1f", _prompt_means(result.counts)),
+            ("mean KL", 9, ".4g", _prompt_means(result.metrics["kl"])),
+            ("mean TV", 8, ".4f", _prompt_means(result.metrics["tv"])),
+            ("top-1 %", 8, ".1f", [100 * v for v in _prompt_means(result.metrics["top1"])]),
+        ]
+    )
+
+
+def _per_size_table(columns: Sequence[tuple[str, int, str, Sequence[float]]]) -> str:
+    """The summary every run prints: a header, then one line per size; each column is
+    (header, width, number format, its value at each size)."""
+    lines = [" ".join(f"{header:>{width}}" for header, width, _, _ in columns)]
+    for j in range(len(columns[0][3])):
+        lines.append(" ".join(f"{values[j]:>{width}{fmt}}" for _, width, fmt, values in columns))
     return "\n".join(lines)
+
+
+def _prompt_means(values: Any) -> list[float]:
+    """The mean over prompts (rows) of a (prompt, size) tensor, in float64, per size."""
+    return values.double().mean(0).tolist()
+
+
+def _prompt_medians(values: Any) -> list[float]:
+    """The median over prompts of a (prompt, size) tensor, per size (torch's: the lower
+    middle value of an even count)."""
+    return [float(values[:, j].median()) for j in range(values.shape[1])]
 
 
 def _with_file_line(message: str, prompt_file: Any) -> str:
@@ -655,56 +702,24 @@ def _edge_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def edge_summary_table(result: Any) -> str:
-    """Mean edge count, mean TV and top-1 agreement over prompts, one line per size."""
-    lines = [f"{'s':>8} {'mean edges':>11} {'mean TV':>8} {'top-1 %':>8}"]
-    counts = result.counts.double().mean(0).tolist()
-    tv = result.metrics["tv"].double().mean(0).tolist()
-    top1 = (100 * result.metrics["top1"].double().mean(0)).tolist()
-    for j, s in enumerate(result.grid):
-        lines.append(f"{s:>8.3g} {counts[j]:>11.1f} {tv[j]:>8.4f} {top1[j]:>8.1f}")
-    return "\n".join(lines)
+def _summary_heading(result: Any) -> str:
+    """What the summary table is of: the run's granularity and settings."""
+    from strace_lens.edges.result import EdgeTraceResult
+    from strace_lens.token_trace.result import TokenTraceResult
 
-
-def _print_edge_summary(result: Any, args: argparse.Namespace) -> None:
     opts = result.options
-    print(
-        f"{result.n_prompts} prompt(s), edge granularity, method={opts.get('method')}, "
-        f"ablate_attention_edges={str(opts.get('ablate_attention_edges')).lower()}, "
-        f"tokens={opts.get('tokens')}; run folder: {args.out}"
-    )
-    print(edge_summary_table(result))
-
-
-def token_summary_table(result: Any) -> str:
-    """Mean relative size and unit count, mean KL, TV and top-1 agreement over prompts, one
-    line per size."""
-    lines = [f"{'relative':>9} {'mean units':>11} {'mean KL':>9} {'mean TV':>8} {'top-1 %':>8}"]
-    rel = result.relative_sizes().mean(0).tolist()
-    counts = result.counts.double().mean(0).tolist()
-    kl = result.metrics["kl"].double().mean(0).tolist()
-    tv = result.metrics["tv"].double().mean(0).tolist()
-    top1 = (100 * result.metrics["top1"].double().mean(0)).tolist()
-    for j in range(len(result.grid)):
-        lines.append(
-            f"{rel[j]:>9.3g} {counts[j]:>11.1f} {kl[j]:>9.4g} {tv[j]:>8.4f} {top1[j]:>8.1f}"
+    if isinstance(result, TokenTraceResult):
+        return (
+            f"token granularity, method={opts.get('method')}, per={opts.get('per')}, "
+            f"nested={str(result.nested).lower()}"
         )
-    return "\n".join(lines)
-
-
-def _finish_tokens(result: Any, args: argparse.Namespace) -> None:
-    """Print the summary of a token run; the HTML page is not drawn for token runs."""
-    opts = result.options
-    print(
-        f"{result.n_prompts} prompt(s), token granularity, method={opts.get('method')}, "
-        f"per={opts.get('per')}, nested={str(result.nested).lower()}; run folder: {args.out}"
-    )
-    print(token_summary_table(result))
-    if not args.no_html:
-        print(
-            "HTML page: not written for token runs (its plots draw node and edge results); "
-            f"strace_lens.load({str(args.out)!r}) reads the run as one TokenTraceResult."
+    if isinstance(result, EdgeTraceResult):
+        return (
+            f"edge granularity, method={opts.get('method')}, "
+            f"ablate_attention_edges={str(opts.get('ablate_attention_edges')).lower()}, "
+            f"tokens={opts.get('tokens')}"
         )
+    return f"{result.n_candidates} candidate nodes, method={result.method}, per={result.per}"
 
 
 def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None) -> None:
@@ -715,19 +730,18 @@ def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None
     from strace_lens.edges.result import EdgeTraceResult
     from strace_lens.token_trace.result import TokenTraceResult
 
-    if isinstance(result, TokenTraceResult):
-        _finish_tokens(result, args)
-        return
+    tokens = isinstance(result, TokenTraceResult)
     edges = isinstance(result, EdgeTraceResult)
-    if edges:
-        _print_edge_summary(result, args)
-    else:
-        print(
-            f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
-            f"method={result.method}, per={result.per}; run folder: {args.out}"
-        )
-        print(summary_table(result))
+    table = token_summary_table if tokens else edge_summary_table if edges else summary_table
+    print(f"{result.n_prompts} prompt(s), {_summary_heading(result)}; run folder: {args.out}")
+    print(table(result))
     if args.no_html:
+        return
+    if tokens:
+        print(
+            "HTML page: not written for token runs (its plots draw node and edge results); "
+            f"strace_lens.load({str(args.out)!r}) reads the run as one TokenTraceResult."
+        )
         return
     from strace_lens.leases import DEFAULT_LEASE_TIMEOUT, try_acquire, worker_id
     from strace_lens.plot import edge_report_html, report_html  # plotly imports slowly
