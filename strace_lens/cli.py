@@ -725,7 +725,8 @@ def _summary_heading(result: Any) -> str:
 def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None) -> None:
     """Print the summary and write the HTML page (one worker at a time, under a lease).
 
-    ``model``, when at hand, puts the prompt's tokens on the token-level circuit's axis.
+    ``model``, when at hand, puts the prompt's tokens on the axis of the token-level circuit
+    (edge runs) or unit map (token runs).
     """
     from strace_lens.edges.result import EdgeTraceResult
     from strace_lens.token_trace.result import TokenTraceResult
@@ -737,14 +738,12 @@ def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None
     print(table(result))
     if args.no_html:
         return
-    if tokens:
-        print(
-            "HTML page: not written for token runs (its plots draw node and edge results); "
-            f"strace_lens.load({str(args.out)!r}) reads the run as one TokenTraceResult."
-        )
-        return
     from strace_lens.leases import DEFAULT_LEASE_TIMEOUT, try_acquire, worker_id
-    from strace_lens.plot import edge_report_html, report_html  # plotly imports slowly
+    from strace_lens.plot import (  # plotly imports slowly
+        edge_report_html,
+        report_html,
+        token_report_html,
+    )
 
     timeout = getattr(args, "lease_timeout", None) or DEFAULT_LEASE_TIMEOUT
     lease = try_acquire(args.out, "report", worker_id(), timeout)
@@ -755,6 +754,8 @@ def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None
     with lease:
         if edges:
             page = edge_report_html(result, args.out / HTML_PAGE, title, notes, model=model)
+        elif tokens:
+            page = token_report_html(result, args.out / HTML_PAGE, title, notes, model=model)
         else:
             page = report_html(result, args.out / HTML_PAGE, title=title, notes=notes)
     print(f"HTML page: {page}")

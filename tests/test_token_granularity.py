@@ -474,7 +474,10 @@ def test_cli_traces_tokens_prints_the_table_and_resumes(prompt_file, tmp_path, c
         assert float(row[3]) == pytest.approx(float(result.metrics["tv"][:, j].mean()), abs=1e-4)
         top1 = 100 * float(result.metrics["top1"][:, j].mean())
         assert float(row[4]) == pytest.approx(top1, abs=0.05)
-    assert lines[-1].startswith("HTML page: not written for token runs")
+    assert lines[-1] == f"HTML page: {out / 'report.html'}"
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="fig-token_fidelity"' in page and 'id="fig-token_units"' in page
+    assert "strace-lens trace --model native:tiny" in page  # the command, as notes
     assert main(["merge", str(out)]) == 0
     assert capsys.readouterr().out == printed
     assert main(token_cli_args(prompt_file, out)) == 0  # finished: read back
