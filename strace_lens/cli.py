@@ -25,6 +25,7 @@ Set ``STRACE_LENS_DEBUG=1`` to see the traceback of an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -32,7 +33,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,19 @@ def _parse_bool(text: str) -> bool:
     if value in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"takes a positive whole number of CPU threads, got {text!r}: e.g. --threads 1 "
+            "on a machine shared with other jobs, or leave it out for torch's own count"
+        )
+    return value
 
 
 def _version() -> str:
@@ -199,25 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="--granularity edge: how prompts are tokenised, which fixes every edge count "
         "(default: paper, the model's original Hugging Face tokenizer)",
     )
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
-    tr.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="rows per forward pass (lower it after an out-of-memory error)",
-    )
-    tr.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    tr.add_argument(
-        "--option",
-        action="append",
-        type=_parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method option, e.g. --option steps=48 (repeatable; VALUE read as JSON)",
-    )
+    _add_run_arguments(tr, "a method option, e.g. --option steps=48")
     tr.add_argument("--no-html", action="store_true", help="do not write the HTML page")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_worker_arguments(tr)
 
     mg = sub.add_parser(
@@ -252,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="node counts or relative sizes; default: a log grid",
     )
-    rp.add_argument("--seed", type=int, default=0)
     rp.add_argument(
         "--granularity",
         choices=("node", "edge"),
@@ -280,8 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{" + ",".join(ABLATIONS) + "}",
         help="what replaces a removed node (default: mean; at --granularity edge only zero)",
     )
-    rp.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
-    rp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
     rp.add_argument(
         "--random-draws",
         type=int,
@@ -294,15 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="text file for unigram frequencies (default: the prompts' tokens)",
-    )
-    rp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    rp.add_argument(
-        "--option",
-        action="append",
-        type=_parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a mask-search option, e.g. --option steps=48",
     )
     rp.add_argument(
         "--core-nucleus",
@@ -325,8 +310,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="claim 1a calls a core small below this fraction of the nodes (default 0.1) or, "
         "at --granularity edge, of the edges (default 0.01)",
     )
-    rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_arguments(rp, "a mask-search option, e.g. --option steps=48")
     return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, option_help: str) -> None:
+    """How a command that runs a model runs it (the same flags on ``trace`` and
+    ``reproduce``): seed, chunking, batching, device, search options, progress, threads."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-size", type=int, default=16, help="prompts per shard (default 16)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per forward pass (lower it after an out-of-memory error)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, ... (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{option_help} (repeatable; VALUE read as JSON)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads",
+        type=_parse_threads,
+        default=None,
+        metavar="N",
+        help="torch's CPU threads (intra-op) for this command: fewer than the cores on a "
+        "machine shared with other jobs, e.g. --threads 1 (default: torch's own, one per "
+        "core); not part of the run, so a resumed run may use another count",
+    )
 
 
 def _add_worker_arguments(tr: argparse.ArgumentParser) -> None:
@@ -426,14 +445,61 @@ def _load(
 
 def summary_table(result: Any) -> str:
     """Median KL, TV and shared nucleus over prompts, one line per size."""
-    lines = [f"{'size':>6} {'relative':>9} {'median KL':>10} {'median TV':>10} {'nucleus %':>10}"]
-    rel = result.relative_sizes.tolist()
-    for j, size in enumerate(result.sizes.tolist()):
-        kl = float(result.metrics["kl"][:, j].median())
-        tv = float(result.metrics["tv"][:, j].median())
-        nuc = float(result.metrics["nucleus"][:, j].median())
-        lines.append(f"{size:>6d} {rel[j]:>9.3g} {kl:>10.4g} {tv:>10.4f} {nuc:>10.0f}")
+    return _per_size_table(
+        [
+            ("size", 6, "d", result.sizes.tolist()),
+            ("relative", 9, ".3g", result.relative_sizes.tolist()),
+            ("median KL", 10, ".4g", _prompt_medians(result.metrics["kl"])),
+            ("median TV", 10, ".4f", _prompt_medians(result.metrics["tv"])),
+            ("nucleus %", 10, ".0f", _prompt_medians(result.metrics["nucleus"])),
+        ]
+    )
+
+
+def edge_summary_table(result: Any) -> str:
+    """Mean edge count, mean TV and top-1 agreement over prompts, one line per size."""
+    return _per_size_table(
+        [
+            ("s", 8, ".3g", list(result.grid)),
+            ("mean edges", 11, ".1f", _prompt_means(result.counts)),
+            ("mean TV", 8, ".4f", _prompt_means(result.metrics["tv"])),
+            ("top-1 %", 8, ".1f", [100 * v for v in _prompt_means(result.metrics["top1"])]),
+        ]
+    )
+
+
+def token_summary_table(result: Any) -> str:
+    """Mean relative size and unit count, mean KL, TV and top-1 agreement over prompts, one
+    line per size."""
+    return _per_size_table(
+        [
+            ("relative", 9, ".3g", result.relative_sizes().mean(0).tolist()),
+            ("mean units", 11, ".1f", _prompt_means(result.counts)),
+            ("mean KL", 9, ".4g", _prompt_means(result.metrics["kl"])),
+            ("mean TV", 8, ".4f", _prompt_means(result.metrics["tv"])),
+            ("top-1 %", 8, ".1f", [100 * v for v in _prompt_means(result.metrics["top1"])]),
+        ]
+    )
+
+
+def _per_size_table(columns: Sequence[tuple[str, int, str, Sequence[float]]]) -> str:
+    """The summary every run prints: a header, then one line per size; each column is
+    (header, width, number format, its value at each size)."""
+    lines = [" ".join(f"{header:>{width}}" for header, width, _, _ in columns)]
+    for j in range(len(columns[0][3])):
+        lines.append(" ".join(f"{values[j]:>{width}{fmt}}" for _, width, fmt, values in columns))
     return "\n".join(lines)
+
+
+def _prompt_means(values: Any) -> list[float]:
+    """The mean over prompts (rows) of a (prompt, size) tensor, in float64, per size."""
+    return values.double().mean(0).tolist()
+
+
+def _prompt_medians(values: Any) -> list[float]:
+    """The median over prompts of a (prompt, size) tensor, per size (torch's: the lower
+    middle value of an even count)."""
+    return [float(values[:, j].median()) for j in range(values.shape[1])]
 
 
 def _with_file_line(message: str, prompt_file: Any) -> str:
@@ -636,82 +702,48 @@ def _edge_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def edge_summary_table(result: Any) -> str:
-    """Mean edge count, mean TV and top-1 agreement over prompts, one line per size."""
-    lines = [f"{'s':>8} {'mean edges':>11} {'mean TV':>8} {'top-1 %':>8}"]
-    counts = result.counts.double().mean(0).tolist()
-    tv = result.metrics["tv"].double().mean(0).tolist()
-    top1 = (100 * result.metrics["top1"].double().mean(0)).tolist()
-    for j, s in enumerate(result.grid):
-        lines.append(f"{s:>8.3g} {counts[j]:>11.1f} {tv[j]:>8.4f} {top1[j]:>8.1f}")
-    return "\n".join(lines)
+def _summary_heading(result: Any) -> str:
+    """What the summary table is of: the run's granularity and settings."""
+    from strace_lens.edges.result import EdgeTraceResult
+    from strace_lens.token_trace.result import TokenTraceResult
 
-
-def _print_edge_summary(result: Any, args: argparse.Namespace) -> None:
     opts = result.options
-    print(
-        f"{result.n_prompts} prompt(s), edge granularity, method={opts.get('method')}, "
-        f"ablate_attention_edges={str(opts.get('ablate_attention_edges')).lower()}, "
-        f"tokens={opts.get('tokens')}; run folder: {args.out}"
-    )
-    print(edge_summary_table(result))
-
-
-def token_summary_table(result: Any) -> str:
-    """Mean relative size and unit count, mean KL, TV and top-1 agreement over prompts, one
-    line per size."""
-    lines = [f"{'relative':>9} {'mean units':>11} {'mean KL':>9} {'mean TV':>8} {'top-1 %':>8}"]
-    rel = result.relative_sizes().mean(0).tolist()
-    counts = result.counts.double().mean(0).tolist()
-    kl = result.metrics["kl"].double().mean(0).tolist()
-    tv = result.metrics["tv"].double().mean(0).tolist()
-    top1 = (100 * result.metrics["top1"].double().mean(0)).tolist()
-    for j in range(len(result.grid)):
-        lines.append(
-            f"{rel[j]:>9.3g} {counts[j]:>11.1f} {kl[j]:>9.4g} {tv[j]:>8.4f} {top1[j]:>8.1f}"
+    if isinstance(result, TokenTraceResult):
+        return (
+            f"token granularity, method={opts.get('method')}, per={opts.get('per')}, "
+            f"nested={str(result.nested).lower()}"
         )
-    return "\n".join(lines)
-
-
-def _finish_tokens(result: Any, args: argparse.Namespace) -> None:
-    """Print the summary of a token run; the HTML page is not drawn for token runs."""
-    opts = result.options
-    print(
-        f"{result.n_prompts} prompt(s), token granularity, method={opts.get('method')}, "
-        f"per={opts.get('per')}, nested={str(result.nested).lower()}; run folder: {args.out}"
-    )
-    print(token_summary_table(result))
-    if not args.no_html:
-        print(
-            "HTML page: not written for token runs (its plots draw node and edge results); "
-            f"strace_lens.load({str(args.out)!r}) reads the run as one TokenTraceResult."
+    if isinstance(result, EdgeTraceResult):
+        return (
+            f"edge granularity, method={opts.get('method')}, "
+            f"ablate_attention_edges={str(opts.get('ablate_attention_edges')).lower()}, "
+            f"tokens={opts.get('tokens')}"
         )
+    return f"{result.n_candidates} candidate nodes, method={result.method}, per={result.per}"
 
 
 def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None) -> None:
     """Print the summary and write the HTML page (one worker at a time, under a lease).
 
-    ``model``, when at hand, puts the prompt's tokens on the token-level circuit's axis.
+    ``model``, when at hand, puts the prompt's tokens on the axis of the token-level circuit
+    (edge runs) or unit map (token runs).
     """
     from strace_lens.edges.result import EdgeTraceResult
     from strace_lens.token_trace.result import TokenTraceResult
 
-    if isinstance(result, TokenTraceResult):
-        _finish_tokens(result, args)
-        return
+    tokens = isinstance(result, TokenTraceResult)
     edges = isinstance(result, EdgeTraceResult)
-    if edges:
-        _print_edge_summary(result, args)
-    else:
-        print(
-            f"{result.n_prompts} prompt(s), {result.n_candidates} candidate nodes, "
-            f"method={result.method}, per={result.per}; run folder: {args.out}"
-        )
-        print(summary_table(result))
+    table = token_summary_table if tokens else edge_summary_table if edges else summary_table
+    print(f"{result.n_prompts} prompt(s), {_summary_heading(result)}; run folder: {args.out}")
+    print(table(result))
     if args.no_html:
         return
     from strace_lens.leases import DEFAULT_LEASE_TIMEOUT, try_acquire, worker_id
-    from strace_lens.plot import edge_report_html, report_html  # plotly imports slowly
+    from strace_lens.plot import (  # plotly imports slowly
+        edge_report_html,
+        report_html,
+        token_report_html,
+    )
 
     timeout = getattr(args, "lease_timeout", None) or DEFAULT_LEASE_TIMEOUT
     lease = try_acquire(args.out, "report", worker_id(), timeout)
@@ -722,6 +754,8 @@ def _finish(result: Any, args: argparse.Namespace, title: str, model: Any = None
     with lease:
         if edges:
             page = edge_report_html(result, args.out / HTML_PAGE, title, notes, model=model)
+        elif tokens:
+            page = token_report_html(result, args.out / HTML_PAGE, title, notes, model=model)
         else:
             page = report_html(result, args.out / HTML_PAGE, title=title, notes=notes)
     print(f"HTML page: {page}")
@@ -827,6 +861,24 @@ def _one_line(err: object) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` while a command runs (None: left as
+    it is), and the previous count put back when it ends, even on error: ``main`` also runs
+    in-process (tests, notebooks), where the count would otherwise outlive the command."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (also used by the console script)."""
     parser = build_parser()
@@ -840,7 +892,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.argv = list(sys.argv[1:] if argv is None else argv)  # shown on the HTML page
-        return command(args)
+        with _torch_threads(getattr(args, "threads", None)):
+            return command(args)
     except KeyboardInterrupt:
         print(
             "strace-lens: interrupted; finished shards are kept, run the same command to resume.",

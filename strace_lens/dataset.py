@@ -57,7 +57,8 @@ Choices worth knowing:
   ``progress``. Batch size changes how rows are grouped into forward passes, which can move
   results in the last float bits; keep it fixed when bit-identical results matter.
 - The trace's wall time (``options["seconds"]``) is kept out of the shard's options, so that
-  equal runs compare equal; each shard keeps it in ``timing.json``.
+  equal runs compare equal; each shard keeps it in ``timing.json``, with the number of CPU
+  threads torch used (``torch_threads``; not part of the run's identity either).
 
 Determinism: on CPU, the same prompts, options and seed give bit-identical masks and metrics
 (tested in tests/test_reliability.py). On a GPU, cuBLAS/cuDNN kernels may sum in a different
@@ -997,6 +998,9 @@ def _write_shard(
 ) -> None:
     """Save a chunk's result into a temporary folder, then rename it to its shard name."""
     timing = {key: result.options.pop(key) for key in VOLATILE_OPTIONS if key in result.options}
+    # the CPU threads the chunk was traced with explain its wall time (`--threads`); like the
+    # time, they are not part of the run's identity
+    timing["torch_threads"] = torch.get_num_threads()
     with replaced_folder(shards / _shard_name(k), prefix=f".{_shard_name(k)}.") as tmp:
         result.save(tmp)
         (tmp / TIMING_FILE).write_text(json.dumps(timing), encoding="utf-8")

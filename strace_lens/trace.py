@@ -31,48 +31,28 @@ from strace_lens.progress import expect_rows, trace_progress
 from strace_lens.result import TraceResult
 from strace_lens.search.grouping import RowGrouping
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.sizes import DEFAULT_GRID_POINTS, checked_sizes, default_sizes
 from strace_lens.token_trace.result import TokenTraceResult
 from strace_lens.token_trace.trace import run_token_trace
 from strace_lens.types import METHODS, PER
 from strace_lens.validate import guarded
 
-DEFAULT_GRID_POINTS = 12
-
 NodeSpec = Sequence[str | Node | int]
-
-
-def default_sizes(n_candidates: int, points: int = DEFAULT_GRID_POINTS) -> Int[Tensor, " size"]:
-    """About ``points`` log-spaced node counts from 1 to ``n_candidates`` (both included)."""
-    if n_candidates <= points:
-        return torch.arange(1, n_candidates + 1)
-    grid = torch.logspace(0, torch.log10(torch.tensor(float(n_candidates))), points)
-    return torch.unique(grid.round().long().clamp(1, n_candidates))
 
 
 def resolve_sizes(sizes: Sequence[int | float] | Tensor | None, n_candidates: int) -> Tensor:
     """Node counts (ints in [1, n]) or relative sizes (floats in (0, 1]) -> sorted counts."""
     if sizes is None:
         return default_sizes(n_candidates)
-    values = sizes.tolist() if isinstance(sizes, Tensor) else list(sizes)
-    if not values:
-        raise ValueError("`sizes` is empty: give node counts like [1, 4, 16] or None for the grid.")
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        counts = [int(v) for v in values]
-        bad = [v for v in counts if not 1 <= v <= n_candidates]
-        if bad:
-            raise ValueError(
-                f"Sizes {bad} are outside [1, {n_candidates}] (the number of candidate nodes)."
-            )
-    elif all(isinstance(v, float) for v in values):
-        bad_f = [v for v in values if not 0.0 < v <= 1.0]
-        if bad_f:
-            raise ValueError(
-                f"Relative sizes {bad_f} are outside (0, 1]; use floats for fractions of the "
-                "candidate nodes, or ints for node counts."
-            )
-        counts = [max(1, round(v * n_candidates)) for v in values]
-    else:
-        raise TypeError("`sizes` must be all ints (node counts) or all floats (relative sizes).")
+    values, are_counts = checked_sizes(
+        sizes,
+        n_candidates,
+        units="node counts",
+        whole="the candidate nodes",
+        range_note=" (the number of candidate nodes).",
+    )
+    # a relative size is one node count for every prompt
+    counts = [int(v) if are_counts else max(1, round(v * n_candidates)) for v in values]
     if len(set(counts)) != len(counts):
         dup = sorted({c for c in counts if counts.count(c) > 1})
         raise ValueError(f"Sizes repeat (node counts {dup}); give each size once.")

@@ -1,5 +1,5 @@
-"""Helpers shared by several test files: the dataset-run and command-line checks of the edge
-and token granularities, and the node search objective of the search-level tests."""
+"""Helpers shared by several test files: the dataset-run and command-line checks of the node,
+edge and token granularities, and the node search objective of the search-level tests."""
 
 from __future__ import annotations
 
@@ -28,6 +28,43 @@ def assert_one_line_error(err: str, message: str, out) -> None:
     folder ``out`` created."""
     assert err.startswith("strace-lens: error:") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def assert_refused(capsys, argv: list[str], message: str, out) -> None:
+    """The command line ``argv`` is refused as bad input: exit status 2 (argparse's own errors,
+    a flag's type, exit through SystemExit), one error line naming ``message``, no run
+    folder ``out``."""
+    from strace_lens.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as done:
+        code = done.code
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, message, out)
+
+
+def cli_trace_args(prompts, out, *options: str) -> list[str]:
+    """A quiet ``strace-lens trace`` command line on the tiny test model; ``options`` are the
+    test's own flags (granularity, sizes, method, ...)."""
+    return [
+        "trace",
+        "--model",
+        "native:tiny",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--quiet",
+        *options,
+    ]
+
+
+def write_prompt_file(folder, prompts: list[str]):
+    """``folder/prompts.txt``, one prompt a line (the command line's plain-text prompt file)."""
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return path
 
 
 def node_objective(model, prompts, ablation="mean", batch_size=None):

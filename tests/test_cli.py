@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from run_helpers import assert_refused, cli_trace_args
 
 import strace_lens.cli as cli
 import strace_lens.dataset as ds
@@ -30,23 +32,7 @@ def tsv(tmp_path):
 
 
 def trace_args(prompts, out, *extra):
-    return [
-        "trace",
-        "--model",
-        "native:tiny",
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(out),
-        "--sizes",
-        "1",
-        "4",
-        "15",
-        "--option",
-        "steps=2",
-        "--quiet",
-        *extra,
-    ]
+    return cli_trace_args(prompts, out, "--sizes", "1", "4", "15", "--option", "steps=2", *extra)
 
 
 def test_help_from_the_installed_console_script():
@@ -142,3 +128,53 @@ def test_device_option_reaches_the_trace(tsv, tmp_path, monkeypatch):
     monkeypatch.setattr(ds, "_trace_function", lambda: spy)
     assert main([*trace_args(tsv, tmp_path / "run"), "--device", "cpu", "--no-html"]) == 0
     assert seen == ["cpu"]
+
+
+def test_threads_option_reaches_torch_and_the_count_is_restored(tsv, tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2  # a count other than torch's current one
+    seen = []
+    real = ds._trace_function()
+
+    def spy(model, prompts, **kw):
+        seen.append(torch.get_num_threads())
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(ds, "_trace_function", lambda: spy)
+    plain = trace_args(tsv, tmp_path / "a", "--n", "2", "--chunk-size", "1", "--no-html")
+    assert main(plain) == 0
+    assert seen == [before, before]  # without --threads: torch's own count
+    # the count is not part of the run: the same run with --threads resumes (nothing traced)
+    assert main([*plain, "--threads", str(wanted)]) == 0
+    assert len(seen) == 2 and torch.get_num_threads() == before
+    out = tmp_path / "b"
+    args = trace_args(tsv, out, "--n", "2", "--chunk-size", "1", "--no-html")
+    assert main([*args, "--threads", str(wanted)]) == 0
+    assert seen[2:] == [wanted, wanted] and torch.get_num_threads() == before
+    # each shard records the count it was traced with, beside its wall time
+    timings = [json.loads(p.read_text()) for p in sorted(out.glob("shards/*/timing.json"))]
+    assert [t["torch_threads"] for t in timings] == [wanted, wanted]
+    assert all(t["seconds"] > 0 for t in timings)
+    assert TraceResult.load(out).equals(TraceResult.load(tmp_path / "a"))
+
+    def interrupted(model, prompts, **kw):
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ds, "_trace_function", lambda: interrupted)
+    assert main([*trace_args(tsv, tmp_path / "c", "--no-html"), "--threads", str(wanted)]) == 130
+    assert seen[-1] == wanted and torch.get_num_threads() == before  # restored on error too
+
+
+@pytest.mark.parametrize("command", ["trace", "reproduce"])
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", ""])
+def test_bad_threads_are_refused_in_one_line(tsv, tmp_path, capsys, command, value):
+    out = tmp_path / "run"
+    argv = [command, "--model", "native:tiny", "--prompts", str(tsv), "--out", str(out)]
+    before = torch.get_num_threads()
+    # the message names the flag, the value and the fix
+    message = (
+        f"--threads: takes a positive whole number of CPU threads, got {value!r}: e.g. --threads 1"
+    )
+    assert_refused(capsys, [*argv, "--threads", value], message, out)
+    assert torch.get_num_threads() == before

@@ -8,7 +8,12 @@ import shutil
 
 import pytest
 import torch
-from run_helpers import assert_one_line_error, count_chunks
+from run_helpers import (
+    assert_refused,
+    cli_trace_args,
+    count_chunks,
+    write_prompt_file,
+)
 
 from strace_lens import trace
 from strace_lens.ablation import MeanAblation, ZeroAblation
@@ -260,30 +265,15 @@ def test_edge_run_static_split_and_leases(model, tmp_path):
 
 # -- the command line ------------------------------------------------------------------------
 def edge_cli_args(prompts, out, *extra):
-    return [
-        "trace",
-        "--model",
-        "native:tiny",
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(out),
-        "--granularity",
-        "edge",
-        "--sizes",
-        *map(str, GRID),
-        "--chunk-size",
-        "2",
-        "--quiet",
-        *extra,
-    ]
+    grid = [str(s) for s in GRID]
+    return cli_trace_args(
+        prompts, out, "--granularity", "edge", "--sizes", *grid, "--chunk-size", "2", *extra
+    )
 
 
 @pytest.fixture
 def prompt_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(PROMPTS[:3]) + "\n", encoding="utf-8")
-    return path
+    return write_prompt_file(tmp_path, PROMPTS[:3])
 
 
 def test_cli_traces_edges_prints_the_table_and_merges(prompt_file, tmp_path, capsys):
@@ -332,15 +322,8 @@ def test_cli_traces_edges_prints_the_table_and_merges(prompt_file, tmp_path, cap
     ],
 )
 def test_cli_edge_bad_input_is_one_line_and_exit_2(prompt_file, tmp_path, capsys, extra, message):
-    from strace_lens.cli import main
-
     out = tmp_path / "run"
-    try:
-        code = main(edge_cli_args(prompt_file, out, *extra))
-    except SystemExit as done:  # argparse's own errors (a flag's type) exit there
-        code = done.code
-    assert code == 2
-    assert_one_line_error(capsys.readouterr().err, message, out)
+    assert_refused(capsys, edge_cli_args(prompt_file, out, *extra), message, out)
 
 
 def test_cli_edge_only_flags_are_refused_at_node_granularity(prompt_file, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -184,6 +186,8 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
     # first through the command line, then resumed through the Python function
     from strace_lens.cli import main
 
+    before = torch.get_num_threads()
+    threads = 1 if before > 1 else 2  # a count other than torch's current one
     status = main(
         [
             "reproduce",
@@ -208,10 +212,17 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
             "--small-core",
             "0.3",
             "--quiet",
+            "--threads",
+            str(threads),
         ]
     )
-    assert status == 0
+    assert status == 0 and torch.get_num_threads() == before
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    # the thread count reached torch: the report and every shard record it
+    assert f"- **torch CPU threads of this invocation**: {threads}" in report
+    timings = list((tmp_path / "out" / "runs").glob("native_tiny/*/shards/*/timing.json"))
+    assert len(timings) == 2  # the learned masks' shard and the random baseline's
+    assert {json.loads(t.read_text())["torch_threads"] for t in timings} == {threads}
     assert "strace-lens reproduce --model native:tiny" in report
     # the phase rule given on the command line reached the analyses and the recorded command
     assert "--refined-nucleus 60 --small-core 0.3" in report

@@ -11,7 +11,12 @@ import shutil
 import pytest
 import torch
 from conftest import make_tiny
-from run_helpers import assert_one_line_error, count_chunks
+from run_helpers import (
+    assert_refused,
+    cli_trace_args,
+    count_chunks,
+    write_prompt_file,
+)
 
 import strace_lens as sl
 from strace_lens import trace
@@ -22,9 +27,9 @@ from strace_lens.hygiene import model_untouched
 from strace_lens.inputs import tokenize
 from strace_lens.masked_forward import forward_logprobs, run_with_mask
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.sizes import default_sizes
 from strace_lens.tiny_model import tiny_model
 from strace_lens.token_trace import TokenObjective, TokenTraceResult
-from strace_lens.token_trace.sizes import default_counts
 
 #: byte-tokenised prompts (BOS + one token per byte: 12, 9, 8 and 8 tokens), and two of one
 #: length
@@ -100,9 +105,9 @@ def test_int_sizes_are_counts_for_every_prompt_and_the_default_grid(model):
     # the default: the node grid's counts over the shortest prompt, as relative sizes
     default = trace(model, PROMPTS, granularity="token", method="random", draws=1, inverse=False)
     n_min = 15 * min(len(p.encode()) + 1 for p in PROMPTS)
-    assert default.grid == pytest.approx([c / n_min for c in default_counts(n_min).tolist()])
+    assert default.grid == pytest.approx([c / n_min for c in default_sizes(n_min).tolist()])
     shortest = int(torch.argmin(default.n_pos))
-    assert torch.equal(default.counts[shortest], default_counts(n_min))
+    assert torch.equal(default.counts[shortest], default_sizes(n_min))
     with pytest.raises(ValueError, match=r"must fit the shortest prompt \(120 pairs\)"):
         trace(model, PROMPTS, granularity="token", sizes=[1, 121])
     with pytest.raises(ValueError, match="Sizes repeat"):
@@ -416,14 +421,9 @@ def test_token_run_refuses_a_changed_identity_and_bad_options_before_work(model,
 
 # -- the command line ------------------------------------------------------------------------------
 def token_cli_args(prompts, out, *extra):
-    return [
-        "trace",
-        "--model",
-        "native:tiny",
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(out),
+    return cli_trace_args(
+        prompts,
+        out,
         "--granularity",
         "token",
         "--sizes",
@@ -435,16 +435,13 @@ def token_cli_args(prompts, out, *extra):
         "random",
         "--ablation",
         "zero",
-        "--quiet",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture
 def prompt_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(PROMPTS[:3]) + "\n", encoding="utf-8")
-    return path
+    return write_prompt_file(tmp_path, PROMPTS[:3])
 
 
 def test_cli_traces_tokens_prints_the_table_and_resumes(prompt_file, tmp_path, capsys):
@@ -477,7 +474,10 @@ def test_cli_traces_tokens_prints_the_table_and_resumes(prompt_file, tmp_path, c
         assert float(row[3]) == pytest.approx(float(result.metrics["tv"][:, j].mean()), abs=1e-4)
         top1 = 100 * float(result.metrics["top1"][:, j].mean())
         assert float(row[4]) == pytest.approx(top1, abs=0.05)
-    assert lines[-1].startswith("HTML page: not written for token runs")
+    assert lines[-1] == f"HTML page: {out / 'report.html'}"
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="fig-token_fidelity"' in page and 'id="fig-token_units"' in page
+    assert "strace-lens trace --model native:tiny" in page  # the command, as notes
     assert main(["merge", str(out)]) == 0
     assert capsys.readouterr().out == printed
     assert main(token_cli_args(prompt_file, out)) == 0  # finished: read back
@@ -494,8 +494,5 @@ def test_cli_traces_tokens_prints_the_table_and_resumes(prompt_file, tmp_path, c
     ],
 )
 def test_cli_token_bad_input_is_one_line_and_exit_2(prompt_file, tmp_path, capsys, extra, message):
-    from strace_lens.cli import main
-
     out = tmp_path / "run"
-    assert main(token_cli_args(prompt_file, out, *extra)) == 2
-    assert_one_line_error(capsys.readouterr().err, message, out)
+    assert_refused(capsys, token_cli_args(prompt_file, out, *extra), message, out)

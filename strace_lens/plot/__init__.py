@@ -12,8 +12,12 @@
   composition figure in edge units (quartile and attention / MLP / residual shares, the
   paper's phase bands shaded); :func:`edge_fidelity`: median TV and top-1 agreement of edge
   subgraphs against size.
+- :func:`token_fidelity` and :func:`token_units`: token-granularity results (units are
+  (component, position) pairs): fidelity against size, and one prompt's unit map coloured by
+  the smallest subgraph holding each unit.
 - :func:`save`: .html / .png / .svg / .pdf by suffix, paper presets; :func:`report_html` /
-  :func:`edge_report_html`: one self-contained HTML page with all of them.
+  :func:`edge_report_html` / :func:`token_report_html`: one self-contained HTML page with all
+  of them.
 
 All figures use the ``"strace_lens"`` plotly template (Okabe-Ito colours); the numbers they
 draw come from :mod:`strace_lens.analysis`.
@@ -32,9 +36,13 @@ from strace_lens.plot.html_report import (
     fidelity_heading,
     paper_figures,
     report_html,
+    token_figures,
+    token_report_html,
 )
 from strace_lens.plot.style import OKABE_ITO, TEMPLATE
 from strace_lens.plot.token_circuit import token_circuit
+from strace_lens.plot.token_fidelity import token_fidelity
+from strace_lens.plot.token_units import token_units
 
 __all__ = [
     "OKABE_ITO",
@@ -58,5 +66,9 @@ __all__ = [
     "save",
     "to_image",
     "token_circuit",
+    "token_fidelity",
+    "token_figures",
+    "token_report_html",
+    "token_units",
     "usage",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from strace_lens.result import TraceResult
 
@@ -48,6 +49,38 @@ def as_labelled(results: Results) -> list[tuple[str, TraceResult]]:
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name} ({seen[name]})", r))
     return out
+
+
+def axis_token(token: str, n: int = 10) -> str:
+    """A token readable on an axis: a leading space as ␣, newlines as ⏎, at most n chars."""
+    text = token.replace("\n", "⏎").replace("\t", "⇥")
+    if text.startswith(" "):
+        text = "␣" + text[1:]
+    text = text or "∅"
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def prompt_token_labels(
+    prompt: int,
+    n_pos: int,
+    tokens: Sequence[str] | None,
+    model: Any,
+    token_ids: Callable[[], list[int]],
+) -> list[str]:
+    """Axis labels of a prompt's ``n_pos`` traced tokens: ``tokens`` as given, else the
+    model's tokenizer decoding ``token_ids()`` (the prompt's ids, tokenised as the trace did),
+    else the positions."""
+    if tokens is None and model is not None:
+        tokens = [model.tokenizer.decode([i]) for i in token_ids()[:n_pos]]
+    if tokens is None:
+        return [str(t) for t in range(n_pos)]
+    if len(tokens) != n_pos:
+        raise ValueError(
+            f"Prompt {prompt} was traced over {n_pos} tokens but {len(tokens)} token strings "
+            "were given: pass the tokens of that prompt, tokenised as the trace did (or "
+            "model=, to decode them)."
+        )
+    return [axis_token(t) for t in tokens]
 
 
 def short(text: str, n: int = 48) -> str:

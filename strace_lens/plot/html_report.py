@@ -1,8 +1,9 @@
 """Every figure of a set of results, and one self-contained HTML page holding them.
 
-``strace-lens trace`` and ``strace-lens reproduce`` call :func:`report_html` (node results) and
-:func:`edge_report_html` (edge results); notebooks call :func:`paper_figures` /
-:func:`edge_figures` to get the figures as objects.
+``strace-lens trace`` and ``strace-lens reproduce`` call :func:`report_html` (node results),
+:func:`edge_report_html` (edge results) and :func:`token_report_html` (token results);
+notebooks call :func:`paper_figures` / :func:`edge_figures` / :func:`token_figures` to get the
+figures as objects.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from strace_lens.plot.density import density_vs_entropy
 from strace_lens.plot.edge_composition import edge_composition
 from strace_lens.plot.edge_fidelity import EdgeResultSet, as_edge_pairs, edge_fidelity
 from strace_lens.plot.token_circuit import token_circuit
+from strace_lens.plot.token_fidelity import token_fidelity
+from strace_lens.plot.token_units import token_units
+from strace_lens.token_trace.result import TokenTraceResult
 
 MIN_PROMPTS_FOR_CORRELATION = 3  # Spearman over fewer prompts is undefined
 
@@ -150,6 +154,31 @@ def edge_report_html(
     return _write_page(path, title, notes, _edge_table(pairs), figs, _EDGE_HEADINGS)
 
 
+def token_figures(
+    result: TokenTraceResult, model: Any = None, tokens: Sequence[str] | None = None
+) -> dict[str, go.Figure]:
+    """The figures of a token-granularity result, keyed by a file-safe name: fidelity against
+    size and the unit map of the first prompt (``model`` or ``tokens`` label its tokens)."""
+    return {
+        "token_fidelity": token_fidelity(result),
+        "token_units": token_units(result, 0, tokens=tokens, model=model),
+    }
+
+
+def token_report_html(
+    result: TokenTraceResult,
+    path: str | os.PathLike[str],
+    title: str = "strace-lens token report",
+    notes: str = "",
+    model: Any = None,
+) -> Path:
+    """Write one HTML page with the figures of a token-granularity result
+    (:func:`token_figures`). Self-contained (plotly.js embedded once), written atomically.
+    Returns the path written."""
+    figs = token_figures(result, model=model)
+    return _write_page(path, title, notes, _token_table(result), figs, _TOKEN_HEADINGS)
+
+
 def fidelity_heading(results: Results) -> str:
     """The fidelity figure's heading, naming only what its legend holds: inverse subgraphs
     (drawn for every traced result) and the random baseline (only when a result is
@@ -162,6 +191,11 @@ def fidelity_heading(results: Results) -> str:
         parts.append("inverse subgraphs")
     return "Fidelity versus subgraph size" + (f", with {' and '.join(parts)}" if parts else "")
 
+
+_TOKEN_HEADINGS = {
+    "token_fidelity": "Fidelity versus size ((component, position) units)",
+    "token_units": "Units of the first prompt: the smallest subgraph holding each",
+}
 
 _EDGE_HEADINGS = {
     "edge_fidelity": "Fidelity versus size (the paper's edge graph)",
@@ -223,3 +257,21 @@ def _edge_table(pairs: list[tuple[str, EdgeTraceResult]]) -> str:
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>")
     rows.append("</table>")
     return "".join(rows)
+
+
+def _token_table(result: TokenTraceResult) -> str:
+    totals = [result.n_units(p) for p in range(result.n_prompts)]
+    cells = (
+        result.method,
+        "per-dataset" if result.per == "dataset" else "per-input",
+        "nested" if result.nested else "independent",
+        result.n_prompts,
+        f"{min(totals):,}–{max(totals):,}",
+        ", ".join(f"{s:g}" for s in result.grid),
+    )
+    return (
+        "<table><tr><th>method</th><th>masks</th><th>family</th><th>prompts</th>"
+        "<th>units per prompt (min–max)</th><th>sizes</th></tr><tr>"
+        + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells)
+        + "</tr></table>"
+    )

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from strace_lens.analysis.edge_bands import MINIMAL_CORE_SIZE
 from strace_lens.edges.result import EdgeTraceResult
-from strace_lens.plot._common import short
+from strace_lens.plot._common import prompt_token_labels, short
 from strace_lens.plot.style import CORE_COLOR, REFINEMENT_COLOR, TEMPLATE
 
 DEFAULT_MAX_EDGES = 600
@@ -58,33 +58,14 @@ def token_labels(
 ) -> list[str]:
     """Axis labels of the prompt's tokens: ``tokens`` as given, else decoded with the model's
     tokenizer under the trace's token convention, else the positions."""
-    n_pos = int(result.n_pos[prompt])
-    if tokens is None and model is not None:
+
+    def token_ids() -> list[int]:
         from strace_lens.edges.tokens import edge_tokenize
 
-        batch = edge_tokenize(
-            model, [result.prompts[prompt]], result.options.get("tokens", "paper")
-        )
-        ids = batch.tokens[0, :n_pos].tolist()
-        tokens = [model.tokenizer.decode([i]) for i in ids]
-    if tokens is None:
-        return [str(t) for t in range(n_pos)]
-    if len(tokens) != n_pos:
-        raise ValueError(
-            f"Prompt {prompt} was traced over {n_pos} tokens but {len(tokens)} token strings "
-            "were given: pass the tokens of that prompt under the trace's token convention "
-            "(or model=, to decode them)."
-        )
-    return [_clean(t) for t in tokens]
+        convention = result.options.get("tokens", "paper")
+        return edge_tokenize(model, [result.prompts[prompt]], convention).tokens[0].tolist()
 
-
-def _clean(token: str, n: int = 10) -> str:
-    """A token readable on an axis: a leading space as ␣, newlines as ⏎, at most n chars."""
-    text = token.replace("\n", "⏎").replace("\t", "⇥")
-    if text.startswith(" "):
-        text = "␣" + text[1:]
-    text = text or "∅"
-    return text if len(text) <= n else text[: n - 1] + "…"
+    return prompt_token_labels(prompt, int(result.n_pos[prompt]), tokens, model, token_ids)
 
 
 def entry_indices(result: EdgeTraceResult, prompt: int, n: int) -> Tensor:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from strace_lens import analysis as an
 from strace_lens.atomic import refuse_links, sha256_file, write_text
@@ -184,6 +185,9 @@ def _settings(
         "strace-lens version": __version__ + (f" (git {commit})" if commit else ""),
         "command": f"`{config.command or config.python_call()}`",
         "wall time of this invocation": f"{time.perf_counter() - started:.0f} s",
+        # what the wall time ran on: `--threads`, else torch's own count (the shards record
+        # each chunk's in timing.json)
+        "torch CPU threads of this invocation": torch.get_num_threads(),
     }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from strace_lens import analysis as an
 from strace_lens.ablation import MeanAblation
@@ -288,6 +289,9 @@ def _run_node(config: ReproduceConfig) -> Reproduction:
         "strace-lens version": __version__ + (f" (git {commit})" if commit else ""),
         "command": f"`{command}`",
         "wall time of this invocation": f"{time.perf_counter() - started:.0f} s",
+        # what the wall time ran on: `--threads`, else torch's own count (the shards record
+        # each chunk's in timing.json)
+        "torch CPU threads of this invocation": torch.get_num_threads(),
     }
     repro = Reproduction(
         out, out / "report.md", runs, all_claims, agreement, settings, agreement_table

@@ -22,16 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-#: about this many log-spaced sizes in the default grid (as at node granularity)
-DEFAULT_GRID_POINTS = 12
-
-
-def default_counts(n_units: int, points: int = DEFAULT_GRID_POINTS) -> Int[Tensor, " size"]:
-    """About ``points`` log-spaced counts from 1 to ``n_units`` (both included)."""
-    if n_units <= points:
-        return torch.arange(1, n_units + 1)
-    grid = torch.logspace(0, torch.log10(torch.tensor(float(n_units))), points)
-    return torch.unique(grid.round().long().clamp(1, n_units))
+from strace_lens.sizes import checked_sizes, default_sizes
 
 
 def size_grid(
@@ -41,28 +32,16 @@ def size_grid(
     prompt's unit count, ascending; None gives the default relative grid."""
     n_min = min(unit_counts)
     if sizes is None:
-        return tuple(c / n_min for c in default_counts(n_min).tolist())
-    values = sizes.tolist() if isinstance(sizes, Tensor) else list(sizes)
-    if not values:
-        raise ValueError("`sizes` is empty: give unit counts like [1, 4, 16] or None.")
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        bad = [v for v in values if not 1 <= v <= n_min]
-        if bad:
-            raise ValueError(
-                f"Sizes {bad} are outside [1, {n_min}]: at granularity='token' an int size "
-                "counts (component, position) pairs and must fit the shortest prompt "
-                f"({n_min} pairs). Give relative sizes (floats in (0, 1]) to size each prompt "
-                "by its own length."
-            )
-    elif all(isinstance(v, float) for v in values):
-        bad_f = [v for v in values if not 0.0 < v <= 1.0]
-        if bad_f:
-            raise ValueError(
-                f"Relative sizes {bad_f} are outside (0, 1]; use floats for fractions of a "
-                "prompt's (component, position) pairs, or ints for counts."
-            )
-    else:
-        raise TypeError("`sizes` must be all ints (unit counts) or all floats (relative sizes).")
+        return tuple(c / n_min for c in default_sizes(n_min).tolist())
+    values, _ = checked_sizes(
+        sizes,
+        n_min,
+        units="unit counts",
+        whole="a prompt's (component, position) pairs",
+        range_note=": at granularity='token' an int size counts (component, position) pairs "
+        f"and must fit the shortest prompt ({n_min} pairs). Give relative sizes (floats in "
+        "(0, 1]) to size each prompt by its own length.",
+    )
     if len(set(values)) != len(values):
         raise ValueError(f"Sizes repeat ({sorted(values)}); give each size once.")
     return tuple(sorted(values))
@@ -76,4 +55,4 @@ def unit_counts_of(grid: Sequence[int | float], n_units: int) -> Int[Tensor, " s
     return torch.tensor(counts, dtype=torch.long)
 
 
-__all__ = ["DEFAULT_GRID_POINTS", "default_counts", "size_grid", "unit_counts_of"]
+__all__ = ["size_grid", "unit_counts_of"]
