@@ -21,6 +21,8 @@ COLUMNS = [
     ("edge, greedy, attn. ablated: SmolLM2", "edge-greedy-ablated/claims.csv", "smollm2-135m"),
     ("edge, greedy, attn. kept: Gemma", "edge-greedy-kept/claims.csv", "gemma-3-270m"),
     ("edge, greedy, attn. kept: SmolLM2", "edge-greedy-kept/claims.csv", "smollm2-135m"),
+    ("edge, learned, attn. ablated: Gemma", "edge-mask-ablated/claims.csv", "gemma-3-270m"),
+    ("edge, learned, attn. ablated: SmolLM2", "edge-mask-ablated/claims.csv", "smollm2-135m"),
 ]
 IDS = ("1a", "1a.components", "1b", "1b.components", "1b.attn", "1b.mlp", "1c",
        "1c.components", "1d", "1d.components", "1d.base", "2a", "2a.partial", "2b",
