@@ -75,6 +75,38 @@ def timed_trace(
     return secs, res, meter.done, calls[0]
 
 
+def print_band_comparison(
+    banded: tuple[float, sl.TraceResult, int, int], unbanded: tuple[float, sl.TraceResult, int, int]
+) -> None:
+    """Time ratio, whether the masks are the same, and the largest metric difference."""
+    same = torch.equal(banded[1].masks, unbanded[1].masks)
+    metrics = banded[1].metrics
+    diff = max(float((metrics[k] - unbanded[1].metrics[k]).abs().max()) for k in metrics)
+    print(
+        f"  banded / unbanded: time {banded[0] / unbanded[0]:.3f}, forward calls "
+        f"{banded[3] / unbanded[3]:.3f}; same masks {same}; metrics max|d| {diff:.2e}"
+    )
+
+
+def curve_configs(args: argparse.Namespace, model: object) -> dict[str, dict[str, object]]:
+    """Label -> ``trace`` keyword arguments of every run the options ask for, in run order."""
+    configs: dict[str, dict[str, object]] = {}
+    if args.unbanded == "first":
+        configs["curve, nested unbanded"] = {"nested": True}
+    if not args.no_default:
+        configs["curve, nested"] = {"nested": True}
+    if args.unbanded == "last":
+        configs["curve, nested unbanded"] = {"nested": True}
+    for label, options in args.curve:
+        configs[f"curve, {label}"] = {"nested": True, **options}
+    if not args.no_single:
+        n_nodes = len(sl.NodeGraph.from_model(model))
+        configs["single size"] = {"sizes": [max(1, n_nodes // 10)]}
+    if args.independent:
+        configs["curve, independent"] = {"nested": False}
+    return configs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
@@ -97,8 +129,11 @@ def main() -> None:
     parser.add_argument("--no-default", action="store_true", help="skip the default nested curve")
     parser.add_argument(
         "--unbanded",
-        action="store_true",
-        help="also time the default curve without start-layer bands (CALL_FIXED_ROWS = 0)",
+        nargs="?",
+        const="first",
+        choices=["first", "last"],
+        help="also time the default curve without start-layer bands (CALL_FIXED_ROWS = 0), "
+        "before (default) or after the banded one",
     )
     parser.add_argument("--words", type=int, default=None, help="cut prompts to their last N words")
     args = parser.parse_args()
@@ -111,18 +146,7 @@ def main() -> None:
         batch = sl.tokenize(model, prompts)
         bare = statistics.median(bare_fwd_bwd(model, batch) for _ in range(args.repeats))
         runs = {}
-        configs: dict[str, dict[str, object]] = {}
-        if args.unbanded:
-            configs["curve, nested unbanded"] = {"nested": True}
-        if not args.no_default:
-            configs["curve, nested"] = {"nested": True}
-        for label, options in args.curve:
-            configs[f"curve, {label}"] = {"nested": True, **options}
-        if not args.no_single:
-            n_nodes = len(sl.NodeGraph.from_model(model))
-            configs["single size"] = {"sizes": [max(1, n_nodes // 10)]}
-        if args.independent:
-            configs["curve, independent"] = {"nested": False}
+        configs = curve_configs(args, model)
         for label, kwargs in configs.items():
             runs[label] = timed_trace(model, prompts, kwargs, label.endswith("unbanded"))
         print(f"\n{name}: {len(prompts)} prompts, width {batch.tokens.shape[1]} tokens")
@@ -136,12 +160,7 @@ def main() -> None:
                 f"{GRADIENT_ROW_COST}; forward calls {n_calls})"
             )
         if "curve, nested unbanded" in runs and "curve, nested" in runs:
-            unbanded, banded = runs["curve, nested unbanded"][1], runs["curve, nested"][1]
-            same = torch.equal(unbanded.masks, banded.masks)
-            diffs = [
-                float((banded.metrics[k] - unbanded.metrics[k]).abs().max()) for k in banded.metrics
-            ]
-            print(f"  banded vs unbanded: same masks {same}; metrics max|d| {max(diffs):.2e}")
+            print_band_comparison(runs["curve, nested"], runs["curve, nested unbanded"])
         if "single size" in runs and "curve, nested" in runs:
             single = runs["single size"][0]
             print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")
