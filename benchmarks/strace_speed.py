@@ -6,6 +6,9 @@ input (method "mask", nested and independent), and one run for a single size; al
 run, so the ratios compare like with like on this (shared, noisy) machine. ``--curve
 LABEL=JSON`` (repeatable) times further nested curves with the given mask options side by
 side with the default one, e.g. ``--curve 'fast={"steps": 4, "grow_width": 1}'``.
+``--unbanded`` also times the default nested curve with resumed proposals run grouped by
+their own start layer (``strace_lens.search.bands.CALL_FIXED_ROWS = 0``), as before
+start-layer bands. Each run prints the forward rows and the model's forward calls.
 
     python benchmarks/strace_speed.py --models gemma-3-270m smollm2-135m
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 import strace_lens as sl
+import strace_lens.search.bands as bands
 from strace_lens.progress import GRADIENT_ROW_COST, metering
 
 DATA = Path(__file__).resolve().parents[1] / "strace_lens" / "data" / "wikitext_40_dev.tsv"
@@ -44,6 +48,65 @@ def bare_fwd_bwd(model: object, batch: sl.TokenBatch) -> float:
     return elapsed
 
 
+def timed_trace(
+    model: torch.nn.Module, prompts: list[str], kwargs: dict[str, object], unbanded: bool
+) -> tuple[float, sl.TraceResult, int, int]:
+    """Seconds, result, forward rows run (the meter counts a row with a gradient as
+    ``GRADIENT_ROW_COST``) and the model's forward calls of one ``trace``; ``unbanded``:
+    resumed proposals grouped by their own start layer (``CALL_FIXED_ROWS = 0``)."""
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    counter = model.register_forward_pre_hook(count)
+    fixed = bands.CALL_FIXED_ROWS
+    if unbanded:
+        bands.CALL_FIXED_ROWS = 0.0
+    try:
+        with metering(lambda fraction: None) as meter:
+            t0 = time.perf_counter()
+            res = sl.trace(model, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
+            secs = time.perf_counter() - t0
+    finally:
+        bands.CALL_FIXED_ROWS = fixed
+        counter.remove()
+    assert isinstance(res, sl.TraceResult)
+    return secs, res, meter.done, calls[0]
+
+
+def print_band_comparison(
+    banded: tuple[float, sl.TraceResult, int, int], unbanded: tuple[float, sl.TraceResult, int, int]
+) -> None:
+    """Time ratio, whether the masks are the same, and the largest metric difference."""
+    same = torch.equal(banded[1].masks, unbanded[1].masks)
+    metrics = banded[1].metrics
+    diff = max(float((metrics[k] - unbanded[1].metrics[k]).abs().max()) for k in metrics)
+    print(
+        f"  banded / unbanded: time {banded[0] / unbanded[0]:.3f}, forward calls "
+        f"{banded[3] / unbanded[3]:.3f}; same masks {same}; metrics max|d| {diff:.2e}"
+    )
+
+
+def curve_configs(args: argparse.Namespace, model: object) -> dict[str, dict[str, object]]:
+    """Label -> ``trace`` keyword arguments of every run the options ask for, in run order."""
+    configs: dict[str, dict[str, object]] = {}
+    if args.unbanded == "first":
+        configs["curve, nested unbanded"] = {"nested": True}
+    if not args.no_default:
+        configs["curve, nested"] = {"nested": True}
+    if args.unbanded == "last":
+        configs["curve, nested unbanded"] = {"nested": True}
+    for label, options in args.curve:
+        configs[f"curve, {label}"] = {"nested": True, **options}
+    if not args.no_single:
+        n_nodes = len(sl.NodeGraph.from_model(model))
+        configs["single size"] = {"sizes": [max(1, n_nodes // 10)]}
+    if args.independent:
+        configs["curve, independent"] = {"nested": False}
+    return configs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
@@ -64,6 +127,14 @@ def main() -> None:
         help="LABEL=JSON: also time a nested curve with these mask options (repeatable)",
     )
     parser.add_argument("--no-default", action="store_true", help="skip the default nested curve")
+    parser.add_argument(
+        "--unbanded",
+        nargs="?",
+        const="first",
+        choices=["first", "last"],
+        help="also time the default curve without start-layer bands (CALL_FIXED_ROWS = 0), "
+        "before (default) or after the banded one",
+    )
     parser.add_argument("--words", type=int, default=None, help="cut prompts to their last N words")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,34 +146,21 @@ def main() -> None:
         batch = sl.tokenize(model, prompts)
         bare = statistics.median(bare_fwd_bwd(model, batch) for _ in range(args.repeats))
         runs = {}
-        configs: dict[str, dict[str, object]] = {}
-        if not args.no_default:
-            configs["curve, nested"] = {"nested": True}
-        for label, options in args.curve:
-            configs[f"curve, {label}"] = {"nested": True, **options}
-        if not args.no_single:
-            n_nodes = len(sl.NodeGraph.from_model(model))
-            configs["single size"] = {"sizes": [max(1, n_nodes // 10)]}
-        if args.independent:
-            configs["curve, independent"] = {"nested": False}
+        configs = curve_configs(args, model)
         for label, kwargs in configs.items():
-            # the meter counts the forward rows actually run (a row with a gradient as 3)
-            with metering(lambda fraction: None) as meter:
-                t0 = time.perf_counter()
-                res = sl.trace(model, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
-                secs = time.perf_counter() - t0
-            assert isinstance(res, sl.TraceResult)
-            runs[label] = (secs, res, meter.done)
+            runs[label] = timed_trace(model, prompts, kwargs, label.endswith("unbanded"))
         print(f"\n{name}: {len(prompts)} prompts, width {batch.tokens.shape[1]} tokens")
         print(f"  bare forward+backward (median of {args.repeats}): {bare:.2f} s")
-        for label, (secs, res, ran) in runs.items():
+        for label, (secs, res, ran, n_calls) in runs.items():
             o = res.options
             print(
                 f"  {label:24s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
                 f"({len(res.sizes)} sizes; search rows {o['search_rows']}, "
                 f"eval rows {o['eval_rows']}; rows run {ran}, a gradient row counted "
-                f"{GRADIENT_ROW_COST})"
+                f"{GRADIENT_ROW_COST}; forward calls {n_calls})"
             )
+        if "curve, nested unbanded" in runs and "curve, nested" in runs:
+            print_band_comparison(runs["curve, nested"], runs["curve, nested unbanded"])
         if "single size" in runs and "curve, nested" in runs:
             single = runs["single size"][0]
             print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")

@@ -67,9 +67,12 @@ def evaluate_masks(
     for prefix, variant in variants:
         kl, tv, nuc, tops = [], [], [], []
         step = objective.rows_per_pass
+        chunks = _read_back(objective, variant, prompt_index, step)
         for lo in range(0, len(prompt_index), step):
             idx = prompt_index[lo : lo + step].to(device)
-            logp = _chunk_logprobs(objective, variant[lo : lo + step].float().to(device), idx)
+            logp = chunks.get(lo)
+            if logp is None:  # nothing read back: the chunk runs as one pass
+                logp = objective.logprobs(variant[lo : lo + step].float().to(device), idx)
             full = objective.logp_full[idx]
             kl.append(kl_divergence(full, logp).cpu())
             tv.append(tv_distance(full, logp).cpu())
@@ -85,30 +88,47 @@ def evaluate_masks(
     return Evaluation(metrics, top)
 
 
-def _chunk_logprobs(
+def _read_back(
     objective: SubgraphObjective,
-    masks: Float[Tensor, "row node"],
+    masks: Bool[Tensor, "row node"],
     prompt_index: Int[Tensor, " row"],
-) -> Float[Tensor, "row vocab"]:
-    """Log-probs of a chunk of hard-mask rows: those the search already ran read back
-    (``objective.measured``), the others run in one pass with the hooks the whole chunk
-    would have had; the metrics are then computed on the whole chunk as before. A row read
-    back may differ from a run of the whole chunk by the rounding of another batch (about
-    1e-5 in KL on SmolLM2; none on the tiny model): :mod:`strace_lens.search.measured`."""
-    hooked = objective.hooked_layers(masks)
-    known = [
-        objective.measured.get(int(p), m, hooked) for p, m in zip(prompt_index.tolist(), masks)
-    ]
-    missing = [i for i, logp in enumerate(known) if logp is None]
-    if len(missing) == len(known):
-        return objective.logprobs(masks, prompt_index)
-    if missing:
-        rows = torch.tensor(missing, device=masks.device)
-        ran = objective.logprobs(masks[rows], prompt_index[rows], hooked)
-        for i, logp in zip(missing, ran):
-            known[i] = logp
+    step: int,
+) -> dict[int, Float[Tensor, "chunk vocab"]]:
+    """Log-probs of each chunk of ``step`` rows (keyed by its first row) in which
+    the search already ran some rows (``objective.measured``): those are read back, and the
+    chunks' other rows run with the hooks their whole chunk would have had, all chunks'
+    together (one pass per set of hooked layers, not a small pass per chunk). A row read
+    back, or run beside other rows than its chunk's, may differ from a run of the whole
+    chunk by the rounding of another batch (about 1e-5 in KL on SmolLM2; none on the tiny
+    model): :mod:`strace_lens.search.measured`."""
     device = objective.logp_full.device
-    return torch.stack([logp.to(device) for logp in known if logp is not None])
+    known: dict[int, list[Tensor | None]] = {}
+    left: dict[bytes, tuple[Tensor, list[int]]] = {}  # hooked layers -> (them, rows)
+    for lo in range(0, len(prompt_index), step):
+        chunk = masks[lo : lo + step].float()
+        hooked = objective.hooked_layers(chunk)
+        got = [
+            objective.measured.get(int(p), m, hooked)
+            for p, m in zip(prompt_index[lo : lo + step].tolist(), chunk)
+        ]
+        if all(logp is None for logp in got):
+            continue
+        known[lo] = got
+        missing = [lo + i for i, logp in enumerate(got) if logp is None]
+        if missing:
+            key = bytes(hooked.cpu().numpy().tobytes())
+            left.setdefault(key, (hooked, []))[1].extend(missing)
+    for hooked, rows in left.values():
+        index = torch.tensor(rows)
+        ran = objective.logprobs(
+            masks[index].float().to(device), prompt_index[index].to(device), hooked
+        )
+        for row, logp in zip(rows, ran):
+            known[row - row % step][row % step] = logp
+    return {
+        lo: torch.stack([logp.to(device) for logp in got if logp is not None])
+        for lo, got in known.items()
+    }
 
 
 def evaluate_draws(

@@ -24,6 +24,7 @@ from strace_lens.inputs import TokenBatch
 from strace_lens.masked_forward import forward_logprobs, hooked_layers, node_hooks
 from strace_lens.metrics import kl_divergence
 from strace_lens.progress import GRADIENT_ROW_COST, rows_ran
+from strace_lens.search.bands import start_bands
 from strace_lens.search.measured import MeasuredRows
 from strace_lens.search.resumed import (
     blocks_return_tuples,
@@ -60,6 +61,8 @@ class SubgraphObjective:
     rows_evaluated: int = 0
     #: counts (row, block) pairs run: a row resumed at layer L counts n_layers - L
     layer_rows: int = 0
+    #: counts the model's forward calls (one per chunk of rows)
+    forward_calls: int = 0
     #: whether the model's blocks return tuples (probed on the first resumed run)
     _block_tuples: bool | None = None
     #: False once the model refused ``start_at_layer`` (TransformerLens 3.x's bridge raises
@@ -171,6 +174,7 @@ class SubgraphObjective:
             start_layer = 0
             logp = forward_logprobs(self.model, rows, hooks)
         self.rows_evaluated += len(prompt_index)
+        self.forward_calls += 1
         rows_ran(len(prompt_index))
         self.layer_rows += len(prompt_index) * (self.graph.n_layers - start_layer)
         ran_hooked[:start_layer] = True
@@ -221,21 +225,29 @@ class SubgraphObjective:
 
         With ``start_layer`` and ``cache``: row r runs from the cached residual entering block
         ``start_layer[r]`` of its prompt, which must be the residual of a mask that agrees
-        with row r on every node below that layer (rows are run grouped by start layer).
+        with row r on every node below that layer, or from a lower layer of the same cache
+        (rows are run in start-layer bands, :mod:`strace_lens.search.bands`).
         ``sink`` sees every chunk's row indices, KL, log-probs and hooked layers.
         """
         if start_layer is None or cache is None:
             start_layer = torch.zeros(len(prompt_index), dtype=torch.long)
+        own_start = start_layer.cpu()
+        band = start_bands(own_start, self.graph.n_layers, self.rows_per_pass)
         # the full model's dtype: a float64 model's KL stays float64
         out = torch.empty(len(prompt_index), device=self.logp_full.device,
                           dtype=self.logp_full.dtype)  # fmt: skip
-        for layer in torch.unique(start_layer.cpu()).tolist():
-            idx = torch.nonzero(start_layer.cpu() == layer).flatten()
+        for layer in torch.unique(band).tolist():
+            idx = torch.nonzero(band == layer).flatten()
 
             def run(lo: int, hi: int, idx: Tensor = idx, layer: int = layer) -> None:
                 rows = idx[lo:hi].to(prompt_index.device)
                 logp, hooked = self._run(
-                    masks[rows].float(), prompt_index[rows], None, layer, cache
+                    masks[rows].float(),
+                    prompt_index[rows],
+                    None,
+                    layer,
+                    cache,
+                    _recomputed_layers(layer, own_start[idx[lo:hi]], self.graph.n_layers),
                 )
                 kl = kl_divergence(self.logp_full[prompt_index[rows]], logp)
                 out[rows.to(out.device)] = kl
@@ -274,3 +286,18 @@ class SubgraphObjective:
 
         self._in_chunks(len(prompt_index), run)
         return torch.cat(out)
+
+
+def _recomputed_layers(
+    band_start: int, own_start: Int[Tensor, " row"], n_layers: int
+) -> Bool[Tensor, " layer"] | None:
+    """The layers to hook in a band's chunk besides those its masks need: those some row
+    recomputes below its own start layer, hooked as in the gradient pass that filled the
+    cache (which hooks every layer: a hook that keeps a node may change its last bit under a
+    mean ablation); None where every row starts at the band's start."""
+    top = int(own_start.max()) if len(own_start) else band_start
+    if top <= band_start:
+        return None
+    layers = torch.zeros(n_layers, dtype=torch.bool)
+    layers[band_start:top] = True
+    return layers

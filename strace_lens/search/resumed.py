@@ -5,6 +5,7 @@ block L. The nested growth measures a dozen proposals per prompt and step, each 
 subgraph plus a few nodes; a proposal whose earliest new node sits in layer L is run from
 the current subgraph's residual at L (captured during the gradient pass the growth runs at
 the current subgraph anyway), and blocks 0 .. L-1 are skipped: its cost falls by L / layers.
+Rows of nearby start layers share one call, from the lowest (:mod:`strace_lens.search.bands`).
 
 The residual is cached per prompt, at the width of the batch, right-padded: with right
 padding a causal model's real positions never see the padding, so a row may run at any
