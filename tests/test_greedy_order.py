@@ -13,9 +13,14 @@ from strace_lens.search.baselines import greedy_order
 def _reference(norms, layers, is_attn):
     """Best-first from the output, straight from the definition: pop the node of largest
     share, then offer every node that can feed it (heads feed their own layer's MLP and
-    every later layer, an MLP every later layer) with its share among those sources."""
+    every later layer, an MLP every later layer) with its share among those sources. The
+    feeding relation is built here as a whole matrix from the tensors, not by the
+    implementation's pairwise predicate, so the two formulations check each other."""
     n = len(norms)
     w = [float(x) for x in norms]
+    same_layer = layers[:, None] == layers[None, :]
+    head_into_mlp = is_attn[:, None] & ~is_attn[None, :]
+    feeds = (layers[:, None] < layers[None, :]) | (same_layer & head_into_mlp)  # [src, dst]
     total = sum(w) or 1.0
     heap = [(-w[u] / total, u) for u in range(n)]
     heapq.heapify(heap)
@@ -26,12 +31,7 @@ def _reference(norms, layers, is_attn):
             continue
         taken[u] = True
         chosen.append(u)
-        sources = [
-            v
-            for v in range(n)
-            if int(layers[v]) < int(layers[u])
-            or (int(layers[v]) == int(layers[u]) and bool(is_attn[v]) and not bool(is_attn[u]))
-        ]
+        sources = torch.nonzero(feeds[:, u]).flatten().tolist()
         norm = sum(w[v] for v in sources) or 1.0
         for v in sources:
             if not taken[v]:
