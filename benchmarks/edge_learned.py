@@ -345,6 +345,11 @@ def main() -> None:
         help="merge by KL alone, without keeping each size within the greedy's TV",
     )
     parser.add_argument(
+        "--no-kept-attention-gradient",
+        action="store_true",
+        help="with attention edges kept, learn without the attention edges' gradient",
+    )
+    parser.add_argument(
         "--batch-prompts",
         type=int,
         default=MaskSearch.batch_prompts,
@@ -369,6 +374,7 @@ def main() -> None:
         max_candidates=args.max_candidates,
         greedy_bound=not args.no_greedy_bound,
         batch_prompts=args.batch_prompts,
+        kept_attention_gradient=not args.no_kept_attention_gradient,
     )
     prompts = read_prompts(args.prompts, args.first + args.n)[args.first :]
     for name in args.model:

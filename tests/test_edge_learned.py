@@ -155,6 +155,39 @@ def test_step_zero_is_the_greedy_and_selection_is_never_worse(byte_tiny):
     assert torch.allclose(kl_divergence(full.expand_as(logp), logp), best, atol=1e-9)
 
 
+def test_kept_attention_gradient_moves_attention_edges_and_keeps_the_kept_forward(byte_tiny):
+    """With attention edges kept their masks never reach the forward: without the option
+    the learning leaves every attention edge's score where the greedy put it; with it they
+    move, while each step still measures its subgraphs under the kept semantics (every
+    step's recorded KL equals an independent kept-semantics run of that step's prefixes)."""
+    batch = edge_tokenize(byte_tiny, PROMPTS[1])
+    graph = EdgeGraph.from_model(byte_tiny, batch.tokens.shape[1])
+    (w,), _ = edge_weights(byte_tiny, batch)
+    order = greedy_order(graph, w)
+    budgets = pick_budgets(GRID, graph.n_edges, FAST)
+    is_attn = graph.edge_fields["kind"] == 0
+    full = byte_tiny(batch.tokens)[0, -1].double().log_softmax(-1)[None]
+    moved = {}
+    for on in (False, True):
+        search = MaskSearch(steps=3, kept_attention_gradient=on)
+        fit = learn_order(
+            byte_tiny, batch, graph, order, budgets, search=search, ablate_attention_edges=False
+        )
+        moved[on] = int((fit.scores[is_attn] != rank_scores(order)[is_attn]).sum())
+        for step in range(search.steps):
+            keep = torch.zeros(len(budgets), graph.n_edges, dtype=torch.float64)
+            for b, k in enumerate(budgets.tolist()):
+                keep[b, fit.step_orders[step][:k].long()] = 1
+            logp = run_with_edge_masks(
+                byte_tiny, batch, EdgeMasks.from_edges(graph, keep), ablate_attention_edges=False
+            )
+            assert torch.allclose(
+                kl_divergence(full.expand_as(logp), logp), fit.kl[step], atol=1e-9
+            )
+    assert moved[False] == 0
+    assert moved[True] > int(is_attn.sum()) // 10
+
+
 def exhaustive_case(
     seed: int, ablate: bool, merged: MaskSearch | None = None
 ) -> tuple[list[float], list[float], list[float]]:
@@ -382,3 +415,33 @@ def test_bad_search_options_raise():
         MaskSearch(max_candidates=0)
     with pytest.raises(ValueError, match="No trainable budget"):
         pick_budgets([1.0], 10, MaskSearch())
+
+
+@pytest.mark.parametrize("ablate", [True, False], ids=["ablated", "kept"])
+def test_kept_attention_gradient_names_a_run_only_with_attention_edges_kept(
+    tmp_path, byte_tiny, ablate
+):
+    """The option cannot change a run whose attention edges are ablated, so such a folder
+    traced with it off resumes with it on (folders traced before it existed resume too);
+    with attention edges kept it is part of the run's identity and a change is refused."""
+    from strace_lens.dataset import RunMismatchError, trace_dataset
+
+    def run(on: bool):
+        return trace_dataset(
+            byte_tiny,
+            PROMPTS[:1],
+            tmp_path / "run",
+            progress=False,
+            granularity="edge",
+            method="mask",
+            sizes=GRID,
+            ablate_attention_edges=ablate,
+            mask_search=MaskSearch(steps=2, kept_attention_gradient=on),
+        )
+
+    first = run(False)
+    if ablate:
+        assert torch.equal(run(True).ids, first.ids)
+    else:
+        with pytest.raises(RunMismatchError, match="kept_attention_gradient"):
+            run(True)

@@ -160,6 +160,10 @@ class EdgeTraceConfig:
             record["mask_search"] = {
                 f.name: _plain(getattr(search, f.name)) for f in dataclasses.fields(search)
             }
+            if self.ablate_attention_edges:
+                # no effect with attention edges ablated (their masks reach the forward
+                # anyway), so folders traced before the option existed still resume
+                del record["mask_search"]["kept_attention_gradient"]
         return record
 
 
