@@ -110,5 +110,43 @@ def test_an_edge_report_with_2b_beside_one_without(tmp_path):
     ]
 
 
+#: the node reports' folders under docs/reproduction/ and the names the README gives them
+NODE_MODELS = [("gemma-3-270m", "Gemma"), ("smollm2-135m", "SmolLM2")]
+
+
+def node_reading() -> list[str]:
+    """The figures of the README's "How to read the phase claims" paragraph, recomputed from
+    the committed node tables, as the README must print them."""
+    top, depth, attn, refined = [], [], [], []
+    for model, short in NODE_MODELS:
+        tables = DOCS / model / "tables" / model
+        usage = pd.read_csv(tables / "usage.csv")
+        first = usage[usage["size"] == usage["size"].min()].sort_values("frequency").iloc[-1]
+        top.append(f"{short} `{first['node']}` in {round(100 * first['frequency'])} %")
+        comp = pd.read_csv(tables / "composition.csv").sort_values("size")
+        below = comp[comp["relative_size"] < 1].iloc[-1]
+        depth.append(
+            (comp.iloc[0]["mean_depth"], below["mean_depth"], 100 * below["relative_size"])
+        )
+        attn.append((comp.iloc[0]["new_attn_share"], below["new_attn_share"]))
+        phases = pd.read_csv(tables / "phases.csv")
+        refinement = phases[phases["phase"] == "refinement"]
+        refined.append(int((refinement["end_relative_size"] < 1).sum()))
+    return [
+        f"({top[0]}, {top[1]})",
+        f"from {depth[0][0]:.2f} / {depth[1][0]:.2f} at size 1 to {depth[0][1]:.2f} / "
+        f"{depth[1][1]:.2f} at {depth[0][2]:.0f} / {depth[1][2]:.0f} % of the nodes",
+        f"from {attn[0][0]:.2f} / {attn[1][0]:.2f} to {attn[0][1]:.2f} / {attn[1][1]:.2f}",
+        f"for only {refined[0]} (Gemma) and {refined[1]} (SmolLM2) of",
+    ]
+
+
+def test_readme_reading_of_the_node_reports_is_their_tables():
+    text = " ".join((DOCS / "README.md").read_text(encoding="utf-8").split())
+    for phrase in node_reading():
+        assert phrase in text, f"README lacks {phrase!r} (from the committed node tables)"
+
+
 if __name__ == "__main__":
     print(table())
+    print("\nnode reading figures:", *node_reading(), sep="\n")
