@@ -317,7 +317,7 @@ def learn_orders(
     # kept semantics' forward, exactly: x * 1.0 = x) and a straight-through relaxation
     # beside it: the gradient says how much the output leans on that attention entry.
     attn_grad = not ablate_attention_edges and search.kept_attention_gradient
-    is_attn = [g.dense_ids < g.n_attn_slots for g in graphs] if attn_grad else []
+    is_attn = [g.edge_fields["kind"] == 0 for g in graphs] if attn_grad else []
     gens = [torch.Generator().manual_seed(search.seed) for _ in range(n)]
     t0, t1 = search.temperature
     history: list[list[Tensor]] = [[] for _ in range(n)]
