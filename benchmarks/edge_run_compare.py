@@ -7,6 +7,7 @@ semantics, and prints per size from ``--min-size``: the median TV of each, the s
 prompts keeping the full model's top-1 token, how many prompts are lower / higher by more
 than ``--tol``; then the medians lower / equal / higher and the smallest size at which half
 of the prompts keep the top-1 token. Nothing is traced: it reads what the runs measured.
+``--csv PATH`` also writes the per-size table (docs/reproduction/ commits these).
 
     python benchmarks/edge_run_compare.py runs/edge-mask-ablated/runs/smollm2-135m/mask \
         runs/edge-greedy-ablated/runs/smollm2-135m/greedy
@@ -15,11 +16,14 @@ of the prompts keep the top-1 token. Nothing is traced: it reads what the runs m
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import pandas as pd
 import torch
 from edge_greedy import half_top1_size
 
 import strace_lens as sl
+from strace_lens.atomic import write_text
 
 
 def main() -> None:
@@ -28,6 +32,7 @@ def main() -> None:
     parser.add_argument("reference", help="run folder of the reference (e.g. .../greedy)")
     parser.add_argument("--min-size", type=float, default=1e-4, help="first size compared")
     parser.add_argument("--tol", type=float, default=1e-4, help="|difference| counted equal")
+    parser.add_argument("--csv", type=Path, help="also write the per-size table here")
     args = parser.parse_args()
     cand, ref = sl.load(args.candidate), sl.load(args.reference)
     if list(cand.prompts) != list(ref.prompts) or list(cand.grid) != list(ref.grid):
@@ -44,6 +49,7 @@ def main() -> None:
     )
     print(f"{'s':>8} | {'median TV':>9} {'ref':>8} | {'top1':>5} {'ref':>5} | lower higher")
     counts = {"lower": 0, "equal": 0, "higher": 0}
+    rows = []
     for j, s in enumerate(grid):
         a, b = tv_c[:, j].median().item(), tv_r[:, j].median().item()
         mark = "equal" if abs(a - b) <= args.tol else ("lower" if a < b else "higher")
@@ -54,6 +60,22 @@ def main() -> None:
             f"{s:>8g} | {a:9.4f} {b:8.4f} | {top_c[:, j].mean():5.2f} {top_r[:, j].mean():5.2f} "
             f"| {lower:5d} {higher:6d}  {mark}"
         )
+        rows.append(
+            {
+                "size": s,
+                "median_tv": a,
+                "median_tv_reference": b,
+                "top1_share": top_c[:, j].mean().item(),
+                "top1_share_reference": top_r[:, j].mean().item(),
+                "prompts_lower": lower,
+                "prompts_higher": higher,
+                "median": mark,
+                "tol": args.tol,
+                "n_prompts": cand.n_prompts,
+            }
+        )
+    if args.csv is not None:
+        write_text(args.csv, pd.DataFrame(rows).to_csv(index=False))
     pairs_lower = int((tv_c < tv_r - args.tol).sum())
     pairs_higher = int((tv_c > tv_r + args.tol).sum())
     print(

@@ -223,6 +223,17 @@ def test_reproduce_end_to_end_on_the_tiny_model_and_resume(tmp_path):
     timings = list((tmp_path / "out" / "runs").glob("native_tiny/*/shards/*/timing.json"))
     assert len(timings) == 2  # the learned masks' shard and the random baseline's
     assert {json.loads(t.read_text())["torch_threads"] for t in timings} == {threads}
+    # shards.csv: one row per shard as its timing.json records it; the report's sums are its
+    shards_csv = pd.read_csv(tmp_path / "out" / "tables" / "native_tiny" / "shards.csv")
+    recorded = {
+        (t.parents[2].name, int(t.parent.name)): json.loads(t.read_text())["seconds"]
+        for t in timings
+    }
+    assert {(r.run, r.shard): r.seconds for r in shards_csv.itertuples()} == recorded
+    assert set(shards_csv["torch_threads"]) == {threads}
+    mask_total, random_total = (recorded[(run, 0)] for run in ("mask", "random"))
+    assert f"the shards record {mask_total:.0f} s and {random_total:.0f} s in total" in report
+    assert "per shard: `tables/native_tiny/shards.csv`" in report
     assert "strace-lens reproduce --model native:tiny" in report
     # the phase rule given on the command line reached the analyses and the recorded command
     assert "--refined-nucleus 60 --small-core 0.3" in report

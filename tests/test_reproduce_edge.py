@@ -9,6 +9,8 @@ force); here: what reproduce adds on top of them."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -520,6 +522,11 @@ def test_edge_reproduce_end_to_end_resumes_the_direct_trace_dataset_folders(
     for name in ("projection", "projection_bands", "phase_bands", "core", "uncertainty_controls",
                  "frequency", "curves", "composition"):  # fmt: skip
         assert (tables / f"{name}.csv").exists(), name
+    shards = pd.read_csv(tables / "shards.csv")  # one row per shard, as timing.json has it
+    for label in ("greedy", "random"):
+        (timing,) = (out / "runs" / "native_tiny" / label / "shards").glob("*/timing.json")
+        (row,) = shards[shards["run"] == label].itertuples()
+        assert (row.shard, row.seconds) == (0, json.loads(timing.read_text())["seconds"])
     report = (out / "report.md").read_text(encoding="utf-8")
     needed_words = [
         "edge granularity",

@@ -109,7 +109,7 @@ def model_section(run: EdgeModelRun) -> list[str]:
         f"({r.grid[0]:g} to {r.grid[-1]:g}). Tracing time: {sec.get('traced', 0):.0f} s "
         f"traced, {sec.get('random', 0):.0f} s random in this invocation (the shards record "
         f"{sec.get('traced_shards', 0):.0f} s and {sec.get('random_shards', 0):.0f} s over "
-        "every session of a resumed run).",
+        f"every session of a resumed run; per shard: `tables/{slug_of(run.name)}/shards.csv`).",
         "",
         "### Density and uncertainty",
         "",

@@ -42,7 +42,7 @@ from strace_lens.reproduce.edge_claims import (
 )
 from strace_lens.reproduce.edge_markdown import figures_path, write_edge_report
 from strace_lens.reproduce.markdown import git_commit, slug_of
-from strace_lens.reproduce.runs import load_spec, shard_seconds
+from strace_lens.reproduce.runs import load_spec, shard_seconds, shard_table
 
 
 def trace_edge_run(
@@ -112,6 +112,10 @@ def run_edge(config: ReproduceConfig) -> EdgeReproduction:
             loss = edge_target_loss(loaded, traced, pfile.targets, config.chunk_size)
         comp, tables = analyse_edges(
             traced, random, counts, config.n_boot, config.seed, small_core, loss
+        )
+        run_dir = out / "runs" / slug_of(name)
+        tables["shards"] = shard_table(
+            {str(config.method): run_dir / str(config.method), "random": run_dir / "random"}
         )
         claims = edge_claims_of(
             tables, name, config.n_boot, config.seed, config.min_prompts, small_core

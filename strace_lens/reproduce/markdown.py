@@ -165,7 +165,8 @@ def model_section(run: ModelRun) -> list[str]:
         f"{mask.n_prompts} prompts. Tracing time: mask {sec.get('mask', 0):.0f} s, "
         f"random {sec.get('random', 0):.0f} s (this invocation; the shards record "
         f"{sec.get('mask_shards', 0):.0f} s and {sec.get('random_shards', 0):.0f} s in total, "
-        "over every session of a resumed run).",
+        "over every session of a resumed run; per shard: "
+        f"`tables/{slug_of(run.name)}/shards.csv`).",
         "",
         "### Density and uncertainty",
         "",

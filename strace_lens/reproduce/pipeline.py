@@ -30,7 +30,7 @@ from strace_lens.reproduce.config import ReproduceConfig, models_of, sizes_of
 from strace_lens.reproduce.edge_claims import EdgeReproduction
 from strace_lens.reproduce.edge_pipeline import run_edge
 from strace_lens.reproduce.markdown import git_commit, slug_of, write_report
-from strace_lens.reproduce.runs import load_spec, shard_seconds
+from strace_lens.reproduce.runs import load_spec, shard_seconds, shard_table
 from strace_lens.result import TraceResult
 from strace_lens.types import AblationName, Granularity, MethodName
 
@@ -238,6 +238,7 @@ def _run_node(config: ReproduceConfig) -> Reproduction:
         seconds["random_shards"] = shard_seconds(run_dir / "random")
         counts = an.token_counts(loaded, corpus, prompts)
         tables = analyse(mask, random, counts, core_nucleus, refined_nucleus, n_boot, seed)
+        tables["shards"] = shard_table({"mask": run_dir / "mask", "random": run_dir / "random"})
         claims = claims_of(
             mask, tables, counts, str(name), n_boot, seed, min_prompts, small_core, random=random
         )

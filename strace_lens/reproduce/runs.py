@@ -1,5 +1,5 @@
 """What both granularities' pipelines share: loading a named model and reading the tracing
-time a run folder's shards record."""
+time a run folder's shards record (summed for the report, per shard for ``shards.csv``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,35 @@ def load_spec(name: str, device: str | None) -> Any:
     return load_model(name, device=device)
 
 
+def shard_table(folders: dict[str, Path]) -> Any:
+    """One row per finished shard of each named run folder: ``run``, ``shard`` (its index),
+    ``seconds`` and ``torch_threads`` as its ``timing.json`` records them (every session of a
+    resumed run: a shard is traced once). The report's "the shards record" sums are its
+    per-run totals; the table keeps what a sum hides (a shard slowed by other jobs)."""
+    import pandas as pd
+
+    rows = []
+    for run, folder in folders.items():
+        for timing in sorted(folder.glob("shards/*/timing.json")):
+            if not timing.parent.name.isdigit():  # a shard being written, not yet renamed
+                continue
+            try:
+                record = json.loads(timing.read_text())
+                seconds = float(record.get("seconds", 0.0))
+            except (ValueError, OSError):
+                continue
+            threads = record.get("torch_threads")
+            rows.append(
+                {
+                    "run": run,
+                    "shard": int(timing.parent.name),
+                    "seconds": seconds,
+                    "torch_threads": int(threads) if isinstance(threads, int) else None,
+                }
+            )
+    return pd.DataFrame(rows, columns=["run", "shard", "seconds", "torch_threads"])
+
+
 def shard_seconds(folder: Path) -> float:
     """Total tracing time recorded by a run's shards (all sessions of a resumed run)."""
     total = 0.0
@@ -29,4 +58,4 @@ def shard_seconds(folder: Path) -> float:
     return total
 
 
-__all__ = ["load_spec", "shard_seconds"]
+__all__ = ["load_spec", "shard_seconds", "shard_table"]
