@@ -4,6 +4,7 @@ committed claims.csv. The table is rebuilt here from the CSVs and compared with 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -147,6 +148,188 @@ def test_readme_reading_of_the_node_reports_is_their_tables():
         assert phrase in text, f"README lacks {phrase!r} (from the committed node tables)"
 
 
+def claim(report: str, model: str, claim_id: str) -> pd.Series:
+    """One row of a committed report's claims.csv (2c: the row of the model pair)."""
+    table = pd.read_csv(DOCS / report / "claims.csv")
+    if claim_id.startswith("2c"):
+        model = f"{NODE_MODELS[0][0]} vs {NODE_MODELS[1][0]}"
+    (row,) = table[(table["model"] == model) & (table["id"] == claim_id)].itertuples(index=False)
+    return pd.Series(row._asdict())
+
+
+def edge_reading() -> list[str]:
+    """The figures of the README's "What changes with the unit" bullets, recomputed from the
+    committed claims.csv, phase_bands.csv and learned-against-greedy tables, as the README
+    must print them (percentages rounded to whole per cent, rho to two decimals)."""
+    gemma, smol = (m for m, _ in NODE_MODELS)
+    pair = (gemma, smol)
+    ablated, kept, learned = "edge-greedy-ablated", "edge-greedy-kept", "edge-mask-ablated"
+
+    def est(report: str, model: str, claim_id: str) -> float:
+        return float(claim(report, model, claim_id)["estimate"])
+
+    def pct(value: float) -> str:
+        return f"{100 * value:.0f} %"
+
+    core = [pct(est(ablated, m, "1a")) for m in pair]
+    attn = []
+    for model in pair:
+        bands = pd.read_csv(DOCS / ablated / "tables" / model / "phase_bands.csv")
+        row = bands[(bands["band"] == "construction") & (bands["quantity"] == "edge_attn_share")]
+        attn.append(pct(float(row["mean"].iloc[0])))
+    phrases = [
+        f"a median {core[0]} (Gemma) and {core[1]} (SmolLM2) of the edges",
+        f"({attn[0]} for Gemma, {attn[1]} for SmolLM2;",
+        f"(rho {est(ablated, smol, '2a'):.2f})",
+        f"Gemma rho {est(ablated, gemma, '2b'):.2f}, partialled "
+        f"{est(ablated, gemma, '2b.partial'):.2f}",
+        f"SmolLM2 {est(ablated, smol, '2b'):.2f}, partialled "
+        f"{est(ablated, smol, '2b.partial'):.2f}",
+        f"(2c, rho {est('both', gemma, '2c'):.2f}) is not there at edge "
+        f"({est(ablated, gemma, '2c'):.2f},",
+    ]
+    kept_core = [claim(kept, m, "1a") for m in pair]
+    assert pct(kept_core[0]["estimate"]) == pct(kept_core[1]["estimate"]), "reword the README"
+    intervals = " and ".join(f"{r['ci_low']:.1g} to {r['ci_high']:.1g}" for r in kept_core)
+    touched = [pct(est(kept, m, "1a.components")) for m in pair]
+    phrases += [
+        f"a median {pct(kept_core[0]['estimate'])} of the edges for both models "
+        f"(intervals {intervals}:",
+        f"where with attention edges ablated it was {core[0]} and {core[1]})",
+        f"touching {touched[0]} (Gemma) and {touched[1]} (SmolLM2) of the components",
+        f"(2c holds, rho {est(kept, gemma, '2c'):.2f}, and survives the random control, "
+        f"2c.partial {est(kept, gemma, '2c.partial'):.2f})",
+    ]
+    lower = {}
+    for model in pair:
+        sizes = pd.read_csv(DOCS / learned / "learned_vs_greedy" / f"{model}.csv")
+        worse = (sizes["median"] == "higher").sum() + sizes["prompts_higher"].sum()
+        assert worse == 0, f"{model}: the learned masks are worse somewhere: reword the README"
+        lower[model] = f"{(sizes['median'] == 'lower').sum()} of {len(sizes)}"
+    learned_core = [pct(est(learned, m, "1a")) for m in pair]
+    phrases += [
+        f"median TV lower at {lower[smol]} sizes for SmolLM2 and {lower[gemma]} for Gemma, "
+        "no size or prompt worse;",
+        f"(1b {est(learned, gemma, '1b'):.3g} against {est(ablated, gemma, '1b'):.3g} for Gemma)",
+        f"falls from a median {core[0]} to {learned_core[0]} of the edges",
+        f"SmolLM2's stays at {learned_core[1]};",
+        f"(Gemma {est(learned, gemma, 'S1'):.3g} against {est(ablated, gemma, 'S1'):.3g} TV x "
+        "decades)",
+        f"(rho {est(learned, gemma, '2a'):.2f}, "
+        f"partialled {est(learned, gemma, '2a.partial'):.2f})",
+    ]
+    assert core[1] == learned_core[1], "SmolLM2's learned core moved: reword the README"
+    return phrases
+
+
+def test_readme_reading_of_the_edge_reports_is_their_tables():
+    text = " ".join((DOCS / "README.md").read_text(encoding="utf-8").split())
+    for phrase in edge_reading():
+        assert phrase in text, f"README lacks {phrase!r} (from the committed edge tables)"
+
+
+COST_BEGIN, COST_END = "<!-- cost:begin -->", "<!-- cost:end -->"
+#: (label, report folder under docs/reproduction/, the traced run's name in shards.csv)
+COST_RUNS = [
+    ("node, learned (mean abl.)", "{model}", "mask"),
+    ("edge, greedy, attn. ablated", "edge-greedy-ablated", "greedy"),
+    ("edge, greedy, attn. kept", "edge-greedy-kept", "greedy"),
+    ("edge, learned, attn. ablated", "edge-mask-ablated", "mask"),
+]
+
+
+def cost_table() -> str:
+    """The README's cost table: each committed run's shards.csv, summed per run."""
+
+    def spread(seconds: pd.Series) -> str:
+        return f"{seconds.min():.0f} to {seconds.max():.0f}"
+
+    lines = [
+        "| run | model | shards | traced: s in all | s per prompt | s per shard | "
+        "random control: s in all | s per shard |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, folder, traced in COST_RUNS:
+        for model, short in NODE_MODELS:
+            tables = DOCS / folder.format(model=model) / "tables" / model
+            shards = pd.read_csv(tables / "shards.csv")
+            n_prompts = len(pd.read_csv(tables / "density.csv"))
+            run, random = (shards[shards["run"] == r]["seconds"] for r in (traced, "random"))
+            lines.append(
+                f"| {label} | {short} | {len(run)} | {run.sum():.0f} | "
+                f"{run.sum() / n_prompts:.1f} | {spread(run)} | {random.sum():.0f} | "
+                f"{spread(random)} |"
+            )
+    return "\n".join(lines)
+
+
+def test_readme_cost_table_is_the_committed_shard_tables():
+    text = (DOCS / "README.md").read_text(encoding="utf-8")
+    assert COST_BEGIN in text and COST_END in text, "the README lost its cost markers"
+    shown = text.split(COST_BEGIN, 1)[1].split(COST_END, 1)[0].strip()
+    assert shown == cost_table(), "README cost table differs from shards.csv: paste it"
+
+
+#: The numbers the README's prose may print without a CSV behind them: settings and
+#: definitions, not results. Every other number must sit in a phrase this module recomputes.
+SETTINGS = {
+    "0": "the sign a claim predicts (> 0, < 0)",
+    "1": "section 1, the full size, formula constants, the 1 % nucleus, one draw",
+    "2": "degrees of freedom n - 2 - k, 2 random draws, the 2-core machine",
+    "3": "claim 3",
+    "4": "the default grow_width, a 4-prompt first try",
+    "6": "a 6-column TSV",
+    "24": "the default steps",
+    "27": "the paper's grid: 27 sizes",
+    "90": "the refined nucleus, 90 %",
+    "95": "95 % intervals",
+    "200": "prompts per model",
+    "9/90": "1a's threshold example",
+    "0.01": "edge 1a threshold, the construction band's end",
+    "0.05": "the Holm level",
+    "0.1": "node 1a threshold",
+    "1e-2": "band edge",
+    "1e-3": "the minimal core's size",
+    "1e-4": "band edge",
+    "1e-5": "the grid's first size",
+}
+NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?:e-?\d+)?(?:/\d+)?(?![\w])")
+
+
+def unexplained_numbers(text: str) -> list[str]:
+    """The numbers of README prose that neither a recomputed phrase nor SETTINGS covers:
+    generated tables, code blocks, inline code and link targets are left out (the tables
+    are rebuilt from the CSVs by the tests above; code is commands and settings)."""
+    for begin, end in ((BEGIN, END), (COST_BEGIN, COST_END)):
+        if begin in text:
+            text = text.split(begin, 1)[0] + text.split(end, 1)[1]
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)
+    text = " ".join(text.split())
+    for phrase in node_reading() + edge_reading():
+        text = text.replace(" ".join(phrase.split()), " ")
+    text = re.sub(r"`[^`]*`", " ", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    return [
+        f"{m.group()} in ...{text[max(0, m.start() - 60) : m.end() + 20]}..."
+        for m in NUMBER.finditer(text)
+        if m.group() not in SETTINGS
+    ]
+
+
+def test_every_number_of_the_readme_prose_is_recomputed_or_a_setting():
+    assert unexplained_numbers("a 3 in 12 of 0.5 %") == [
+        "12 in ...a 3 in 12 of 0.5 %...",
+        "0.5 in ...a 3 in 12 of 0.5 %...",
+    ]
+    text = (DOCS / "README.md").read_text(encoding="utf-8")
+    left = unexplained_numbers(text)
+    assert not left, "numbers from no committed CSV (recompute them here or drop them):\n" + (
+        "\n".join(left)
+    )
+
+
 if __name__ == "__main__":
     print(table())
     print("\nnode reading figures:", *node_reading(), sep="\n")
+    print("\nedge reading figures:", *edge_reading(), sep="\n")
+    print(f"\ncost table (between {COST_BEGIN} and {COST_END}):\n{cost_table()}")
