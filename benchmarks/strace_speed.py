@@ -157,9 +157,12 @@ def edge_details(res: EdgeTraceResult) -> str:
     )
 
 
+Timed = dict[str, tuple[float, AnyResult, int, int]]
+
+
 def run_granularity(
     model: torch.nn.Module, name: str, prompts: list[str], args: argparse.Namespace
-) -> dict[str, tuple[float, AnyResult, int, int]]:
+) -> tuple[float, Timed]:
     """The edge or token curves, timed between bare forward+backward passes of their batch."""
     edge = args.granularity == "edge"
     batch = edge_tokenize(model, prompts) if edge else sl.tokenize(model, prompts)
@@ -193,19 +196,19 @@ def run_granularity(
         learned = runs[f"edge learned, {semantics}"][0]
         greedy = runs[f"edge greedy, {semantics}"][0]
         print(f"  learned / greedy, attention edges {semantics}: {learned / greedy:.2f}x")
-    return runs
+    return bare, runs
 
 
 def run(
     model: torch.nn.Module, name: str, prompts: list[str], args: argparse.Namespace
-) -> dict[str, tuple[float, AnyResult, int, int]]:
-    """Time the curves ``args`` ask for on ``prompts`` and print them; returns label ->
-    (seconds, result, rows run, forward calls)."""
+) -> tuple[float, Timed]:
+    """Time the curves ``args`` ask for on ``prompts`` and print them; returns the bare
+    forward+backward's seconds and label -> (seconds, result, rows run, forward calls)."""
     if args.granularity != "node":
         return run_granularity(model, name, prompts, args)
     batch = sl.tokenize(model, prompts)
     bare = statistics.median(bare_fwd_bwd(model, batch) for _ in range(args.repeats))
-    runs = {}
+    runs: Timed = {}
     configs = curve_configs(args, model)
     for label, kwargs in configs.items():
         runs[label] = timed_trace(model, prompts, kwargs, label.endswith("unbanded"))
@@ -224,7 +227,7 @@ def run(
     if "single size" in runs and "curve, nested" in runs:
         single = runs["single size"][0]
         print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")
-    return runs
+    return bare, runs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -266,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ablate-attention-edges",
         nargs="+",
-        type=_true_false,
+        type=true_false,
         default=[True],
         help="edge: true (attention edges ablated; default), false (kept) or both",
     )
@@ -300,7 +303,7 @@ _NODE_ONLY = {
 }
 
 
-def _true_false(text: str) -> bool:
+def true_false(text: str) -> bool:
     if text not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"true or false, got {text!r}.")
     return text == "true"
