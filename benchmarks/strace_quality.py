@@ -370,7 +370,7 @@ def _fmt(row: dict[str, object]) -> str:
     )
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
     parser.add_argument("--n-prompts", type=int, default=4)
@@ -440,7 +440,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.granularity != "node" and args.methods:
         raise SystemExit(
             f"--methods picks rows of the node baseline table: at --granularity "

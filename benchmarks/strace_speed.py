@@ -230,7 +230,7 @@ def run(
     return bare, runs
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
     parser.add_argument("--n", type=int, default=16)
@@ -277,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = parser().parse_args()
+    args = build_parser().parse_args()
     if args.granularity != "node":
         node_only = [o for o, v in _NODE_ONLY.items() if getattr(args, v)]
         if node_only:

@@ -133,7 +133,7 @@ def speed_lines(text: str) -> dict[str, list[float]]:
 
 
 def test_edge_speed_times_learned_and_greedy_curves_against_the_bare_pass(model, capsys):
-    args = strace_speed.parser().parse_args(
+    args = strace_speed.build_parser().parse_args(
         ["--granularity", "edge", "--ablate-attention-edges", "true", "false", "--repeats", "1"]
     )
     prompts = ["The cat sat on", "Paris is the capital"]
@@ -164,7 +164,7 @@ def test_edge_speed_times_learned_and_greedy_curves_against_the_bare_pass(model,
 
 
 def test_token_speed_times_the_default_token_curve(model, capsys):
-    args = strace_speed.parser().parse_args(["--granularity", "token", "--repeats", "1"])
+    args = strace_speed.build_parser().parse_args(["--granularity", "token", "--repeats", "1"])
     bare, runs = strace_speed.run(model, "native:tiny", ["The cat sat on", "Paris is"], args)
     text = capsys.readouterr().out
     ((label, (secs, res, ran, _)),) = runs.items()
@@ -181,7 +181,7 @@ def test_node_defaults_unchanged_and_node_only_options_refused(monkeypatch):
     assert strace_quality.parse_args(["--granularity", "edge"]).words is None
     with pytest.raises(SystemExit, match="--methods picks rows of the node baseline table"):
         strace_quality.parse_args(["--granularity", "edge", "--methods", "random"])
-    speed = strace_speed.parser().parse_args([])
+    speed = strace_speed.build_parser().parse_args([])
     assert (speed.granularity, speed.ablate_attention_edges) == ("node", [True])
     monkeypatch.setattr(sys, "argv", ["strace_speed.py", "--granularity", "edge", "--independent"])
     with pytest.raises(SystemExit, match="--independent time node curves"):
