@@ -47,15 +47,34 @@ def main() -> None:
         f"{cand.n_prompts} prompts; {args.candidate} against {args.reference}; "
         f"ablate_attention_edges={cand.options.get('ablate_attention_edges')}"
     )
+    rows = compare_sizes(tv_c, tv_r, top_c, top_r, grid, args.tol)
+    if args.csv is not None:
+        write_text(args.csv, pd.DataFrame(rows).to_csv(index=False))
+
+
+def compare_sizes(
+    tv_c: torch.Tensor,
+    tv_r: torch.Tensor,
+    top_c: torch.Tensor,
+    top_r: torch.Tensor,
+    grid: list[float],
+    tol: float,
+    names: tuple[str, str] = ("candidate", "reference"),
+) -> list[dict[str, object]]:
+    """Print, per size, the median TV ``[prompt, size]`` of a candidate and a reference, the
+    share of prompts keeping top-1 and how many prompts are lower / higher by more than
+    ``tol``; then the medians lower / equal / higher and the smallest size at which half of
+    the prompts keep top-1. Returns the per-size rows (also used by strace_quality.py)."""
+    n_prompts = tv_c.shape[0]
     print(f"{'s':>8} | {'median TV':>9} {'ref':>8} | {'top1':>5} {'ref':>5} | lower higher")
     counts = {"lower": 0, "equal": 0, "higher": 0}
-    rows = []
+    rows: list[dict[str, object]] = []
     for j, s in enumerate(grid):
         a, b = tv_c[:, j].median().item(), tv_r[:, j].median().item()
-        mark = "equal" if abs(a - b) <= args.tol else ("lower" if a < b else "higher")
+        mark = "equal" if abs(a - b) <= tol else ("lower" if a < b else "higher")
         counts[mark] += 1
-        lower = int((tv_c[:, j] < tv_r[:, j] - args.tol).sum())
-        higher = int((tv_c[:, j] > tv_r[:, j] + args.tol).sum())
+        lower = int((tv_c[:, j] < tv_r[:, j] - tol).sum())
+        higher = int((tv_c[:, j] > tv_r[:, j] + tol).sum())
         print(
             f"{s:>8g} | {a:9.4f} {b:8.4f} | {top_c[:, j].mean():5.2f} {top_r[:, j].mean():5.2f} "
             f"| {lower:5d} {higher:6d}  {mark}"
@@ -70,23 +89,22 @@ def main() -> None:
                 "prompts_lower": lower,
                 "prompts_higher": higher,
                 "median": mark,
-                "tol": args.tol,
-                "n_prompts": cand.n_prompts,
+                "tol": tol,
+                "n_prompts": n_prompts,
             }
         )
-    if args.csv is not None:
-        write_text(args.csv, pd.DataFrame(rows).to_csv(index=False))
-    pairs_lower = int((tv_c < tv_r - args.tol).sum())
-    pairs_higher = int((tv_c > tv_r + args.tol).sum())
+    pairs_lower = int((tv_c < tv_r - tol).sum())
+    pairs_higher = int((tv_c > tv_r + tol).sum())
     print(
         f"medians lower / equal / higher: {counts['lower']} / {counts['equal']} / "
         f"{counts['higher']} of {len(grid)} sizes; (prompt, size) pairs lower / higher: "
         f"{pairs_lower} / {pairs_higher}"
     )
     print(
-        f"half of the prompts keep top-1 from: candidate {half_top1_size(top_c, grid)}, "
-        f"reference {half_top1_size(top_r, grid)}"
+        f"half of the prompts keep top-1 from: {names[0]} {half_top1_size(top_c, grid)}, "
+        f"{names[1]} {half_top1_size(top_r, grid)}"
     )
+    return rows
 
 
 if __name__ == "__main__":

@@ -12,6 +12,28 @@ grid over the whole graph: median KL of each method at each size ("forward" stop
 ``--forward-max`` nodes).
 
     python benchmarks/strace_quality.py --models smollm2-135m gemma-3-270m
+
+``--granularity edge`` (the paper's token-level edge graph; whole prompts unless ``--words``
+is given): part 1 has no analogue on a real model (tens of thousands of edges per prompt:
+no exhaustive optimum; the tiny-model exhaustive check is tests/test_edge_learned.py's) and
+is skipped. Part 2, for each ``--ablate-attention-edges`` setting (default both): on the
+paper's grid from ``--min-size`` (default 1e-4), per size, the median TV of the learned
+nested masks (``method="mask"``) against the paper's greedy (the reference), the share of
+prompts keeping the full model's top-1 token and how many prompts are lower / higher by
+more than ``--tol`` (edge_run_compare.py's table); the medians lower / equal / higher and
+the smallest size at which half of the prompts keep top-1; then the median KL of both and
+uniform random edge subsets as a floor (TV, KL, top-1). ``--mask-options`` are the edge
+search's (``MaskSearch`` fields, e.g. ``{"steps": 4}``).
+
+``--granularity token`` (every head and MLP at every position; whole prompts unless
+``--words``): part 1 is skipped as well (the tiny-model exhaustive checks are
+tests/test_token_granularity.py's); part 2 is benchmarks/token_curve.py's table, the default
+learned token curve against random subsets of the same sizes, for each of ``--ablations``.
+
+    nice -n 10 python benchmarks/strace_quality.py --models smollm2-135m --granularity edge \
+        --n-baseline-prompts 4 --threads 1
+    nice -n 10 python benchmarks/strace_quality.py --models smollm2-135m --granularity token \
+        --n-baseline-prompts 4 --words 8 --ablations zero --threads 1
 """
 
 from __future__ import annotations
@@ -25,9 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from edge_run_compare import compare_sizes
+from strace_speed import true_false
+from token_curve import TokenCurves, print_token_table, token_curves
 
 import strace_lens as sl
 from strace_lens.ablation import resolve_ablation
+from strace_lens.edges import PAPER_GRID, EdgeTraceResult
 from strace_lens.hygiene import model_untouched
 from strace_lens.masked_forward import forward_logprobs
 from strace_lens.models import model_identity
@@ -36,6 +62,17 @@ from strace_lens.search.objective import SubgraphObjective
 from strace_lens.trace import resolve_candidates
 
 DATA = Path(__file__).resolve().parents[1] / "strace_lens" / "data" / "wikitext_40_dev.tsv"
+GRANULARITIES = ("node", "edge", "token")
+#: the edge methods of part 2, the learned first, the greedy (the reference) second
+EDGE_METHODS = {"learned": "mask", "greedy": "greedy", "random": "random"}
+NO_OPTIMALITY = {
+    "edge": "part 1 (optimality against exhaustive search) has no edge analogue on a real "
+    "model (no exhaustive optimum over its edges): skipped; the tiny-model exhaustive check "
+    "is tests/test_edge_learned.py's",
+    "token": "part 1 (optimality against exhaustive search) is measured on whole nodes only: "
+    "skipped at token granularity; the tiny-model exhaustive checks are "
+    "tests/test_token_granularity.py's",
+}
 
 
 def dev_prompts(n: int, words: int | None) -> list[str]:
@@ -232,6 +269,97 @@ def baselines(model: object, name: str, args: argparse.Namespace) -> None:
     print("sizes where a baseline beats mask (nested):", losses or "none")
 
 
+def edge_curves(
+    model: object, prompts: list[str], grid: list[float], ablate: bool, args: argparse.Namespace
+) -> dict[str, EdgeTraceResult]:
+    """The learned, greedy and random edge curves of ``prompts`` on ``grid``, each timed."""
+    results = {}
+    for label, method in EDGE_METHODS.items():
+        options: dict[str, Any] = {"ablate_attention_edges": ablate}
+        if method == "mask" and args.mask_options:
+            options["mask_search"] = args.mask_options
+        t0 = time.perf_counter()
+        res = sl.trace(
+            model, prompts, grid, method=method, granularity="edge", progress=False, **options
+        )
+        assert isinstance(res, EdgeTraceResult)
+        results[label] = res
+        semantics = "ablated" if ablate else "kept"
+        print(f"  edge {label}, {semantics}: {time.perf_counter() - t0:.1f}s", flush=True)
+    return results
+
+
+def print_edge_floor(results: dict[str, EdgeTraceResult], grid: list[float]) -> None:
+    """Median KL of the learned and greedy masks, and random subsets' median TV, KL and
+    top-1 share, per size."""
+    med = {
+        (label, k): res.metrics[k].double().median(0).values
+        for label, res in results.items()
+        for k in ("tv", "kl")
+    }
+    top1 = results["random"].metrics["top1"].double().mean(0)
+    print(
+        f"{'s':>8} | {'KL learned':>10} {'KL greedy':>10} | {'TV random':>9} {'KL random':>9} top1"
+    )
+    for j, s in enumerate(grid):
+        print(
+            f"{s:>8g} | {med['learned', 'kl'][j]:10.4f} {med['greedy', 'kl'][j]:10.4f} | "
+            f"{med['random', 'tv'][j]:9.4f} {med['random', 'kl'][j]:9.4f} {top1[j]:4.2f}"
+        )
+
+
+def edge_baselines(
+    model: object, name: str, args: argparse.Namespace
+) -> dict[str, tuple[dict[str, EdgeTraceResult], list[dict[str, object]]]]:
+    """Part 2 at edge granularity, for each semantics: the results and the per-size rows."""
+    prompts = dev_prompts(args.n_baseline_prompts, args.words)
+    grid = [float(s) for s in PAPER_GRID if s >= args.min_size]
+    out = {}
+    for ablate in args.ablate_attention_edges:
+        semantics = "ablated" if ablate else "kept"
+        results = edge_curves(model, prompts, grid, ablate, args)
+        tv = [results[k].metrics["tv"].double() for k in ("learned", "greedy")]
+        top1 = [results[k].metrics["top1"].double() for k in ("learned", "greedy")]
+        print(
+            f"\n{name}: edge granularity, attention edges {semantics}, {len(prompts)} prompts, "
+            f"the paper's grid from s = {args.min_size:g}; candidate: learned (method='mask', "
+            f"nested), reference: the paper's greedy; lower / higher: prompts more than "
+            f"{args.tol:g} apart"
+        )
+        rows = compare_sizes(*tv, *top1, grid, args.tol, names=("learned", "greedy"))
+        print("median KL (nats) of both; uniform random edge subsets, the floor:")
+        print_edge_floor(results, grid)
+        out[semantics] = (results, rows)
+    return out
+
+
+def token_baselines(model: object, name: str, args: argparse.Namespace) -> dict[str, TokenCurves]:
+    """Part 2 at token granularity: token_curve.py's table for each of ``--ablations``."""
+    prompts = dev_prompts(args.n_baseline_prompts, args.words)
+    out = {}
+    for ablation in args.ablations:
+        out[ablation] = token_curves(model, prompts, ablation, seed=0)
+        print_token_table(name, ablation, out[ablation])
+    return out
+
+
+def run(model: object, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Both parts at ``args.granularity`` on ``model``, printed; returns what part 2 found
+    (edge: semantics -> (results, rows); token: ablation -> curves; node: nothing)."""
+    if args.granularity == "node":
+        if not args.skip_optimality:
+            optimality(model, name, args)
+        if not args.skip_baselines:
+            baselines(model, name, args)
+        return {}
+    print(f"{name}: {NO_OPTIMALITY[args.granularity]}", flush=True)
+    if args.skip_baselines:
+        return {}
+    if args.granularity == "edge":
+        return edge_baselines(model, name, args)
+    return token_baselines(model, name, args)
+
+
 def _fmt(row: dict[str, object]) -> str:
     return (
         f"{row['model']:14s} {row['ablation']:5s} per={row['per']:8s} nested={row['nested']!s:5s} "
@@ -242,19 +370,30 @@ def _fmt(row: dict[str, object]) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
     parser.add_argument("--n-prompts", type=int, default=4)
     parser.add_argument("--n-candidates", type=int, default=10)
-    parser.add_argument("--words", type=int, default=8)
+    parser.add_argument(
+        "--words",
+        type=int,
+        default=None,
+        help="cut prompts to their last N words (default: 8 at node granularity, whole "
+        "prompts at edge and token)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--n-baseline-prompts", type=int, default=16)
     parser.add_argument("--forward-max", type=int, default=8)
     parser.add_argument(
         "--cache", type=Path, default=None, help="folder to keep exhaustive tables between runs"
     )
-    parser.add_argument("--ablations", nargs="+", default=["zero", "mean"])
+    parser.add_argument(
+        "--ablations",
+        nargs="+",
+        default=["zero", "mean"],
+        help="node: part 1's ablations; token: part 2's (edge: zero, the paper's)",
+    )
     parser.add_argument("--per", nargs="+", default=["input", "dataset"])
     parser.add_argument(
         "--nested",
@@ -277,15 +416,48 @@ def main() -> None:
     )
     parser.add_argument("--skip-optimality", action="store_true")
     parser.add_argument("--skip-baselines", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default="node",
+        help="node: parts 1 and 2 above (default); edge: learned against the paper's greedy "
+        "on the paper's grid; token: learned against random",
+    )
+    parser.add_argument(
+        "--ablate-attention-edges",
+        nargs="+",
+        type=true_false,
+        default=[True, False],
+        help="edge: true (attention edges ablated), false (kept), or both (default)",
+    )
+    parser.add_argument(
+        "--min-size", type=float, default=1e-4, help="edge: the smallest size of the grid"
+    )
+    parser.add_argument(
+        "--tol", type=float, default=1e-4, help="edge: |TV difference| counted equal"
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.granularity != "node" and args.methods:
+        raise SystemExit(
+            f"--methods picks rows of the node baseline table: at --granularity "
+            f"{args.granularity} every method of its table runs; drop --methods."
+        )
+    if args.words is None and args.granularity == "node":
+        args.words = 8
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.models:
         model = sl.load_model(name, device="cpu")
-        if not args.skip_optimality:
-            optimality(model, name, args)
-        if not args.skip_baselines:
-            baselines(model, name, args)
+        run(model, name, args)
 
 
 if __name__ == "__main__":
