@@ -314,3 +314,22 @@ def test_reproduce_refuses_a_bad_phase_rule_before_tracing(tmp_path, capsys):
     assert main([*base, "--small-core", "2"]) == 2
     assert "--small-core must be in (0, 1]" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was traced or written
+
+
+def test_shard_table_reads_each_finished_shard_and_keeps_missing_thread_counts_empty(tmp_path):
+    from strace_lens.reproduce.runs import shard_seconds, shard_table
+
+    run = tmp_path / "mask"
+    records = {
+        "00000": {"seconds": 2.5},  # traced before timing.json recorded the thread count
+        "00001": {"seconds": 1.25, "torch_threads": 2},
+        ".00002.ab12.tmp": {"seconds": 99.0, "torch_threads": 2},  # a shard being written
+    }
+    for name, record in records.items():
+        (run / "shards" / name).mkdir(parents=True)
+        (run / "shards" / name / "timing.json").write_text(json.dumps(record))
+    frame = shard_table({"mask": run})
+    assert frame["shard"].tolist() == [0, 1] and frame["seconds"].tolist() == [2.5, 1.25]
+    assert frame.to_csv(index=False).splitlines()[1:] == ["mask,0,2.5,", "mask,1,1.25,2"]
+    assert shard_seconds(run) == 2.5 + 1.25  # the report's sum: the same finished shards
+    assert shard_seconds(tmp_path / "not traced") == 0.0

@@ -44,18 +44,15 @@ def shard_table(folders: dict[str, Path]) -> Any:
                     "torch_threads": int(threads) if isinstance(threads, int) else None,
                 }
             )
-    return pd.DataFrame(rows, columns=["run", "shard", "seconds", "torch_threads"])
+    frame = pd.DataFrame(rows, columns=["run", "shard", "seconds", "torch_threads"])
+    # shards traced before timing.json recorded the thread count leave it empty, not 1.0
+    return frame.astype({"torch_threads": "Int64"})
 
 
 def shard_seconds(folder: Path) -> float:
-    """Total tracing time recorded by a run's shards (all sessions of a resumed run)."""
-    total = 0.0
-    for timing in folder.glob("shards/*/timing.json"):
-        try:
-            total += float(json.loads(timing.read_text()).get("seconds", 0.0))
-        except (ValueError, OSError):
-            continue
-    return total
+    """Total tracing time recorded by a run's finished shards (all sessions of a resumed
+    run): the sum of its :func:`shard_table` rows."""
+    return float(shard_table({"run": folder})["seconds"].sum())
 
 
 __all__ = ["load_spec", "shard_seconds", "shard_table"]
