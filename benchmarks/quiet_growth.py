@@ -11,6 +11,7 @@ grows from, the lowest KL of the proposals made without the option, the quiet pr
 KL, and which was kept (the growth's own measurements, before the local search).
 
     nice -n 10 python benchmarks/quiet_growth.py --model gemma-3-270m --n 4 --out /tmp/quiet
+    nice -n 10 python benchmarks/quiet_growth.py --model smollm2-135m --n 16 --words 8 ...
 """
 
 from __future__ import annotations
@@ -117,14 +118,23 @@ def main() -> None:
     parser.add_argument("--options", type=json.loads, default={}, help="JSON, for both runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", action="store_true", help="print the growth steps too")
+    parser.add_argument(
+        "--words", type=int, default=None, help="the wikitext dev prompts cut to N words"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    prompts = read_prompts(args.prompts, n=args.n)
+    if args.words:  # strace_quality.py's baseline prompts (its script folder is on the path)
+        from strace_quality import dev_prompts
+
+        prompts: Any = dev_prompts(args.n, args.words)
+    else:
+        prompts = read_prompts(args.prompts, n=args.n)
+    n_prompts = len(prompts) if isinstance(prompts, list) else len(prompts.prompts)
     curves = {}
     for label, quiet in (("default", {}), ("grow_quiet", {"grow_quiet": True})):
         started = time.perf_counter()
-        with growth_record(len(prompts.prompts)) as (seen, steps):
+        with growth_record(n_prompts) as (seen, steps):
             result = trace_dataset(
                 model, prompts, args.out / label, progress=False, **args.options, **quiet
             )
@@ -134,7 +144,7 @@ def main() -> None:
         curves[label] = kl
         show(label, sizes, kl, tv, seconds)
         if args.steps and quiet:
-            show_steps(seen, steps, len(prompts.prompts))
+            show_steps(seen, steps, n_prompts)
     diff = curves["grow_quiet"] - curves["default"]
     print(
         f"grow_quiet - default, KL per (prompt, size): lower {int((diff < 0).sum())}, "
