@@ -249,7 +249,9 @@ def baselines(model: object, name: str, args: argparse.Namespace) -> None:
             sizes = res.sizes.tolist()
         med = res.metrics["kl"].median(0).values
         table[label] = dict(zip(res.sizes.tolist(), med.tolist()))
-        print(f"  {name} {label}: {time.perf_counter() - t0:.1f}s", flush=True)
+        search, evaluation = res.options.get("search_rows"), res.options.get("eval_rows")
+        rows = f"search rows {search}, eval rows {evaluation}"
+        print(f"  {name} {label}: {time.perf_counter() - t0:.1f}s ({rows})", flush=True)
     assert sizes is not None
     print(f"\n{name}: median KL (nats) per size, {len(prompts)} prompts, per input, mean ablation")
     print("method".ljust(20) + "".join(f"{s:>9d}" for s in sizes))

@@ -252,6 +252,7 @@ def method_option_specs(method: str) -> dict[str, tuple[Any, Callable[[Any], Any
             ),
             "grow_single_steps": (d.grow_single_steps, _positive_int("grow_single_steps", 0)),
             "grow_gradient": (d.grow_gradient, lambda v: _flag(v, "option grow_gradient")),
+            "grow_quiet": (d.grow_quiet, lambda v: _flag(v, "option grow_quiet")),
         }
     if method == "random":
         return {"draws": (5, _positive_int("draws"))}
@@ -288,9 +289,18 @@ def without_defaults(method: Any, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if not (k in specs and v == specs[k][0])}
 
 
+#: method options added after run folders were first recorded, whose default is the search
+#: from before they existed: a run's identity names them only when given away from it, so a
+#: folder traced before the option existed still resumes (and keeps its run hash)
+LATER_OPTIONS = {"mask": ("grow_quiet",)}
+
+
 def method_defaults(method: Any) -> dict[str, Any]:
+    """The defaults a run's identity records for the options not given (all but
+    ``LATER_OPTIONS``)."""
     specs = method_option_specs(method) if isinstance(method, str) else {}
-    return {k: default for k, (default, _) in specs.items()}
+    later = LATER_OPTIONS.get(method, ()) if isinstance(method, str) else ()
+    return {k: default for k, (default, _) in specs.items() if k not in later}
 
 
 # -- trace's arguments -----------------------------------------------------------------------

@@ -144,6 +144,7 @@ def planned_mask_rows(
         for size, _ in growth_steps(sizes, opts.grow_single_steps):
             if 0 < size < n_cand:
                 proposals = GROWTH_PICKS - (3 - orders) + orders * grow_width(opts, held)
+                proposals += opts.grow_quiet and size - held > 1  # the quiet filler
                 rows += g * n_p * opts.grow_gradient + grouping.n_groups * per_group * proposals
             held = size
         rounds, width = refine_budget(opts, n_cand)

@@ -32,6 +32,11 @@ class MaskOptions:
     # nested: propose by the gradient at the current subgraph (one forward+backward per
     # growth step); False: by the ranking and the write-norm order only, no backward
     grow_gradient: bool = True
+    # nested, with grow_gradient: one more proposal per growth step adding d > 1 nodes, the d
+    # outside nodes of the smallest |gradient| (a near-neutral filler: when the d "helpful"
+    # nodes overshoot together, every other proposal can raise the KL). Out of a run's
+    # identity while False, so folders traced before it existed still resume.
+    grow_quiet: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in ("attribution", "zeros"):
@@ -39,6 +44,11 @@ class MaskOptions:
         if self.relaxation not in ("straight-through", "soft"):
             raise ValueError(
                 f"Unknown relaxation {self.relaxation!r}: use 'straight-through' or 'soft'."
+            )
+        if self.grow_quiet and not self.grow_gradient:
+            raise ValueError(
+                "grow_quiet=True proposes by the gradient at the current subgraph, which "
+                "grow_gradient=False does not compute: drop one of the two."
             )
 
     @classmethod

@@ -36,11 +36,14 @@ def grow_nested(
     residual cache they would resume from), by the ``guide`` scores when given (trace passes
     the order of the write-norm best-first search), and by all ranks together; and, for each
     of the ``grow_width`` best single nodes by each score (one from ``grow_narrow_from`` nodes
-    on), that node plus the best d - 1 of the rest. Every proposal is run with its hard mask
-    and the lowest KL is kept. Why: a ranking read off as top-s is tuned for all sizes at
-    once, so a node that helps only alongside many others can lead the family and make the
-    smallest subgraphs worse than random; measuring each size's growth keeps every size
-    honest, while the ranking still brings in what the gradient at one point cannot see.
+    on), that node plus the best d - 1 of the rest; with ``opts.grow_quiet`` (and the
+    gradient, d > 1), also the d outside nodes of the smallest |gradient|, a near-neutral
+    filler by first order, so that a step whose "helpful" nodes overshoot together can keep
+    about the KL it had. Every proposal is run with its hard mask and the lowest KL is kept.
+    Why: a ranking read off as top-s is tuned for all sizes at once, so a node that helps
+    only alongside many others can lead the family and make the smallest subgraphs worse
+    than random; measuring each size's growth keeps every size honest, while the ranking
+    still brings in what the gradient at one point cannot see.
     """
     n_groups, n_c = ranking.shape
     n_p = objective.n_prompts
@@ -67,18 +70,22 @@ def grow_nested(
                 out[:, j] = current
             continue
         orders = dict(rank_orders)
+        quiet: Tensor | None = None  # 0 = the smallest |gradient| (grow_quiet's order)
         if opts.grow_gradient:
             m = current[group_of_row].float().to(device).requires_grad_(True)
             objective.kl_backward(objective.full_mask(m), prompt_of_row.to(device), weights, store)
             assert m.grad is not None
             grad = torch.zeros(n_groups, n_c).index_add_(0, group_of_row, m.grad.cpu())
             orders["grad"] = rank_positions(-grad)
+            if opts.grow_quiet and d > 1:
+                quiet = rank_positions(-grad.abs())
         width = grow_width(opts, size - d)
         proposals: list[Tensor] = []
         owner: list[int] = []
         for g in range(n_groups):
             orders_g = {key: order[g] for key, order in orders.items()}
-            for pick in _proposals(orders_g, ~current[g], d, width):
+            quiet_g = None if quiet is None else quiet[g]
+            for pick in _proposals(orders_g, ~current[g], d, width, quiet_g):
                 proposals.append(current[g] | pick)
                 owner.append(g)
         owners = torch.tensor(owner)
@@ -156,11 +163,17 @@ def growth_steps(
 
 
 def _proposals(
-    orders: dict[str, Tensor], outside: Bool[Tensor, " cand"], d: int, width: int
+    orders: dict[str, Tensor],
+    outside: Bool[Tensor, " cand"],
+    d: int,
+    width: int,
+    quiet: Int[Tensor, " cand"] | None = None,
 ) -> list[Bool[Tensor, " cand"]]:
     """The distinct sets of ``d`` new nodes proposed for one group (see ``grow_nested``):
     the top d outside nodes by each order (0 = best) and by all ranks together, and each of
-    the ``width`` best single nodes by each order with the best d - 1 of the rest."""
+    the ``width`` best single nodes by each order with the best d - 1 of the rest; with a
+    ``quiet`` order (``grow_quiet``), last, its first d outside nodes. It is last so that a
+    tie in KL still goes to the proposals made without it."""
     scores = {key: -order.float() for key, order in orders.items()}
     scores["all"] = -torch.stack(list(orders.values())).sum(0).float()
     picks = [_top_outside(score, outside, d) for score in scores.values()]
@@ -174,6 +187,8 @@ def _proposals(
         pick = _top_outside(scores["all"], rest, d - 1)
         pick[node] = True
         picks.append(pick)
+    if quiet is not None:
+        picks.append(_top_outside(-quiet.float(), outside, d))
     return list({tuple(p.tolist()): p for p in picks}.values())
 
 
