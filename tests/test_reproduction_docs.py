@@ -14,18 +14,22 @@ from strace_lens.reproduce.summary import cell, read_claims, summary_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reproduction"
 BEGIN, END = "<!-- summary:begin -->", "<!-- summary:end -->"
-#: (column header, claims.csv under docs/reproduction/, model)
+#: the committed reports: (label, folder of its claims.csv, folder of its per-model tables,
+#: the traced run's name in shards.csv), folders under docs/reproduction/
+REPORTS = [
+    ("node, learned, mean abl.", "both", "{model}", "mask"),
+    ("edge, greedy, attn. ablated", "edge-greedy-ablated", "edge-greedy-ablated", "greedy"),
+    ("edge, greedy, attn. kept", "edge-greedy-kept", "edge-greedy-kept", "greedy"),
+    ("edge, learned, attn. ablated", "edge-mask-ablated", "edge-mask-ablated", "mask"),
+    ("edge, learned, attn. kept", "edge-mask-kept", "edge-mask-kept", "mask"),
+]
+#: the node reports' folders under docs/reproduction/ and the names the README gives them
+NODE_MODELS = [("gemma-3-270m", "Gemma"), ("smollm2-135m", "SmolLM2")]
+#: (column header, claims.csv under docs/reproduction/, model) of the summary table
 COLUMNS = [
-    ("node, learned, mean abl.: Gemma", "both/claims.csv", "gemma-3-270m"),
-    ("node, learned, mean abl.: SmolLM2", "both/claims.csv", "smollm2-135m"),
-    ("edge, greedy, attn. ablated: Gemma", "edge-greedy-ablated/claims.csv", "gemma-3-270m"),
-    ("edge, greedy, attn. ablated: SmolLM2", "edge-greedy-ablated/claims.csv", "smollm2-135m"),
-    ("edge, greedy, attn. kept: Gemma", "edge-greedy-kept/claims.csv", "gemma-3-270m"),
-    ("edge, greedy, attn. kept: SmolLM2", "edge-greedy-kept/claims.csv", "smollm2-135m"),
-    ("edge, learned, attn. ablated: Gemma", "edge-mask-ablated/claims.csv", "gemma-3-270m"),
-    ("edge, learned, attn. ablated: SmolLM2", "edge-mask-ablated/claims.csv", "smollm2-135m"),
-    ("edge, learned, attn. kept: Gemma", "edge-mask-kept/claims.csv", "gemma-3-270m"),
-    ("edge, learned, attn. kept: SmolLM2", "edge-mask-kept/claims.csv", "smollm2-135m"),
+    (f"{label}: {short}", f"{claims}/claims.csv", model)
+    for label, claims, _, _ in REPORTS
+    for model, short in NODE_MODELS
 ]
 IDS = ("1a", "1a.components", "1b", "1b.components", "1b.attn", "1b.mlp", "1c",
        "1c.components", "1d", "1d.components", "1d.base", "2a", "2a.partial", "2b",
@@ -111,10 +115,6 @@ def test_an_edge_report_with_2b_beside_one_without(tmp_path):
         "| 2b | holds (0.25; 0.1 to 0.5) | – |",
         "| 2b.partial | inconclusive (0.3; -0.1 to 0.5) | – |",
     ]
-
-
-#: the node reports' folders under docs/reproduction/ and the names the README gives them
-NODE_MODELS = [("gemma-3-270m", "Gemma"), ("smollm2-135m", "SmolLM2")]
 
 
 def node_reading() -> list[str]:
@@ -279,14 +279,6 @@ def test_readme_reading_of_the_edge_reports_is_their_tables():
 
 
 COST_BEGIN, COST_END = "<!-- cost:begin -->", "<!-- cost:end -->"
-#: (label, report folder under docs/reproduction/, the traced run's name in shards.csv)
-COST_RUNS = [
-    ("node, learned (mean abl.)", "{model}", "mask"),
-    ("edge, greedy, attn. ablated", "edge-greedy-ablated", "greedy"),
-    ("edge, greedy, attn. kept", "edge-greedy-kept", "greedy"),
-    ("edge, learned, attn. ablated", "edge-mask-ablated", "mask"),
-    ("edge, learned, attn. kept", "edge-mask-kept", "mask"),
-]
 
 
 def cost_table() -> str:
@@ -300,7 +292,7 @@ def cost_table() -> str:
         "random control: s in all | s per shard |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for label, folder, traced in COST_RUNS:
+    for label, _, folder, traced in REPORTS:
         for model, short in NODE_MODELS:
             tables = DOCS / folder.format(model=model) / "tables" / model
             shards = pd.read_csv(tables / "shards.csv")
