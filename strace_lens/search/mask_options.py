@@ -34,8 +34,9 @@ class MaskOptions:
     grow_gradient: bool = True
     # nested, with grow_gradient: one more proposal per growth step adding d > 1 nodes, the d
     # outside nodes of the smallest |gradient| (a near-neutral filler: when the d "helpful"
-    # nodes overshoot together, every other proposal can raise the KL). Out of a run's
-    # identity while False, so folders traced before it existed still resume.
+    # nodes overshoot together, every other proposal can raise the KL). Measured and left
+    # off: the filler is not neutral (docs/search-quality.md, "The quiet growth proposal").
+    # Out of a run's identity while False, so folders traced before it existed still resume.
     grow_quiet: bool = False
 
     def __post_init__(self) -> None:
