@@ -160,6 +160,25 @@ def edge_details(res: EdgeTraceResult) -> str:
 Timed = dict[str, tuple[float, AnyResult, int, int]]
 
 
+def print_runs(runs: Timed, bare: float) -> None:
+    """One line per timed curve: its seconds as a multiple of the bare forward+backward, and
+    what it ran (edge: the learning's passes and merge rows; node and token: the rows)."""
+    for label, (secs, res, ran, n_calls) in runs.items():
+        if isinstance(res, EdgeTraceResult):
+            details = edge_details(res)
+        else:
+            o = res.options
+            n_sizes = len(res.sizes) if isinstance(res, sl.TraceResult) else len(res.grid)
+            details = (
+                f"{n_sizes} sizes; search rows {o['search_rows']}, eval rows "
+                f"{o['eval_rows']}; rows run {ran}, a gradient row counted {GRADIENT_ROW_COST}"
+            )
+        print(
+            f"  {label:24s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
+            f"({details}; forward calls {n_calls})"
+        )
+
+
 def run_granularity(
     model: torch.nn.Module, name: str, prompts: list[str], args: argparse.Namespace
 ) -> tuple[float, Timed]:
@@ -178,19 +197,7 @@ def run_granularity(
         f"  bare forward+backward (median of {args.repeats} before and {args.repeats} after): "
         f"{bare:.2f} s"
     )
-    for label, (secs, res, ran, n_calls) in runs.items():
-        if isinstance(res, EdgeTraceResult):
-            details = edge_details(res)
-        else:
-            o = res.options
-            details = (
-                f"{len(res.grid)} sizes; search rows {o['search_rows']}, eval rows "
-                f"{o['eval_rows']}; rows run {ran}, a gradient row counted {GRADIENT_ROW_COST}"
-            )
-        print(
-            f"  {label:24s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
-            f"({details}; forward calls {n_calls})"
-        )
+    print_runs(runs, bare)
     for ablate in args.ablate_attention_edges if edge else []:
         semantics = "ablated" if ablate else "kept"
         learned = runs[f"edge learned, {semantics}"][0]
@@ -214,14 +221,7 @@ def run(
         runs[label] = timed_trace(model, prompts, kwargs, label.endswith("unbanded"))
     print(f"\n{name}: {len(prompts)} prompts, width {batch.tokens.shape[1]} tokens")
     print(f"  bare forward+backward (median of {args.repeats}): {bare:.2f} s")
-    for label, (secs, res, ran, n_calls) in runs.items():
-        o = res.options
-        print(
-            f"  {label:24s} {secs:8.1f} s = {secs / bare:6.1f}x bare  "
-            f"({len(res.sizes)} sizes; search rows {o['search_rows']}, "
-            f"eval rows {o['eval_rows']}; rows run {ran}, a gradient row counted "
-            f"{GRADIENT_ROW_COST}; forward calls {n_calls})"
-        )
+    print_runs(runs, bare)
     if "curve, nested unbanded" in runs and "curve, nested" in runs:
         print_band_comparison(runs["curve, nested"], runs["curve, nested unbanded"])
     if "single size" in runs and "curve, nested" in runs:
