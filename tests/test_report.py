@@ -331,5 +331,5 @@ def test_shard_table_reads_each_finished_shard_and_keeps_missing_thread_counts_e
     frame = shard_table({"mask": run})
     assert frame["shard"].tolist() == [0, 1] and frame["seconds"].tolist() == [2.5, 1.25]
     assert frame.to_csv(index=False).splitlines()[1:] == ["mask,0,2.5,", "mask,1,1.25,2"]
-    assert shard_seconds(run) == 2.5 + 1.25  # the report's sum: the same finished shards
-    assert shard_seconds(tmp_path / "not traced") == 0.0
+    assert shard_seconds(frame, "mask") == 2.5 + 1.25  # the report's sum: the same shards
+    assert shard_seconds(shard_table({"none": tmp_path / "not traced"}), "none") == 0.0

@@ -86,8 +86,6 @@ def _trace_model(
     t0 = time.perf_counter()
     random = trace_edge_run(loaded, prompts, run_dir / "random", config, "random")
     seconds["random"] = time.perf_counter() - t0
-    seconds["traced_shards"] = shard_seconds(run_dir / method)
-    seconds["random_shards"] = shard_seconds(run_dir / "random")
     return name, loaded, identity, traced, random, seconds
 
 
@@ -114,9 +112,12 @@ def run_edge(config: ReproduceConfig) -> EdgeReproduction:
             traced, random, counts, config.n_boot, config.seed, small_core, loss
         )
         run_dir = out / "runs" / slug_of(name)
-        tables["shards"] = shard_table(
+        shards = shard_table(
             {str(config.method): run_dir / str(config.method), "random": run_dir / "random"}
         )
+        tables["shards"] = shards
+        seconds["traced_shards"] = shard_seconds(shards, str(config.method))
+        seconds["random_shards"] = shard_seconds(shards, "random")
         claims = edge_claims_of(
             tables, name, config.n_boot, config.seed, config.min_prompts, small_core
         )

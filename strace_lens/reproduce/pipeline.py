@@ -234,11 +234,12 @@ def _run_node(config: ReproduceConfig) -> Reproduction:
             },
         )
         seconds["random"] = time.perf_counter() - t0
-        seconds["mask_shards"] = shard_seconds(run_dir / "mask")
-        seconds["random_shards"] = shard_seconds(run_dir / "random")
         counts = an.token_counts(loaded, corpus, prompts)
         tables = analyse(mask, random, counts, core_nucleus, refined_nucleus, n_boot, seed)
-        tables["shards"] = shard_table({"mask": run_dir / "mask", "random": run_dir / "random"})
+        shards = shard_table({"mask": run_dir / "mask", "random": run_dir / "random"})
+        tables["shards"] = shards
+        seconds["mask_shards"] = shard_seconds(shards, "mask")
+        seconds["random_shards"] = shard_seconds(shards, "random")
         claims = claims_of(
             mask, tables, counts, str(name), n_boot, seed, min_prompts, small_core, random=random
         )

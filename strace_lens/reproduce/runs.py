@@ -49,10 +49,10 @@ def shard_table(folders: dict[str, Path]) -> Any:
     return frame.astype({"torch_threads": "Int64"})
 
 
-def shard_seconds(folder: Path) -> float:
-    """Total tracing time recorded by a run's finished shards (all sessions of a resumed
-    run): the sum of its :func:`shard_table` rows."""
-    return float(shard_table({"run": folder})["seconds"].sum())
+def shard_seconds(shards: Any, run: str) -> float:
+    """Total tracing time a :func:`shard_table` records for ``run`` (all sessions of a
+    resumed run): the report's "the shards record" figure."""
+    return float(shards.loc[shards["run"] == run, "seconds"].sum())
 
 
 __all__ = ["load_spec", "shard_seconds", "shard_table"]
