@@ -8,7 +8,9 @@ LABEL=JSON`` (repeatable) times further nested curves with the given mask option
 side with the default one, e.g. ``--curve 'fast={"steps": 4, "grow_width": 1}'``.
 ``--unbanded`` also times the default nested curve with resumed proposals run grouped by
 their own start layer (``strace_lens.search.bands.CALL_FIXED_ROWS = 0``), as before
-start-layer bands. Each run prints the forward rows and the model's forward calls.
+start-layer bands; ``--unskipped`` with every row computing every MLP
+(``strace_lens.skipped_mlps.ENABLED = False``), as before ablated MLPs were skipped. Each
+run prints the forward rows and the model's forward calls.
 
     python benchmarks/strace_speed.py --models gemma-3-270m smollm2-135m
 
@@ -41,6 +43,7 @@ import torch
 
 import strace_lens as sl
 import strace_lens.search.bands as bands
+import strace_lens.skipped_mlps as skipped_mlps
 from strace_lens.edges import EdgeTraceResult, edge_tokenize
 from strace_lens.progress import GRADIENT_ROW_COST, metering
 
@@ -68,11 +71,16 @@ def bare_fwd_bwd(model: object, batch: sl.TokenBatch) -> float:
 
 
 def timed_trace(
-    model: torch.nn.Module, prompts: list[str], kwargs: dict[str, object], unbanded: bool
+    model: torch.nn.Module,
+    prompts: list[str],
+    kwargs: dict[str, object],
+    unbanded: bool,
+    unskipped: bool = False,
 ) -> tuple[float, AnyResult, int, int]:
     """Seconds, result, forward rows run (the meter counts a row with a gradient as
     ``GRADIENT_ROW_COST``) and the model's forward calls of one ``trace``; ``unbanded``:
-    resumed proposals grouped by their own start layer (``CALL_FIXED_ROWS = 0``)."""
+    resumed proposals grouped by their own start layer (``CALL_FIXED_ROWS = 0``);
+    ``unskipped``: every row computes every MLP (``skipped_mlps.ENABLED = False``)."""
     calls = [0]
 
     def count(*_: object) -> None:
@@ -82,6 +90,7 @@ def timed_trace(
     fixed = bands.CALL_FIXED_ROWS
     if unbanded:
         bands.CALL_FIXED_ROWS = 0.0
+    skipped_mlps.ENABLED = not unskipped
     try:
         with metering(lambda fraction: None) as meter:
             t0 = time.perf_counter()
@@ -89,21 +98,24 @@ def timed_trace(
             secs = time.perf_counter() - t0
     finally:
         bands.CALL_FIXED_ROWS = fixed
+        skipped_mlps.ENABLED = True
         counter.remove()
     assert isinstance(res, AnyResult)
     return secs, res, meter.done, calls[0]
 
 
-def print_band_comparison(
-    banded: tuple[float, sl.TraceResult, int, int], unbanded: tuple[float, sl.TraceResult, int, int]
+def print_comparison(
+    label: str,
+    new: tuple[float, sl.TraceResult, int, int],
+    old: tuple[float, sl.TraceResult, int, int],
 ) -> None:
     """Time ratio, whether the masks are the same, and the largest metric difference."""
-    same = torch.equal(banded[1].masks, unbanded[1].masks)
-    metrics = banded[1].metrics
-    diff = max(float((metrics[k] - unbanded[1].metrics[k]).abs().max()) for k in metrics)
+    same = torch.equal(new[1].masks, old[1].masks)
+    metrics = new[1].metrics
+    diff = max(float((metrics[k] - old[1].metrics[k]).abs().max()) for k in metrics)
     print(
-        f"  banded / unbanded: time {banded[0] / unbanded[0]:.3f}, forward calls "
-        f"{banded[3] / unbanded[3]:.3f}; same masks {same}; metrics max|d| {diff:.2e}"
+        f"  {label}: time {new[0] / old[0]:.3f}, forward calls "
+        f"{new[3] / old[3]:.3f}; same masks {same}; metrics max|d| {diff:.2e}"
     )
 
 
@@ -116,6 +128,11 @@ def curve_configs(args: argparse.Namespace, model: object) -> dict[str, dict[str
         configs["curve, nested"] = {"nested": True}
     if args.unbanded == "last":
         configs["curve, nested unbanded"] = {"nested": True}
+    if args.unskipped:
+        position = 0 if args.unskipped == "first" else len(configs)
+        items = list(configs.items())
+        items.insert(position, ("curve, nested unskipped", {"nested": True}))
+        configs = dict(items)
     for label, options in args.curve:
         configs[f"curve, {label}"] = {"nested": True, **options}
     if not args.no_single:
@@ -218,12 +235,15 @@ def run(
     runs: Timed = {}
     configs = curve_configs(args, model)
     for label, kwargs in configs.items():
-        runs[label] = timed_trace(model, prompts, kwargs, label.endswith("unbanded"))
+        runs[label] = timed_trace(
+            model, prompts, kwargs, label.endswith("unbanded"), label.endswith("unskipped")
+        )
     print(f"\n{name}: {len(prompts)} prompts, width {batch.tokens.shape[1]} tokens")
     print(f"  bare forward+backward (median of {args.repeats}): {bare:.2f} s")
     print_runs(runs, bare)
-    if "curve, nested unbanded" in runs and "curve, nested" in runs:
-        print_band_comparison(runs["curve, nested"], runs["curve, nested unbanded"])
+    for variant, label in (("unbanded", "banded / unbanded"), ("unskipped", "skipped / unskipped")):
+        if f"curve, nested {variant}" in runs and "curve, nested" in runs:
+            print_comparison(label, runs["curve, nested"], runs[f"curve, nested {variant}"])
     if "single size" in runs and "curve, nested" in runs:
         single = runs["single size"][0]
         print(f"  curve (nested) / single size: {runs['curve, nested'][0] / single:.2f}x")
@@ -257,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["first", "last"],
         help="also time the default curve without start-layer bands (CALL_FIXED_ROWS = 0), "
         "before (default) or after the banded one",
+    )
+    parser.add_argument(
+        "--unskipped",
+        nargs="?",
+        const="first",
+        choices=["first", "last"],
+        help="also time the default curve with every row computing every MLP "
+        "(skipped_mlps.ENABLED = False), before (default) or after the skipping one",
     )
     parser.add_argument("--words", type=int, default=None, help="cut prompts to their last N words")
     parser.add_argument(
@@ -300,6 +328,7 @@ _NODE_ONLY = {
     "--curve": "curve",
     "--no-default": "no_default",
     "--unbanded": "unbanded",
+    "--unskipped": "unskipped",
 }
 
 

@@ -186,3 +186,22 @@ def test_node_defaults_unchanged_and_node_only_options_refused(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["strace_speed.py", "--granularity", "edge", "--independent"])
     with pytest.raises(SystemExit, match="--independent time node curves"):
         strace_speed.main()
+
+
+def test_speed_unskipped_curve_is_the_same_trace(model, capsys):
+    """``strace_speed.py --unskipped`` times the default node curve with every MLP computed
+    (skipped_mlps.ENABLED = False) beside the default one; on the tiny model both find the
+    same masks with the same metrics, and the switch is back on afterwards."""
+    import strace_lens.skipped_mlps as skipped_mlps
+
+    args = strace_speed.build_parser().parse_args(
+        ["--no-single", "--unskipped", "last", "--repeats", "1"]
+    )
+    prompts = strace_quality.dev_prompts(2, 3)
+    _, runs = strace_speed.run(model, "native:tiny", prompts, args)
+    assert list(runs) == ["curve, nested", "curve, nested unskipped"]
+    assert skipped_mlps.ENABLED
+    line = next(x for x in capsys.readouterr().out.splitlines() if "skipped / unskipped" in x)
+    assert "same masks True; metrics max|d| 0.00e+00" in line
+    skipping, whole = runs["curve, nested"][1], runs["curve, nested unskipped"][1]
+    assert torch.equal(skipping.masks, whole.masks)

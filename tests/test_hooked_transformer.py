@@ -104,3 +104,38 @@ def test_dataset_run_and_export(hooked, tmp_path):
     result = sl.trace(hooked, PROMPTS, sizes=[2, 15], per="dataset", steps=2, progress=False)
     path = export.to_eap_ig(result, tmp_path / "g.json", size=2)
     assert path.exists() and len(export.to_table(result)) == 3 * 2 * 15
+
+
+def test_ablated_mlps_skipped_with_the_same_logprobs(hooked):
+    """A HookedTransformer's MLP (hooked by its block) runs on the rows keeping it only, and
+    every row's log-probs are those of computing it (strace_lens.skipped_mlps)."""
+    from run_helpers import node_objective
+    from test_skipped_mlps import _hard_masks
+
+    import strace_lens.skipped_mlps as skipped_mlps
+    from strace_lens.hygiene import model_untouched
+    from strace_lens.skipped_mlps import mlp_kept_rows
+
+    objective = node_objective(hooked, PROMPTS, "mean")
+    masks = _hard_masks(6, len(objective.graph), seed=1)
+    prompt = torch.arange(6) % 3
+    kept = mlp_kept_rows(objective.graph, masks)
+    assert 0 in kept, "the random masks ablate layer 0's MLP in some row"
+    seen: list[int] = []
+    # hook_pre sees the MLP's hidden activations: one row per row it computes
+    handle = hooked.blocks[0].mlp.hook_pre.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].shape[0])
+    )
+    try:
+        with model_untouched(hooked):
+            skipped = objective.logprobs(masks, prompt)
+            skipped_mlps.ENABLED = False
+            try:
+                whole = objective.logprobs(masks, prompt)
+            finally:
+                skipped_mlps.ENABLED = True
+    finally:
+        handle.remove()
+    torch.testing.assert_close(skipped, whole, rtol=0, atol=ATOL)
+    assert seen == [len(kept[0]), 6]
+    assert "forward" not in hooked.blocks[0].mlp.__dict__

@@ -32,6 +32,7 @@ from strace_lens.search.resumed import (
     capture_hooks,
     resumed_logprobs,
 )
+from strace_lens.skipped_mlps import mlp_kept_rows, mlps_on_kept_rows
 
 #: receives, after each chunk of ``kl``: the chunk's row indices, their KL and log-probs,
 #: and the layers hooked for them (see :mod:`strace_lens.search.measured`)
@@ -97,6 +98,12 @@ class SubgraphObjective:
         (``hooked``: layers to hook even where every row keeps every unit; see node_hooks)."""
         return node_hooks(self.graph, masks, self.ablation, rows, hooked)
 
+    def mlp_kept_rows(self, masks: Tensor) -> dict[int, Tensor]:
+        """For each layer whose MLP some row ablates, the rows that keep it: the others skip
+        computing it (:mod:`strace_lens.skipped_mlps`); a subclass whose units are not whole
+        nodes returns {} (nothing skipped)."""
+        return mlp_kept_rows(self.graph, masks)
+
     def hooked_layers(self, masks: Tensor) -> Tensor:
         """The layers :meth:`hooks` hooks for ``masks`` (bool ``[layer]``)."""
         return hooked_layers(self.graph, masks)
@@ -158,6 +165,26 @@ class SubgraphObjective:
             ran_hooked = ran_hooked | hooked.cpu()
         if capture is not None:
             hooks += capture_hooks(capture, prompt_index)
+        skipped = mlps_on_kept_rows(self.model, self.mlp_kept_rows(masks), len(prompt_index))
+        with skipped:
+            logp, start_layer = self._forward(rows, hooks, start_layer, cache, prompt_index)
+        self.rows_evaluated += len(prompt_index)
+        self.forward_calls += 1
+        rows_ran(len(prompt_index))
+        self.layer_rows += len(prompt_index) * (self.graph.n_layers - start_layer)
+        ran_hooked[:start_layer] = True
+        return logp, ran_hooked
+
+    def _forward(
+        self,
+        rows: TokenBatch,
+        hooks: list[tuple[str, Any]],
+        start_layer: int,
+        cache: Tensor | None,
+        prompt_index: Tensor,
+    ) -> tuple[Tensor, int]:
+        """Log-probs of ``rows`` with ``hooks``, from the cached residual at ``start_layer``
+        where the model allows it; also the layer it started at (0 after a whole forward)."""
         logp = None
         if start_layer > 0 and cache is not None and self._resumes:
             width = rows.tokens.shape[1]
@@ -173,12 +200,7 @@ class SubgraphObjective:
         if logp is None:
             start_layer = 0
             logp = forward_logprobs(self.model, rows, hooks)
-        self.rows_evaluated += len(prompt_index)
-        self.forward_calls += 1
-        rows_ran(len(prompt_index))
-        self.layer_rows += len(prompt_index) * (self.graph.n_layers - start_layer)
-        ran_hooked[:start_layer] = True
-        return logp, ran_hooked
+        return logp, start_layer
 
     def can_resume(self) -> bool:
         """Whether rows can be run from a cached residual stream (``residual_store``)."""

@@ -22,6 +22,7 @@ from torch import Tensor
 from strace_lens.edges.token_level import TokenGraph, token_hooks
 from strace_lens.inputs import TokenBatch
 from strace_lens.search.objective import SubgraphObjective
+from strace_lens.skipped_mlps import kept_rows_by_layer
 
 
 @dataclass
@@ -65,6 +66,15 @@ class TokenObjective(SubgraphObjective):
         self, masks: Tensor, rows: TokenBatch, hooked: Tensor | None = None
     ) -> list[tuple[str, Any]]:
         return token_hooks(self.token_graph, masks, self.ablation, rows)
+
+    def mlp_kept_rows(self, masks: Tensor) -> dict[int, Tensor]:
+        """The rows keeping each layer's MLP at some position (a row ablating it at every
+        position skips it, :mod:`strace_lens.skipped_mlps`)."""
+        if masks.requires_grad or masks.shape[0] == 0:
+            return {}
+        graph = self.token_graph
+        units = masks.detach().reshape(masks.shape[0], graph.n_layers, graph.n_heads + 1, -1)
+        return kept_rows_by_layer((units[:, :, graph.n_heads] != 0).any(-1))
 
     def hooked_layers(self, masks: Tensor) -> Tensor:
         """``token_hooks`` hooks every layer, whatever the masks."""

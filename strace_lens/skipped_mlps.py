@@ -1,0 +1,98 @@
+"""Rows that ablate an MLP do not compute it.
+
+A node hook replaces an ablated MLP's output by ``v + 0 * (out - v)``, which is ``v`` whatever
+``out`` is (for any finite ``out``), so computing the MLP for that row is wasted work. In a
+search most rows are small subgraphs (or, for the inverse, their complements) that ablate
+most MLPs, and the MLP is most of a block's arithmetic (about three quarters on SmolLM2-135M
+and Gemma-3-270M by parameter count). While :func:`mlps_on_kept_rows` is active, the MLP of
+each listed layer runs on the rows that keep it only, and the other rows get zeros, which
+the node hook then turns into the ablation value. The log-probs of an ablating row are
+therefore the same as with the MLP computed; a kept row's differ at most by the rounding of
+a matrix product over fewer rows (measured in benchmarks/skipped_mlps.py).
+
+Only forwards without a gradient to the masks skip: a gradient to an ablated node's mask
+needs its clean output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from strace_lens.graph import NodeGraph
+
+#: whether searches skip ablated MLPs (benchmarks/strace_speed.py --unskipped sets it False to
+#: time the same curve without)
+ENABLED = True
+
+
+def mlp_kept_rows(graph: NodeGraph, mask: Tensor) -> dict[int, Int[Tensor, " kept"]]:
+    """For each layer whose MLP some row of ``mask`` (``[row, node]``) ablates (mask value
+    exactly 0), the rows that keep it; empty where the mask carries a gradient (a gradient
+    to an ablated node's mask needs its output)."""
+    if mask.requires_grad or mask.shape[0] == 0:
+        return {}
+    per_layer = mask.detach().reshape(mask.shape[0], graph.n_layers, graph.nodes_per_layer)
+    return kept_rows_by_layer(per_layer[:, :, graph.n_heads] != 0)
+
+
+def kept_rows_by_layer(keeps: Bool[Tensor, "row layer"]) -> dict[int, Int[Tensor, " kept"]]:
+    """``{layer: rows keeping its MLP}`` for each layer some row ablates (``keeps`` False),
+    or {} while skipping is off (``ENABLED``)."""
+    if not ENABLED:
+        return {}
+    keeps = keeps.cpu()
+    return {
+        layer: torch.nonzero(keeps[:, layer]).flatten()
+        for layer in torch.nonzero(~keeps.all(0)).flatten().tolist()
+    }
+
+
+def _mlp_module(model: Any, layer: int) -> Any:
+    """The module whose output the MLP hook (``blocks.{layer}.hook_mlp_out``) receives: the
+    Hugging Face MLP inside a ``TransformerBridge`` block's MLP (whose own ``forward`` fires
+    the hook), or a ``HookedTransformer`` block's MLP (hooked by the block)."""
+    mlp = model.blocks[layer].mlp
+    inner = getattr(mlp, "original_component", None)
+    return inner if isinstance(inner, torch.nn.Module) else mlp
+
+
+@contextmanager
+def mlps_on_kept_rows(model: Any, kept: dict[int, Tensor], n_rows: int) -> Iterator[None]:
+    """Run the MLP of each layer in ``kept`` on its kept rows only (zeros for the others)
+    while inside; a call with another row count than ``n_rows`` runs whole. Every module's
+    ``forward`` is restored on exit, also after an error."""
+    patched: list[tuple[Any, bool, Any]] = []
+    try:
+        for layer, rows in kept.items():
+            module = _mlp_module(model, layer)
+            had_own = "forward" in module.__dict__
+            patched.append((module, had_own, module.__dict__.get("forward")))
+            module.forward = _on_rows(module.forward, rows, n_rows)
+        yield
+    finally:
+        for module, had_own, own in reversed(patched):
+            if had_own:
+                module.forward = own
+            else:
+                del module.forward
+
+
+def _on_rows(forward: Callable[..., Tensor], rows: Tensor, n_rows: int) -> Callable[..., Tensor]:
+    def run(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if x.shape[0] != n_rows or args or kwargs:
+            return forward(x, *args, **kwargs)
+        idx = rows.to(x.device)
+        out = forward(x.index_select(0, idx))
+        full = out.new_zeros((n_rows, *out.shape[1:]))
+        return full.index_copy(0, idx, out)
+
+    return run
+
+
+__all__ = ["ENABLED", "kept_rows_by_layer", "mlp_kept_rows", "mlps_on_kept_rows"]

@@ -1,0 +1,160 @@
+"""Rows that ablate an MLP do not compute it: the same log-probs as computing it, the MLP run
+on the kept rows only, and every module's ``forward`` restored, also after an error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from run_helpers import node_objective
+
+import strace_lens as sl
+import strace_lens.skipped_mlps as skipped_mlps
+from strace_lens.hygiene import model_untouched
+from strace_lens.skipped_mlps import _mlp_module, mlp_kept_rows, mlps_on_kept_rows
+from strace_lens.tiny_model import tiny_model
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+PROMPTS = ["hello there friend", "a b", "the quick brown fox jumps over"]
+
+
+def test_kept_rows_by_hand():
+    graph = sl.NodeGraph(n_layers=3, n_heads=2)  # 3 nodes a layer: head 0, head 1, MLP
+    mask = torch.ones(4, 9)
+    mask[0, 2] = 0.0  # row 0 ablates layer 0's MLP
+    mask[2, 2] = 0.0  # row 2 too
+    mask[1, 5] = 0.0  # row 1 ablates layer 1's MLP
+    mask[3, 6] = 0.0  # a head of layer 2: no MLP skipped there
+    mask[3, 8] = 0.5  # a partly kept MLP is computed
+    kept = mlp_kept_rows(graph, mask)
+    assert sorted(kept) == [0, 1]
+    assert kept[0].tolist() == [1, 3]
+    assert kept[1].tolist() == [0, 2, 3]
+    # a gradient to the masks needs every node's clean output: nothing skipped
+    assert mlp_kept_rows(graph, mask.clone().requires_grad_(True)) == {}
+    # and the switch the speed benchmark turns off
+    skipped_mlps.ENABLED = False
+    try:
+        assert mlp_kept_rows(graph, mask) == {}
+    finally:
+        skipped_mlps.ENABLED = True
+
+
+def _hard_masks(n_rows: int, n_nodes: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(n_rows, n_nodes, generator=gen) < 0.5).float()
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_same_logprobs_and_mlp_runs_kept_rows_only(tiny, ablation):
+    """Every row's log-probs are those of a run computing every MLP (to float32 rounding of
+    a product over fewer rows), and each MLP module sees only the rows keeping it."""
+    objective = node_objective(tiny, PROMPTS, ablation)
+    graph = objective.graph
+    masks = _hard_masks(12, len(graph), seed=3)
+    prompt = torch.arange(12) % 3
+    seen: dict[int, list[int]] = {}
+    handles = [
+        _first_linear(_mlp_module(tiny, layer)).register_forward_pre_hook(
+            lambda _m, args, layer=layer: seen.setdefault(layer, []).append(args[0].shape[0])
+        )
+        for layer in range(graph.n_layers)
+    ]
+    try:
+        with model_untouched(tiny):
+            skipped = objective.logprobs(masks, prompt)
+            kept = mlp_kept_rows(graph, masks)
+            runs_skipping = dict(seen)
+            seen.clear()
+            skipped_mlps.ENABLED = False
+            try:
+                whole = objective.logprobs(masks, prompt)
+            finally:
+                skipped_mlps.ENABLED = True
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
+    assert kept, "the random masks ablate some MLP"
+    for layer in range(graph.n_layers):
+        expected = len(kept[layer]) if layer in kept else 12
+        assert runs_skipping[layer] == [expected]
+        assert seen[layer] == [12]
+
+
+def _first_linear(module: torch.nn.Module) -> torch.nn.Module:
+    """The MLP's first projection: its input rows are the rows the MLP computes."""
+    return next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_an_mlp_no_row_keeps_runs_on_no_row(tiny):
+    objective = node_objective(tiny, PROMPTS, "mean")
+    graph = objective.graph
+    masks = torch.ones(3, len(graph))
+    masks[:, graph.n_heads] = 0.0  # layer 0's MLP ablated in every row
+    with model_untouched(tiny):
+        skipped = objective.logprobs(masks, torch.arange(3))
+        skipped_mlps.ENABLED = False
+        try:
+            whole = objective.logprobs(masks, torch.arange(3))
+        finally:
+            skipped_mlps.ENABLED = True
+    torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
+
+
+def test_forward_restored_after_an_error_and_an_own_forward_kept(tiny):
+    graph = sl.NodeGraph.from_model(tiny)
+    modules = [_mlp_module(tiny, layer) for layer in range(graph.n_layers)]
+    own = modules[1].forward  # a bound method stored on the instance, as accelerate does
+
+    def wrapped(*args, **kwargs):
+        return own(*args, **kwargs)
+
+    modules[1].forward = wrapped
+    kept = {layer: torch.tensor([0]) for layer in range(graph.n_layers)}
+    with pytest.raises(RuntimeError, match="boom"):
+        with mlps_on_kept_rows(tiny, kept, n_rows=2):
+            assert all("forward" in m.__dict__ for m in modules)
+            raise RuntimeError("boom")
+    assert "forward" not in modules[0].__dict__ and "forward" not in modules[2].__dict__
+    assert modules[1].__dict__["forward"] is wrapped
+
+
+def test_token_rows_skip_an_mlp_ablated_at_every_position(tiny):
+    """A token mask skips a row's MLP only where it ablates it at every position; the
+    log-probs are those of computing it."""
+    from strace_lens.ablation import MeanAblation
+    from strace_lens.masked_forward import forward_logprobs
+    from strace_lens.token_trace import TokenObjective
+
+    prompts = ["abcdef", "uvwxyz"]  # one length: a token batch has no padding
+    graph = sl.NodeGraph.from_model(tiny)
+    batch = sl.tokenize(tiny, prompts)
+    n_pos = int(batch.tokens.shape[1])
+    abl = MeanAblation.from_prompts(tiny, prompts, progress=False)
+    with torch.no_grad(), model_untouched(tiny):
+        logp_full = forward_logprobs(tiny, batch, [])
+    cand = torch.ones(len(graph) * n_pos, dtype=torch.bool)
+    objective = TokenObjective(tiny, graph, batch, logp_full, abl, cand, n_pos=n_pos)
+    gen = torch.Generator().manual_seed(5)
+    units = (torch.rand(4, graph.n_layers, graph.n_heads + 1, n_pos, generator=gen) < 0.5).float()
+    units[0, 0, graph.n_heads] = 0.0  # row 0: layer 0's MLP ablated everywhere
+    units[1, 0, graph.n_heads] = 0.0  # row 1 too, but for one position
+    units[1, 0, graph.n_heads, 2] = 1.0
+    units[2:, 0, graph.n_heads] = 1.0
+    masks = units.flatten(1)
+    kept = objective.mlp_kept_rows(masks)
+    assert kept[0].tolist() == [1, 2, 3]
+    prompt = torch.tensor([0, 1, 0, 1])
+    with model_untouched(tiny):
+        skipped = objective.logprobs(masks, prompt)
+        skipped_mlps.ENABLED = False
+        try:
+            whole = objective.logprobs(masks, prompt)
+        finally:
+            skipped_mlps.ENABLED = True
+    torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
