@@ -9,7 +9,8 @@ side with the default one, e.g. ``--curve 'fast={"steps": 4, "grow_width": 1}'``
 ``--unbanded`` also times the default nested curve with resumed proposals run grouped by
 their own start layer (``strace_lens.search.bands.CALL_FIXED_ROWS = 0``), as before
 start-layer bands; ``--unskipped`` with every row computing every MLP
-(``strace_lens.skipped_mlps.ENABLED = False``), as before ablated MLPs were skipped. Each
+(``strace_lens.skipped_mlps.ENABLED = False``), as before ablated MLPs were skipped (also
+with ``--granularity token``: the token curve). Each
 run prints the forward rows and the model's forward calls.
 
     python benchmarks/strace_speed.py --models gemma-3-270m smollm2-135m
@@ -106,11 +107,14 @@ def timed_trace(
 
 def print_comparison(
     label: str,
-    new: tuple[float, sl.TraceResult, int, int],
-    old: tuple[float, sl.TraceResult, int, int],
+    new: tuple[float, AnyResult, int, int],
+    old: tuple[float, AnyResult, int, int],
 ) -> None:
     """Time ratio, whether the masks are the same, and the largest metric difference."""
-    same = torch.equal(new[1].masks, old[1].masks)
+    if isinstance(new[1], sl.TokenTraceResult):  # token subgraphs are stored as unit ids
+        same = torch.equal(new[1].ids, old[1].ids) and torch.equal(new[1].offsets, old[1].offsets)
+    else:
+        same = torch.equal(new[1].masks, old[1].masks)
     metrics = new[1].metrics
     diff = max(float((metrics[k] - old[1].metrics[k]).abs().max()) for k in metrics)
     print(
@@ -146,7 +150,13 @@ def curve_configs(args: argparse.Namespace, model: object) -> dict[str, dict[str
 def granularity_configs(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     """Label -> ``trace`` keyword arguments of the edge or token curves, in run order."""
     if args.granularity == "token":
-        return {"token curve, learned": {"granularity": "token"}}
+        configs = {"token curve, learned": {"granularity": "token"}}
+        if args.unskipped:
+            unskipped = {"token curve, unskipped": {"granularity": "token"}}
+            configs = (
+                {**unskipped, **configs} if args.unskipped == "first" else {**configs, **unskipped}
+            )
+        return configs
     configs: dict[str, dict[str, object]] = {}
     for ablate in args.ablate_attention_edges:
         semantics = "ablated" if ablate else "kept"
@@ -204,7 +214,7 @@ def run_granularity(
     batch = edge_tokenize(model, prompts) if edge else sl.tokenize(model, prompts)
     before = [bare_fwd_bwd(model, batch) for _ in range(args.repeats)]
     runs = {
-        label: timed_trace(model, prompts, kwargs, unbanded=False)
+        label: timed_trace(model, prompts, kwargs, False, label.endswith("unskipped"))
         for label, kwargs in granularity_configs(args).items()
     }
     bare = statistics.median(before + [bare_fwd_bwd(model, batch) for _ in range(args.repeats)])
@@ -215,6 +225,10 @@ def run_granularity(
         f"{bare:.2f} s"
     )
     print_runs(runs, bare)
+    if "token curve, unskipped" in runs:
+        print_comparison(
+            "skipped / unskipped", runs["token curve, learned"], runs["token curve, unskipped"]
+        )
     for ablate in args.ablate_attention_edges if edge else []:
         semantics = "ablated" if ablate else "kept"
         learned = runs[f"edge learned, {semantics}"][0]
@@ -283,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="first",
         choices=["first", "last"],
-        help="also time the default curve with every row computing every MLP "
+        help="also time the default node (or token) curve with every row computing every MLP "
         "(skipped_mlps.ENABLED = False), before (default) or after the skipping one",
     )
     parser.add_argument("--words", type=int, default=None, help="cut prompts to their last N words")
@@ -306,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.granularity == "edge" and args.unskipped:
+        raise SystemExit(
+            "--unskipped times node or token curves (the edge search skips no MLP): drop it "
+            "with --granularity edge."
+        )
     if args.granularity != "node":
         node_only = [o for o, v in _NODE_ONLY.items() if getattr(args, v)]
         if node_only:
@@ -328,7 +347,6 @@ _NODE_ONLY = {
     "--curve": "curve",
     "--no-default": "no_default",
     "--unbanded": "unbanded",
-    "--unskipped": "unskipped",
 }
 
 

@@ -205,3 +205,18 @@ def test_speed_unskipped_curve_is_the_same_trace(model, capsys):
     assert "same masks True; metrics max|d| 0.00e+00" in line
     skipping, whole = runs["curve, nested"][1], runs["curve, nested unskipped"][1]
     assert torch.equal(skipping.masks, whole.masks)
+
+
+def test_speed_unskipped_token_curve_is_the_same_trace(model, capsys):
+    args = strace_speed.build_parser().parse_args(
+        ["--granularity", "token", "--unskipped", "--repeats", "1"]
+    )
+    prompts = strace_quality.dev_prompts(2, 3)
+    _, runs = strace_speed.run(model, "native:tiny", prompts, args)
+    assert list(runs) == ["token curve, unskipped", "token curve, learned"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if "skipped / unskipped" in x)
+    assert "same masks True" in line
+    skipping, whole = runs["token curve, learned"][1], runs["token curve, unskipped"][1]
+    assert torch.equal(skipping.ids, whole.ids)
+    for key, values in skipping.metrics.items():
+        torch.testing.assert_close(values, whole.metrics[key], rtol=0, atol=1e-5)
