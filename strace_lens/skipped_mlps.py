@@ -89,6 +89,8 @@ def _on_rows(forward: Callable[..., Tensor], rows: Tensor, n_rows: int) -> Calla
             return forward(x, *args, **kwargs)
         idx = rows.to(x.device)
         out = forward(x.index_select(0, idx))
+        if not isinstance(out, Tensor):  # e.g. a mixture of experts' (output, router logits)
+            return forward(x, *args, **kwargs)
         full = out.new_zeros((n_rows, *out.shape[1:]))
         return full.index_copy(0, idx, out)
 

@@ -158,3 +158,29 @@ def test_token_rows_skip_an_mlp_ablated_at_every_position(tiny):
         finally:
             skipped_mlps.ENABLED = True
     torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
+
+
+def test_an_mlp_returning_a_tuple_runs_whole():
+    """An MLP whose output is not one tensor (a mixture of experts' (output, router logits))
+    is run on every row, as if nothing were skipped."""
+
+    class TupleMLP(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, x.sum()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = TupleMLP()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block()])
+
+    model = Model()
+    x = torch.arange(6.0).reshape(3, 2)
+    with mlps_on_kept_rows(model, {0: torch.tensor([1])}, n_rows=3):
+        out, total = model.blocks[0].mlp(x)
+    assert torch.equal(out, x * 2) and float(total) == 15.0
+    assert "forward" not in model.blocks[0].mlp.__dict__
