@@ -179,7 +179,8 @@ def edge_details(res: EdgeTraceResult) -> str:
     passes = max(f["passes"] for f in fits)
     rows = sum(f.get("merge_rows", 0) for f in fits)
     return (
-        f"{len(res.grid)} sizes; {passes} forward+backward passes of the learning per prompt, "
+        f"{len(res.grid)} sizes; {passes} forward+backward pass{'es' if passes != 1 else ''} "
+        "of the learning per prompt, "
         f"merge {rows} forward rows in all"
     )
 
