@@ -14,7 +14,6 @@ pass, this is the largest saving available (see benchmarks/masked_forward.py).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -98,15 +97,22 @@ def _gather_hook(predict_pos: Tensor) -> HookFn:
             return picked
         # CPU BLAS multiplies a handful of rows with another kernel (other rounding) than a
         # whole sequence: unembedding 1-3 rows moved Gemma's and SmolLM2's log-probs by
-        # 2e-5 to 4e-5 against the model's own forward. Repeating each row so that the row
-        # count (batch x copies) is a multiple of 8 runs the same kernel as the full forward,
-        # and an all-ones mask then reproduces the model's fp32 log-probs bit for bit (measured
-        # on both embedded models). It costs at most 8 rows per prompt, none for a batch that
-        # is a multiple of 8; only copy 0 is read.
-        copies = 8 // math.gcd(picked.shape[0], 8)
-        return picked.repeat(1, copies, 1) if copies > 1 else picked
+        # 2e-5 to 4e-5 against the model's own forward. Padding the gathered rows with copies
+        # of the first to a multiple of 8, and at least 16, runs the same kernel as the full
+        # forward: an all-ones mask then reproduces the model's fp32 log-probs bit for bit
+        # for any row count (measured on both embedded models, 1 to 31 rows; 8 rows were not
+        # enough). forward_logprobs reads the first rows only. (Repeating each row until the
+        # row count was a multiple of 8, as before, unembedded 8x the rows of an odd-sized
+        # call: 8-16 % of a Gemma-3-270M call's time, for its 262k-token unembedding.)
+        n = picked.shape[0]
+        pad = max(GATHER_MIN_ROWS, n + (-n % 8)) - n
+        return torch.cat([picked, picked[:1].expand(pad, -1, -1)]) if pad else picked
 
     return hook
+
+
+#: the fewest rows the CPU unembedding runs (see ``_gather_hook``)
+GATHER_MIN_ROWS = 16
 
 
 def hooked_layers(graph: NodeGraph, mask: Tensor) -> Bool[Tensor, " layer"]:
@@ -173,7 +179,7 @@ def forward_logprobs(
     with model.hooks(fwd_hooks=all_hooks):
         logits = model(batch.tokens if resid is None else resid, **batch.model_kwargs(), **resume)
     if gathered:
-        logits = logits[:, 0]  # the predicted position (any further columns are copies of it)
+        logits = logits[: batch.tokens.shape[0], 0]  # any further rows pad the unembedding
     else:
         rows = torch.arange(logits.shape[0], device=logits.device)
         logits = logits[rows, batch.predict_pos.to(logits.device)]

@@ -71,7 +71,7 @@ def test_all_ones_reproduces_model(tiny, tiny_tokens, gather):
     assert torch.allclose(masked.exp().sum(-1), torch.ones(4), atol=1e-5)
 
 
-@pytest.mark.parametrize("n_rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("n_rows", [1, 3, 8, 9, 17])
 def test_gathered_and_full_unembedding_agree(tiny64, n_rows):
     """The gather pads its rows (to a multiple of 8 on CPU); only each prompt's own row counts."""
     graph = NodeGraph.from_model(tiny64)
@@ -87,6 +87,13 @@ def test_gathered_and_full_unembedding_agree(tiny64, n_rows):
         full = forward_logprobs(tiny64, batch, hooks, gather=False)
     assert gathered.shape == full.shape == (n_rows, 50)
     assert (gathered - full).abs().max() <= 1e-12
+    # the CPU unembedding runs a multiple of 8 rows, at least 16: the gathered rows padded
+    # with copies of the first, not every row repeated (8x the rows of an odd count)
+    seen: list[int] = []
+    with sl.hygiene.model_untouched(tiny64):
+        with tiny64.hooks(fwd_hooks=[("unembed.hook_in", lambda x, hook: seen.append(x.shape[0]))]):
+            forward_logprobs(tiny64, batch, hooks, gather=True)
+    assert seen == [max(16, -(-n_rows // 8) * 8)]
 
 
 def test_all_ones_with_grad_reproduces_model(tiny, tiny_tokens):
