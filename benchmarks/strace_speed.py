@@ -285,22 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="LABEL=JSON: also time a nested curve with these mask options (repeatable)",
     )
     parser.add_argument("--no-default", action="store_true", help="skip the default nested curve")
-    parser.add_argument(
-        "--unbanded",
-        nargs="?",
-        const="first",
-        choices=["first", "last"],
-        help="also time the default curve without start-layer bands (CALL_FIXED_ROWS = 0), "
-        "before (default) or after the banded one",
-    )
-    parser.add_argument(
-        "--unskipped",
-        nargs="?",
-        const="first",
-        choices=["first", "last"],
-        help="also time the default node (or token) curve with every row computing every MLP "
-        "(skipped_mlps.ENABLED = False), before (default) or after the skipping one",
-    )
+    for flag, what in (
+        ("--unbanded", "without start-layer bands (CALL_FIXED_ROWS = 0)"),
+        ("--unskipped", "(node or token) with every row computing every MLP (ENABLED = False)"),
+    ):
+        parser.add_argument(
+            flag,
+            nargs="?",
+            const="first",
+            choices=["first", "last"],
+            help=f"also time the default curve {what}, before (default) or after the default one",
+        )
     parser.add_argument("--words", type=int, default=None, help="cut prompts to their last N words")
     parser.add_argument(
         "--granularity",

@@ -110,10 +110,8 @@ def test_ablated_mlps_skipped_with_the_same_logprobs(hooked):
     """A HookedTransformer's MLP (hooked by its block) runs on the rows keeping it only, and
     every row's log-probs are those of computing it (strace_lens.skipped_mlps)."""
     from run_helpers import node_objective
-    from test_skipped_mlps import _hard_masks
+    from test_skipped_mlps import _hard_masks, both_ways
 
-    import strace_lens.skipped_mlps as skipped_mlps
-    from strace_lens.hygiene import model_untouched
     from strace_lens.skipped_mlps import mlp_kept_rows
 
     objective = node_objective(hooked, PROMPTS, "mean")
@@ -127,13 +125,7 @@ def test_ablated_mlps_skipped_with_the_same_logprobs(hooked):
         lambda _m, args: seen.append(args[0].shape[0])
     )
     try:
-        with model_untouched(hooked):
-            skipped = objective.logprobs(masks, prompt)
-            skipped_mlps.ENABLED = False
-            try:
-                whole = objective.logprobs(masks, prompt)
-            finally:
-                skipped_mlps.ENABLED = True
+        skipped, whole = both_ways(hooked, objective, masks, prompt)
     finally:
         handle.remove()
     torch.testing.assert_close(skipped, whole, rtol=0, atol=ATOL)

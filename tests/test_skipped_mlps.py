@@ -22,6 +22,19 @@ def tiny():
 PROMPTS = ["hello there friend", "a b", "the quick brown fox jumps over"]
 
 
+def both_ways(model, objective, masks, prompt):
+    """The objective's log-probs of the rows with ablated MLPs skipped, then with every MLP
+    computed (``skipped_mlps.ENABLED = False``, switched back on afterwards)."""
+    with model_untouched(model):
+        skipped = objective.logprobs(masks, prompt)
+        skipped_mlps.ENABLED = False
+        try:
+            whole = objective.logprobs(masks, prompt)
+        finally:
+            skipped_mlps.ENABLED = True
+    return skipped, whole
+
+
 def test_kept_rows_by_hand():
     graph = sl.NodeGraph(n_layers=3, n_heads=2)  # 3 nodes a layer: head 0, head 1, MLP
     mask = torch.ones(4, 9)
@@ -65,25 +78,16 @@ def test_same_logprobs_and_mlp_runs_kept_rows_only(tiny, ablation):
         for layer in range(graph.n_layers)
     ]
     try:
-        with model_untouched(tiny):
-            skipped = objective.logprobs(masks, prompt)
-            kept = mlp_kept_rows(graph, masks)
-            runs_skipping = dict(seen)
-            seen.clear()
-            skipped_mlps.ENABLED = False
-            try:
-                whole = objective.logprobs(masks, prompt)
-            finally:
-                skipped_mlps.ENABLED = True
+        skipped, whole = both_ways(tiny, objective, masks, prompt)
     finally:
         for handle in handles:
             handle.remove()
     torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
+    kept = mlp_kept_rows(graph, masks)
     assert kept, "the random masks ablate some MLP"
     for layer in range(graph.n_layers):
-        expected = len(kept[layer]) if layer in kept else 12
-        assert runs_skipping[layer] == [expected]
-        assert seen[layer] == [12]
+        # the skipping run first, then the whole one
+        assert seen[layer] == [len(kept[layer]) if layer in kept else 12, 12]
 
 
 def _first_linear(module: torch.nn.Module) -> torch.nn.Module:
@@ -96,13 +100,7 @@ def test_an_mlp_no_row_keeps_runs_on_no_row(tiny):
     graph = objective.graph
     masks = torch.ones(3, len(graph))
     masks[:, graph.n_heads] = 0.0  # layer 0's MLP ablated in every row
-    with model_untouched(tiny):
-        skipped = objective.logprobs(masks, torch.arange(3))
-        skipped_mlps.ENABLED = False
-        try:
-            whole = objective.logprobs(masks, torch.arange(3))
-        finally:
-            skipped_mlps.ENABLED = True
+    skipped, whole = both_ways(tiny, objective, masks, torch.arange(3))
     torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
 
 
@@ -150,13 +148,7 @@ def test_token_rows_skip_an_mlp_ablated_at_every_position(tiny):
     kept = objective.mlp_kept_rows(masks)
     assert kept[0].tolist() == [1, 2, 3]
     prompt = torch.tensor([0, 1, 0, 1])
-    with model_untouched(tiny):
-        skipped = objective.logprobs(masks, prompt)
-        skipped_mlps.ENABLED = False
-        try:
-            whole = objective.logprobs(masks, prompt)
-        finally:
-            skipped_mlps.ENABLED = True
+    skipped, whole = both_ways(tiny, objective, masks, prompt)
     torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
 
 
