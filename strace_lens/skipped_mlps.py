@@ -83,8 +83,9 @@ def mlps_on_kept_rows(model: Any, kept: dict[int, Tensor], n_rows: int) -> Itera
                 del module.forward
 
 
-def _on_rows(forward: Callable[..., Tensor], rows: Tensor, n_rows: int) -> Callable[..., Tensor]:
-    def run(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+def _on_rows(forward: Callable[..., Any], rows: Tensor, n_rows: int) -> Callable[..., Any]:
+    # Any: a module's forward may return more than one tensor (then it runs whole)
+    def run(x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if x.shape[0] != n_rows or args or kwargs:
             return forward(x, *args, **kwargs)
         idx = rows.to(x.device)
