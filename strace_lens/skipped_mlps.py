@@ -3,12 +3,13 @@
 A node hook replaces an ablated MLP's output by ``v + 0 * (out - v)``, which is ``v`` whatever
 ``out`` is (for any finite ``out``), so computing the MLP for that row is wasted work. In a
 search most rows are small subgraphs (or, for the inverse, their complements) that ablate
-most MLPs, and the MLP is most of a block's arithmetic (about three quarters on SmolLM2-135M
-and Gemma-3-270M by parameter count). While :func:`mlps_on_kept_rows` is active, the MLP of
+most MLPs, and the MLP is most of a block's arithmetic (70-75 % of a block's weights on
+SmolLM2-135M and Gemma-3-270M). While :func:`mlps_on_kept_rows` is active, the MLP of
 each listed layer runs on the rows that keep it only, and the other rows get zeros, which
 the node hook then turns into the ablation value. The log-probs of an ablating row are
 therefore the same as with the MLP computed; a kept row's differ at most by the rounding of
-a matrix product over fewer rows (measured in benchmarks/skipped_mlps.py).
+a matrix product over fewer rows (``benchmarks/strace_speed.py --unskipped`` compares
+whole curves both ways; docs/search-quality.md).
 
 Only forwards without a gradient to the masks skip: a gradient to an ablated node's mask
 needs its clean output.
