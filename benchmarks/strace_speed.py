@@ -10,8 +10,8 @@ side with the default one, e.g. ``--curve 'fast={"steps": 4, "grow_width": 1}'``
 their own start layer (``strace_lens.search.bands.CALL_FIXED_ROWS = 0``), as before
 start-layer bands; ``--unskipped`` with every row computing every MLP
 (``strace_lens.skipped_mlps.ENABLED = False``), as before ablated MLPs were skipped (also
-with ``--granularity token``: the token curve). Each
-run prints the forward rows and the model's forward calls.
+with ``--granularity token``: the token curve). Each run prints the forward rows and the
+model's forward calls.
 
     python benchmarks/strace_speed.py --models gemma-3-270m smollm2-135m
 
