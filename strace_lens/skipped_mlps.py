@@ -11,8 +11,14 @@ therefore the same as with the MLP computed; a kept row's differ at most by the 
 a matrix product over fewer rows (``benchmarks/strace_speed.py --unskipped`` compares
 whole curves both ways; docs/search-quality.md).
 
-Only forwards without a gradient to the masks skip: a gradient to an ablated node's mask
-needs its clean output.
+A pass with a gradient to the masks still needs an ablated MLP's output (the gradient to its
+mask is ``<dL/dhook, out - v>``), but not the MLP's backward pass: the hook multiplies the
+gradient reaching ``out`` by the mask value 0, so the backward through that row's MLP only
+adds zeros to the residual stream's gradient. There the ablating rows compute the MLP without
+a gradient (no activations kept, no backward). The gradients are those of computing every
+MLP with one, to the rounding of the kept rows' products over fewer rows (the zeros skipped
+change no bit; measured on a batch of 16 dev prompts: identical on SmolLM2-135M, within
+8e-7 on Gemma-3-270M).
 """
 
 from __future__ import annotations
@@ -34,9 +40,8 @@ ENABLED = True
 
 def mlp_kept_rows(graph: NodeGraph, mask: Tensor) -> dict[int, Int[Tensor, " kept"]]:
     """For each layer whose MLP some row of ``mask`` (``[row, node]``) ablates (mask value
-    exactly 0), the rows that keep it; empty where the mask carries a gradient (a gradient
-    to an ablated node's mask needs its output)."""
-    if mask.requires_grad or mask.shape[0] == 0:
+    exactly 0 in the forward pass), the rows that keep it."""
+    if mask.shape[0] == 0:
         return {}
     per_layer = mask.detach().reshape(mask.shape[0], graph.n_layers, graph.nodes_per_layer)
     return kept_rows_by_layer(per_layer[:, :, graph.n_heads] != 0)
@@ -64,17 +69,20 @@ def _mlp_module(model: Any, layer: int) -> Any:
 
 
 @contextmanager
-def mlps_on_kept_rows(model: Any, kept: dict[int, Tensor], n_rows: int) -> Iterator[None]:
-    """Run the MLP of each layer in ``kept`` on its kept rows only (zeros for the others)
-    while inside; a call with another row count than ``n_rows`` runs whole. Every module's
-    ``forward`` is restored on exit, also after an error."""
+def mlps_on_kept_rows(
+    model: Any, kept: dict[int, Tensor], n_rows: int, outputs_needed: bool = False
+) -> Iterator[None]:
+    """Run the MLP of each layer in ``kept`` on its kept rows only while inside; the other
+    rows get zeros, or with ``outputs_needed`` (a pass with a gradient to the masks) their
+    output computed without a gradient. A call with another row count than ``n_rows`` runs
+    whole. Every module's ``forward`` is restored on exit, also after an error."""
     patched: list[tuple[Any, bool, Any]] = []
     try:
         for layer, rows in kept.items():
             module = _mlp_module(model, layer)
             had_own = "forward" in module.__dict__
             patched.append((module, had_own, module.__dict__.get("forward")))
-            module.forward = _on_rows(module.forward, rows, n_rows)
+            module.forward = _on_rows(module.forward, rows, n_rows, outputs_needed)
         yield
     finally:
         for module, had_own, own in reversed(patched):
@@ -84,7 +92,13 @@ def mlps_on_kept_rows(model: Any, kept: dict[int, Tensor], n_rows: int) -> Itera
                 del module.forward
 
 
-def _on_rows(forward: Callable[..., Any], rows: Tensor, n_rows: int) -> Callable[..., Any]:
+def _on_rows(
+    forward: Callable[..., Any], rows: Tensor, n_rows: int, outputs_needed: bool
+) -> Callable[..., Any]:
+    others = torch.ones(n_rows, dtype=torch.bool)
+    others[rows] = False
+    rest = torch.nonzero(others).flatten()
+
     # Any: a module's forward may return more than one tensor (then it runs whole)
     def run(x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if x.shape[0] != n_rows or args or kwargs:
@@ -94,6 +108,10 @@ def _on_rows(forward: Callable[..., Any], rows: Tensor, n_rows: int) -> Callable
         if not isinstance(out, Tensor):  # e.g. a mixture of experts' (output, router logits)
             return forward(x, *args, **kwargs)
         full = out.new_zeros((n_rows, *out.shape[1:]))
+        if outputs_needed:
+            other_idx = rest.to(x.device)
+            with torch.no_grad():
+                full = full.index_copy(0, other_idx, forward(x.index_select(0, other_idx)))
         return full.index_copy(0, idx, out)
 
     return run

@@ -79,7 +79,8 @@ def node_objective(model, prompts, ablation="mean", batch_size=None):
 
     graph = sl.NodeGraph.from_model(model)
     batch = sl.tokenize(model, prompts)
-    logp_full = forward_logprobs(model, batch, [])
+    with torch.no_grad():  # as trace computes it: the reference carries no graph
+        logp_full = forward_logprobs(model, batch, [])
     abl = resolve_ablation(ablation, model, prompts, progress=False)
     cand = torch.ones(len(graph), dtype=torch.bool)
     return SubgraphObjective(model, graph, batch, logp_full, abl, cand, batch_size)

@@ -110,7 +110,7 @@ def test_ablated_mlps_skipped_with_the_same_logprobs(hooked):
     """A HookedTransformer's MLP (hooked by its block) runs on the rows keeping it only, and
     every row's log-probs are those of computing it (strace_lens.skipped_mlps)."""
     from run_helpers import node_objective
-    from test_skipped_mlps import _hard_masks, both_ways
+    from test_skipped_mlps import _hard_masks, both_ways, grads_both_ways
 
     from strace_lens.skipped_mlps import mlp_kept_rows
 
@@ -130,4 +130,9 @@ def test_ablated_mlps_skipped_with_the_same_logprobs(hooked):
         handle.remove()
     torch.testing.assert_close(skipped, whole, rtol=0, atol=ATOL)
     assert seen == [len(kept[0]), 6]
+    assert "forward" not in hooked.blocks[0].mlp.__dict__
+    # with a gradient to the masks: the same KL and mask gradients
+    (kl, grad), (kl_whole, grad_whole) = grads_both_ways(hooked, objective, masks, prompt)
+    torch.testing.assert_close(kl, kl_whole, rtol=0, atol=ATOL)
+    torch.testing.assert_close(grad, grad_whole, rtol=0, atol=ATOL)
     assert "forward" not in hooked.blocks[0].mlp.__dict__

@@ -47,14 +47,34 @@ def test_kept_rows_by_hand():
     assert sorted(kept) == [0, 1]
     assert kept[0].tolist() == [1, 3]
     assert kept[1].tolist() == [0, 2, 3]
-    # a gradient to the masks needs every node's clean output: nothing skipped
-    assert mlp_kept_rows(graph, mask.clone().requires_grad_(True)) == {}
+    # with a gradient to the masks, the same rows keep the MLP (the others compute it
+    # without a gradient)
+    with_grad = mlp_kept_rows(graph, mask.clone().requires_grad_(True))
+    assert {k: v.tolist() for k, v in with_grad.items()} == {0: [1, 3], 1: [0, 2, 3]}
     # and the switch the speed benchmark turns off
     skipped_mlps.ENABLED = False
     try:
         assert mlp_kept_rows(graph, mask) == {}
     finally:
         skipped_mlps.ENABLED = True
+
+
+def grads_both_ways(model, objective, masks, prompt):
+    """The KL of each row and its gradient to the masks, with ablated MLPs computed without
+    a gradient, then with every MLP computed with one (``ENABLED = False``)."""
+    out = []
+    with model_untouched(model):
+        for enabled in (True, False):
+            skipped_mlps.ENABLED = enabled
+            try:
+                m = masks.clone().requires_grad_(True)
+                weights = torch.linspace(0.5, 1.5, len(prompt))
+                kl = objective.kl_backward(m * 1.0, prompt, weights)
+            finally:
+                skipped_mlps.ENABLED = True
+            assert m.grad is not None
+            out.append((kl.detach(), m.grad))
+    return out
 
 
 def _hard_masks(n_rows: int, n_nodes: int, seed: int) -> torch.Tensor:
@@ -88,6 +108,33 @@ def test_same_logprobs_and_mlp_runs_kept_rows_only(tiny, ablation):
     for layer in range(graph.n_layers):
         # the skipping run first, then the whole one
         assert seen[layer] == [len(kept[layer]) if layer in kept else 12, 12]
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_gradient_rows_compute_ablated_mlps_without_a_gradient(tiny, ablation):
+    """A pass with a gradient to the masks gives the KL and mask gradients of computing every
+    MLP with a gradient (to float32 rounding): an ablating row's MLP runs without one (its
+    output is still needed: the gradient to an ablated MLP's own mask is not zero)."""
+    objective = node_objective(tiny, PROMPTS, ablation)
+    graph = objective.graph
+    masks = _hard_masks(6, len(graph), seed=11)
+    masks[0, graph.n_heads] = 0.0  # an ablated MLP, whose mask gradient is checked below
+    prompt = torch.arange(6) % 3
+    rows_by_grad: dict[bool, list[int]] = {True: [], False: []}
+    handle = _first_linear(_mlp_module(tiny, 0)).register_forward_pre_hook(
+        lambda _m, args: rows_by_grad[torch.is_grad_enabled()].append(args[0].shape[0])
+    )
+    try:
+        (kl, grad), (kl_whole, grad_whole) = grads_both_ways(tiny, objective, masks, prompt)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(kl, kl_whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, grad_whole, rtol=0, atol=1e-6)
+    assert float(grad[0, graph.n_heads].abs()) > 1e-3
+    kept = int(masks[:, graph.n_heads].sum())
+    assert 0 < kept < 6
+    # the skipping pass: kept rows with a gradient, the others without; then the whole pass
+    assert rows_by_grad == {True: [kept, 6], False: [6 - kept]}
 
 
 def _first_linear(module: torch.nn.Module) -> torch.nn.Module:
@@ -150,6 +197,9 @@ def test_token_rows_skip_an_mlp_ablated_at_every_position(tiny):
     prompt = torch.tensor([0, 1, 0, 1])
     skipped, whole = both_ways(tiny, objective, masks, prompt)
     torch.testing.assert_close(skipped, whole, rtol=0, atol=1e-5)
+    (kl, grad), (kl_whole, grad_whole) = grads_both_ways(tiny, objective, masks, prompt)
+    torch.testing.assert_close(kl, kl_whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, grad_whole, rtol=0, atol=1e-6)
 
 
 def test_an_mlp_returning_a_tuple_runs_whole():

@@ -165,7 +165,8 @@ class SubgraphObjective:
             ran_hooked = ran_hooked | hooked.cpu()
         if capture is not None:
             hooks += capture_hooks(capture, prompt_index)
-        skipped = mlps_on_kept_rows(self.model, self.mlp_kept_rows(masks), len(prompt_index))
+        kept = self.mlp_kept_rows(masks)
+        skipped = mlps_on_kept_rows(self.model, kept, len(prompt_index), masks.requires_grad)
         with skipped:
             logp, start_layer = self._forward(rows, hooks, start_layer, cache, prompt_index)
         self.rows_evaluated += len(prompt_index)

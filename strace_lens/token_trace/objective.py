@@ -70,7 +70,7 @@ class TokenObjective(SubgraphObjective):
     def mlp_kept_rows(self, masks: Tensor) -> dict[int, Tensor]:
         """The rows keeping each layer's MLP at some position (a row ablating it at every
         position skips it, :mod:`strace_lens.skipped_mlps`)."""
-        if masks.requires_grad or masks.shape[0] == 0:
+        if masks.shape[0] == 0:
             return {}
         graph = self.token_graph
         units = masks.detach().reshape(masks.shape[0], graph.n_layers, graph.n_heads + 1, -1)
