@@ -158,3 +158,88 @@ def test_nested_growth_is_nested_and_first_size_beats_the_rankings_top_node(tiny
     for scores in (ranking, guide):
         alone = top_s(scores, torch.ones(groups, dtype=torch.long))
         assert bool((got <= family_kl(alone) + 1e-6).all())
+
+
+def _levels_of_order(order, grid, n):
+    """Levels of the family whose nodes enter in ``order`` (grid sizes ``grid``)."""
+    level = [len(grid)] * n
+    for place, node in enumerate(order):
+        level[node] = sum(1 for s in grid if s <= place)
+    return tuple(level)
+
+
+@pytest.mark.parametrize(
+    ("level", "grid"),
+    [([0, 1, 2, 3], [1, 2, 3]), ([1, 0, 2, 1, 0], [2, 4]), ([2, 0, 1, 2, 0, 1], [2, 4])],
+)
+def test_insertions_are_every_family_one_move_away(level, grid):
+    """Every distinct family reached by taking one node out of the order and putting it back
+    elsewhere (by brute force over orders consistent with the levels), and only those."""
+    from strace_lens.search.local_search import _insertions
+
+    n = len(level)
+    found = {tuple(t.tolist()) for t in _insertions(torch.tensor(level), torch.tensor(grid))}
+    order = sorted(range(n), key=lambda x: (level[x], x))  # ties in index order, as documented
+    expected = set()
+    for p in range(n):
+        rest = order[:p] + order[p + 1 :]
+        for q in range(n):
+            expected.add(_levels_of_order([*rest[:q], order[p], *rest[q:]], grid, n))
+    expected.discard(tuple(level))
+    assert found == expected
+    assert len(found) == len(_insertions(torch.tensor(level), torch.tensor(grid)))  # distinct
+    for new in found:  # every size keeps its count: a family of the same grid
+        assert sorted(new) == sorted(level)
+
+
+@pytest.mark.slow  # brute force over every exchange and insertion: minutes
+def test_chain_refine_on_a_small_set_ends_where_no_insertion_helps(tiny, toks):
+    """On a candidate set of at most INSERTION_CANDIDATES nodes the nested search ends where
+    neither an exchange nor an insertion lowers the score (brute force, independent runs)."""
+    from strace_lens.masked_forward import forward_logprobs
+    from strace_lens.search.local_search import INSERTION_CANDIDATES
+    from strace_lens.search.objective import SubgraphObjective
+
+    graph = sl.NodeGraph.from_model(tiny)
+    cand = torch.zeros(len(graph), dtype=torch.bool)
+    cand[1:11] = True  # 10 candidates, every other node kept
+    # this grid and start: exchanges alone end where one insertion still lowers the score by
+    # 0.09 for some prompt (found by running the search with insertions off)
+    n_c, grid = int(cand.sum()), torch.arange(1, 10)
+    assert n_c <= INSERTION_CANDIDATES
+    scores = torch.rand(len(toks), n_c, generator=torch.Generator().manual_seed(1))
+    rows = top_s(scores.repeat_interleave(len(grid), 0), grid.repeat(len(toks)))
+    start = rows.reshape(len(toks), len(grid), n_c)
+    with model_untouched(tiny):
+        batch = sl.tokenize(tiny, toks)
+        with torch.no_grad():
+            logp_full = forward_logprobs(tiny, batch, [])
+        objective = node_objective(tiny, toks, "zero")
+        objective = SubgraphObjective(
+            tiny, graph, batch, logp_full, objective.ablation, cand, None
+        )
+        out = chain_refine(objective, start, "input", MaskOptions(refine_rounds=50))
+    assert bool((out[:, :-1] <= out[:, 1:]).all()) and torch.equal(out.sum(-1), start.sum(-1))
+
+    def score(g, levels):
+        fams = torch.stack([torch.tensor(lv) for lv in levels])  # [family, cand]
+        members = fams[:, None, :] <= torch.arange(len(grid))[None, :, None]
+        full = torch.ones(len(levels), len(grid), len(graph))
+        full[:, :, cand] = members.float()
+        kl = _kl(tiny, toks[g : g + 1].expand(len(levels) * len(grid), -1),
+                 full.reshape(-1, len(graph)), objective.ablation)  # fmt: skip
+        return torch.log(kl.reshape(len(levels), len(grid)) + CHAIN_EPS).sum(-1)
+
+    from strace_lens.search.local_search import _insertions
+
+    level = (~out).sum(1)
+    for g in range(len(toks)):
+        own = float(score(g, [level[g].tolist()])[0])
+        moves = [t.tolist() for t in _insertions(level[g], grid)]
+        for x in range(n_c):
+            for y in range(n_c):
+                if level[g, x] < level[g, y]:
+                    new = level[g].clone()
+                    new[x], new[y] = level[g, y], level[g, x]
+                    moves.append(new.tolist())
+        assert float(score(g, moves).min()) >= own - 1e-4 * max(1.0, abs(own))

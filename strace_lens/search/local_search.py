@@ -29,6 +29,9 @@ SMALL_CANDIDATE_SET = 32
 FULL_NEIGHBOURHOOD = 64
 #: the nested search scores a family by sum log(KL + CHAIN_EPS) over the grid
 CHAIN_EPS = 1e-6
+#: on candidate sets up to this size, the nested exchange search that no exchange improves
+#: measures every insertion too (n (n - 1) families, each changing the sizes in between)
+INSERTION_CANDIDATES = 12
 
 
 def refine_budget(opts: MaskOptions, n_c: int) -> tuple[int, int]:
@@ -175,7 +178,10 @@ def chain_refine(
     gain at one size with a large relative loss at another. Each round takes dKL/dm at every
     grid subgraph (one batched forward+backward), predicts each exchange's change of the score
     to first order, measures the best predicted (all of them on small candidate sets) exactly,
-    and keeps the best per group when it lowers the score.
+    and keeps the best per group when it lowers the score. On candidate sets of at most
+    ``INSERTION_CANDIDATES`` nodes, a group no exchange improves then has every insertion
+    measured (one node moved to another place in the family's order, the nodes in between
+    shifted by one), and keeps the best when it lowers the score.
     """
     n_groups, n_s, n_c = hard.shape
     n_p = objective.n_prompts
@@ -234,21 +240,76 @@ def chain_refine(
                 new[x], new[y] = lv[y], lv[x]
                 trials.append(new)
                 owner.append(g)
-        if not trials:
-            break
-        new_levels = torch.stack(trials)
-        owners = torch.tensor(owner)
-        gain = _chain_gain(objective, level, new_levels, owners, kl, grouping, eps)
-        improved = False
-        for g in torch.unique(owners).tolist():
-            sel = torch.nonzero(owners == g).flatten()
-            best = sel[torch.argmin(gain[sel])]
-            if gain[best] < -1e-9:
-                level[g] = new_levels[best]
-                improved = True
-        if not improved:
+        changed = (
+            _accept_best(objective, level, torch.stack(trials), torch.tensor(owner), kl,
+                         grouping, eps)
+            if trials
+            else set()
+        )  # fmt: skip
+        if n_c <= INSERTION_CANDIDATES:
+            # where no exchange helps: try moving one node to another place in the family's
+            # order (an insertion; the nodes in between shift by one). An exchange moves two
+            # nodes at once, so a family can sit at an exchange optimum that one insertion
+            # leaves: on SmolLM2, zero ablation, per input (10 candidates, 4 prompts),
+            # exchanges alone ended 1.4 nats of the objective above its exact optimum.
+            grid = hard[0].sum(-1)  # the grid's sizes (every group has the same)
+            trials, owner = [], []
+            for g in sorted(set(range(n_groups)) - changed):
+                for new in _insertions(level[g], grid):
+                    trials.append(new)
+                    owner.append(g)
+            if trials:
+                changed |= _accept_best(
+                    objective, level, torch.stack(trials), torch.tensor(owner), kl, grouping, eps
+                )
+        if not changed:
             break
     return level[:, None, :] <= torch.arange(n_s)[None, :, None]
+
+
+def _accept_best(
+    objective: SubgraphObjective,
+    level: Tensor,
+    new_levels: Tensor,
+    owners: Tensor,
+    kl: Tensor,
+    grouping: RowGrouping,
+    eps: float,
+) -> set[int]:
+    """Measure every trial family exactly and give each group its best trial where that
+    lowers the score (``level`` updated in place); the groups that changed."""
+    gain = _chain_gain(objective, level, new_levels, owners, kl, grouping, eps)
+    changed = set()
+    for g in torch.unique(owners).tolist():
+        sel = torch.nonzero(owners == g).flatten()
+        best = sel[torch.argmin(gain[sel])]
+        if gain[best] < -1e-9:
+            level[g] = new_levels[best]
+            changed.add(g)
+    return changed
+
+
+def _insertions(level: Tensor, grid: Tensor) -> list[Tensor]:
+    """Every distinct family one insertion away: the nodes in order of their level (ties in
+    index order), one node taken out and put back at another place, the levels read off the
+    new order (the node at place r enters at the first grid size above r)."""
+    order = torch.argsort(level, stable=True)
+    level_at = torch.searchsorted(grid, torch.arange(len(level)), right=True)
+    seen = {tuple(level.tolist())}
+    out = []
+    for p in range(len(order)):
+        rest = torch.cat([order[:p], order[p + 1 :]])
+        for q in range(len(order)):
+            if q == p:
+                continue
+            moved = torch.cat([rest[:q], order[p : p + 1], rest[q:]])
+            new = torch.empty_like(level)
+            new[moved] = level_at
+            key = tuple(new.tolist())
+            if key not in seen:
+                seen.add(key)
+                out.append(new)
+    return out
 
 
 def _chain_gain(
@@ -282,6 +343,7 @@ def _chain_gain(
 __all__ = [
     "CHAIN_EPS",
     "FULL_NEIGHBOURHOOD",
+    "INSERTION_CANDIDATES",
     "SMALL_CANDIDATE_SET",
     "chain_refine",
     "refine_budget",
