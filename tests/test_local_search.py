@@ -215,9 +215,7 @@ def test_chain_refine_on_a_small_set_ends_where_no_insertion_helps(tiny, toks):
         with torch.no_grad():
             logp_full = forward_logprobs(tiny, batch, [])
         objective = node_objective(tiny, toks, "zero")
-        objective = SubgraphObjective(
-            tiny, graph, batch, logp_full, objective.ablation, cand, None
-        )
+        objective = SubgraphObjective(tiny, graph, batch, logp_full, objective.ablation, cand, None)
         out = chain_refine(objective, start, "input", MaskOptions(refine_rounds=50))
     assert bool((out[:, :-1] <= out[:, 1:]).all()) and torch.equal(out.sum(-1), start.sum(-1))
 
