@@ -42,6 +42,7 @@ from strace_lens.search.grouping import RowGrouping, as_grouping
 from strace_lens.search.local_search import (
     CHAIN_EPS,
     FULL_NEIGHBOURHOOD,
+    INSERTION_CANDIDATES,
     SMALL_CANDIDATE_SET,
     chain_refine,
     refine_budget,
@@ -151,6 +152,10 @@ def planned_mask_rows(
         if n_cand <= SMALL_CANDIDATE_SET or opts.refine_rounds is not None:
             trials = grouping.n_groups * width * per_group * max(n_s // 2, 1)
             rows += min(rounds, PLANNED_REFINE_ROUNDS) * (g * n_p * n_s + trials)
+            if n_cand <= INSERTION_CANDIDATES and rounds > 0:
+                # one round of every insertion, each changing about a third of the sizes
+                insertions = n_cand * (n_cand - 1) * max(n_s // 3, 1)
+                rows += grouping.n_groups * per_group * insertions
         return rows
     pairs = grouping.n_groups * n_s
     rows += g * opts.finetune_steps * pairs * per_group
