@@ -8,7 +8,9 @@ are at most 64; otherwise the gradient picks the few (``refine_width``) that are
 - ``swap_refine`` (independent masks): swap single nodes across the boundary of each hard
   mask, and try masks grown or shrunk from the neighbouring sizes.
 - ``chain_refine`` (nested families): exchange the entry sizes of two nodes while that lowers
-  sum log(KL + 1e-6) over the grid; off by default on large candidate sets (its cost).
+  sum log(KL + 1e-6) over the grid, and on sets of at most ``INSERTION_CANDIDATES`` nodes,
+  where no exchange helps, move one node to another place in the family's order; off by
+  default on large candidate sets (its cost).
 """
 
 from __future__ import annotations

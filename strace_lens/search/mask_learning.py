@@ -14,7 +14,8 @@ are visited). The family is then grown size by size by ``grow_nested``: each siz
 previous subgraph plus the new nodes of the best of a dozen proposals (from the ranking, the
 gradient at the current subgraph and the write-norm best-first order), each measured
 exactly; on small candidate sets ``chain_refine`` then exchanges the entry sizes of two
-nodes while that lowers sum log(KL + 1e-6) over the grid. With ``nested=False`` every
+nodes (and on at most 12, moves one node in the order) while that lowers sum log(KL + 1e-6)
+over the grid. With ``nested=False`` every
 (prompt or dataset, size) pair owns its own scores, initialised from the ranking, and is
 fine-tuned on its own size; afterwards ``swap_refine`` swaps single nodes across the boundary
 of each hard mask (and tries masks grown or shrunk from the neighbouring sizes) while that
