@@ -152,11 +152,11 @@ def exhaustive_optima(
     }
 
 
-def best_nested_pass_rate(
-    tables: list[torch.Tensor], optima: torch.Tensor, n_c: int, per: str
-) -> float:
-    """The pass rate of the best possible nested family (most passing sizes), by dynamic
-    programming over subsets: what nesting itself costs, whatever the search."""
+def _subset_tables(
+    tables: list[torch.Tensor], n_c: int, per: str
+) -> tuple[list[torch.Tensor], list[dict[int, int]]]:
+    """The tables per group (a prompt, or the mean over prompts for a dataset), and for each
+    size the column of every subset, keyed by its bit set of candidates."""
     values = [t if per == "input" else t.mean(0, keepdim=True) for t in tables]
     index = [
         {
@@ -165,6 +165,20 @@ def best_nested_pass_rate(
         }
         for s in range(1, len(tables) + 1)
     ]
+    return values, index
+
+
+def _passes(kl: float, opt: float) -> bool:
+    """A pair passes within 5 % of the optimum or within 1e-4 nats of it."""
+    return kl <= 1.05 * opt or kl - opt <= 1e-4
+
+
+def best_nested_pass_rate(
+    tables: list[torch.Tensor], optima: torch.Tensor, n_c: int, per: str
+) -> float:
+    """The pass rate of the best possible nested family (most passing sizes), by dynamic
+    programming over subsets: what nesting itself costs, whatever the search."""
+    values, index = _subset_tables(tables, n_c, per)
     passed = 0
     for g in range(values[0].shape[0]):
         best: dict[int, int] = {0: 0}
@@ -172,8 +186,7 @@ def best_nested_pass_rate(
             opt = float(optima[g, j])
             nxt = {}
             for bits, i in idx.items():
-                kl = float(table[g, i])
-                ok = int(kl <= 1.05 * opt or kl - opt <= 1e-4)
+                ok = int(_passes(float(table[g, i]), opt))
                 prev = max(best[bits & ~(1 << c)] for c in range(n_c) if bits >> c & 1)
                 nxt[bits] = prev + ok
             best = nxt
@@ -189,14 +202,7 @@ def objective_optimal_family(
     and that minimum (summed over groups). It tells a search that misses its objective's
     optimum from an objective whose optimum passes fewer pairs than ``best_nested_pass_rate``.
     """
-    values = [t if per == "input" else t.mean(0, keepdim=True) for t in tables]
-    index = [
-        {
-            sum(1 << c for c in combo): i
-            for i, combo in enumerate(itertools.combinations(range(n_c), s))
-        }
-        for s in range(1, len(tables) + 1)
-    ]
+    values, index = _subset_tables(tables, n_c, per)
     passed, total = 0, 0.0
     for g in range(values[0].shape[0]):
         cost: dict[int, float] = {0: 0.0}
@@ -212,8 +218,7 @@ def objective_optimal_family(
         bits = min(cost, key=cost.get)  # type: ignore[arg-type]
         total += cost[bits]
         for j in range(len(values) - 1, -1, -1):
-            kl, opt = float(values[j][g, index[j][bits]]), float(optima[g, j])
-            passed += int(kl <= 1.05 * opt or kl - opt <= 1e-4)
+            passed += int(_passes(float(values[j][g, index[j][bits]]), float(optima[g, j])))
             bits = back[j][bits]
     return passed / (values[0].shape[0] * len(tables)), total
 

@@ -95,9 +95,11 @@ def mlps_on_kept_rows(
 def _on_rows(
     forward: Callable[..., Any], rows: Tensor, n_rows: int, outputs_needed: bool
 ) -> Callable[..., Any]:
-    others = torch.ones(n_rows, dtype=torch.bool)
-    others[rows] = False
-    rest = torch.nonzero(others).flatten()
+    rest = None  # with outputs_needed: the rows that ablate the MLP, run without a gradient
+    if outputs_needed:
+        others = torch.ones(n_rows, dtype=torch.bool)
+        others[rows] = False
+        rest = torch.nonzero(others).flatten()
 
     # Any: a module's forward may return more than one tensor (then it runs whole)
     def run(x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -108,7 +110,7 @@ def _on_rows(
         if not isinstance(out, Tensor):  # e.g. a mixture of experts' (output, router logits)
             return forward(x, *args, **kwargs)
         full = out.new_zeros((n_rows, *out.shape[1:]))
-        if outputs_needed:
+        if rest is not None:
             other_idx = rest.to(x.device)
             with torch.no_grad():
                 full = full.index_copy(0, other_idx, forward(x.index_select(0, other_idx)))

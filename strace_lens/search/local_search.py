@@ -202,6 +202,26 @@ def chain_refine(
     eps = CHAIN_EPS
     grouping = as_grouping(per, n_p)
     pair_of_row, prompt_of_row = grouping.pair_rows(n_s)  # pair = group * n_s + level
+
+    def accept_best(trials: dict[int, list[Tensor]]) -> set[int]:
+        """Measure every group's trial families exactly (against this round's ``kl``) and
+        give each group its best trial where that lowers the score (``level`` updated in
+        place); the groups that changed."""
+        owner = [g for g, own in trials.items() for _ in own]
+        if not owner:
+            return set()
+        new_levels = torch.stack([t for own in trials.values() for t in own])
+        owners = torch.tensor(owner)
+        gain = _chain_gain(objective, level, new_levels, owners, kl, grouping, eps)
+        changed = set()
+        for g in torch.unique(owners).tolist():
+            sel = torch.nonzero(owners == g).flatten()
+            best = sel[torch.argmin(gain[sel])]
+            if gain[best] < -1e-9:
+                level[g] = new_levels[best]
+                changed.add(g)
+        return changed
+
     for _ in range(rounds):
         masks = level[:, None, :] <= torch.arange(n_s)[None, :, None]  # [group, size, cand]
         m_rows = masks.reshape(-1, n_c)[pair_of_row]
@@ -220,34 +240,9 @@ def chain_refine(
         # cumulative sensitivity of the score: cum[g, j, x] = sum over sizes < j
         h = grad / (kl[..., None] + eps)
         cum = torch.cat([torch.zeros(n_groups, 1, n_c), h.cumsum(1)], 1)  # [g, S+1, c]
-        trials: list[Tensor] = []
-        owner: list[int] = []
-        for g in range(n_groups):
-            lv = level[g]
-            # predicted change of exchanging x (earlier level) with y, to first order:
-            # sum over sizes j in [lv_x, lv_y) of h_j[y] - h_j[x]
-            #   = (C[lv_y, y] - C[lv_x, y]) - (C[lv_y, x] - C[lv_x, x])
-            at_level = cum[g][lv]  # [x, y] = C[lv_x, y]
-            own = at_level.diagonal()  # C[lv_x, x]
-            predicted = own[None, :] - at_level - at_level.T + own[:, None]
-            valid = lv[:, None] < lv[None, :]
-            n_moves = int(valid.sum())
-            if n_moves == 0:
-                continue
-            predicted = torch.where(valid, predicted, torch.inf)
-            k = n_moves if _full_neighbourhood(n_c, n_moves) else min(width, n_moves)
-            for idx in torch.topk(-predicted.flatten(), k).indices.tolist():
-                x, y = divmod(idx, n_c)
-                new = lv.clone()
-                new[x], new[y] = lv[y], lv[x]
-                trials.append(new)
-                owner.append(g)
-        changed = (
-            _accept_best(objective, level, torch.stack(trials), torch.tensor(owner), kl,
-                         grouping, eps)
-            if trials
-            else set()
-        )  # fmt: skip
+        changed = accept_best(
+            {g: _exchanges(level[g], cum[g], n_c, width) for g in range(n_groups)}
+        )
         if n_c <= INSERTION_CANDIDATES:
             # where no exchange helps: try moving one node to another place in the family's
             # order (an insertion; the nodes in between shift by one). An exchange moves two
@@ -255,40 +250,36 @@ def chain_refine(
             # leaves: on SmolLM2, zero ablation, per input (10 candidates, 4 prompts),
             # exchanges alone ended 1.4 nats of the objective above its exact optimum.
             grid = hard[0].sum(-1)  # the grid's sizes (every group has the same)
-            trials, owner = [], []
-            for g in sorted(set(range(n_groups)) - changed):
-                for new in _insertions(level[g], grid):
-                    trials.append(new)
-                    owner.append(g)
-            if trials:
-                changed |= _accept_best(
-                    objective, level, torch.stack(trials), torch.tensor(owner), kl, grouping, eps
-                )
+            unchanged = [g for g in range(n_groups) if g not in changed]
+            changed |= accept_best({g: _insertions(level[g], grid) for g in unchanged})
         if not changed:
             break
     return level[:, None, :] <= torch.arange(n_s)[None, :, None]
 
 
-def _accept_best(
-    objective: SubgraphObjective,
-    level: Tensor,
-    new_levels: Tensor,
-    owners: Tensor,
-    kl: Tensor,
-    grouping: RowGrouping,
-    eps: float,
-) -> set[int]:
-    """Measure every trial family exactly and give each group its best trial where that
-    lowers the score (``level`` updated in place); the groups that changed."""
-    gain = _chain_gain(objective, level, new_levels, owners, kl, grouping, eps)
-    changed = set()
-    for g in torch.unique(owners).tolist():
-        sel = torch.nonzero(owners == g).flatten()
-        best = sel[torch.argmin(gain[sel])]
-        if gain[best] < -1e-9:
-            level[g] = new_levels[best]
-            changed.add(g)
-    return changed
+def _exchanges(level: Tensor, cum: Tensor, n_c: int, width: int) -> list[Tensor]:
+    """The exchanges of one family's levels to measure, best predicted first: every one on a
+    small candidate set with few moves, else the ``width`` best. ``cum[j, x]``: the score's
+    sensitivity to node x summed over the sizes below j."""
+    # predicted change of exchanging x (earlier level) with y, to first order:
+    # sum over sizes j in [lv_x, lv_y) of h_j[y] - h_j[x]
+    #   = (C[lv_y, y] - C[lv_x, y]) - (C[lv_y, x] - C[lv_x, x])
+    at_level = cum[level]  # [x, y] = C[lv_x, y]
+    own = at_level.diagonal()  # C[lv_x, x]
+    predicted = own[None, :] - at_level - at_level.T + own[:, None]
+    valid = level[:, None] < level[None, :]
+    n_moves = int(valid.sum())
+    if n_moves == 0:
+        return []
+    predicted = torch.where(valid, predicted, torch.inf)
+    k = n_moves if _full_neighbourhood(n_c, n_moves) else min(width, n_moves)
+    out = []
+    for idx in torch.topk(-predicted.flatten(), k).indices.tolist():
+        x, y = divmod(idx, n_c)
+        new = level.clone()
+        new[x], new[y] = level[y], level[x]
+        out.append(new)
+    return out
 
 
 def _insertions(level: Tensor, grid: Tensor) -> list[Tensor]:
